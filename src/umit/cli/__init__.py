@@ -1,0 +1,1 @@
+"""Command-line entry points: one module per subcommand, each calling an importable ``run(cfg)``."""

@@ -1,0 +1,112 @@
+"""Typed configuration: pydantic models with a docstring per field, YAML presets, dotted overrides.
+
+Every stage has a config model (``IngestConfig``, ``PreprocessConfig``, ...). A config is built
+from the model's defaults, then a YAML file (a diff on the defaults), then ``key.sub=value``
+overrides from the command line; unknown keys are an error, so typos never pass silently. The
+resolved config is written into every output folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from umit.errors import InputError
+from umit.utils.fileio import atomic_write_text
+
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+class UmitConfig(BaseModel):
+    """Base for every config model: field docstrings become descriptions, unknown keys fail."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+C = TypeVar("C", bound=UmitConfig)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[1,2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(None, f"override {item!r} is not of the form key=value (e.g. workers=4)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise InputError(None, f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise InputError(None, f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(None, f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a clear error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(path, f"config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build_config(
+    model: type[C],
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **values: Any,
+) -> C:
+    """Defaults <- YAML file <- ``values`` (named CLI arguments that are not None) <- overrides."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        data = load_yaml(config_file)
+    data = _deep_merge(data, {k: v for k, v in values.items() if v is not None})
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        where = f" (from {config_file})" if config_file else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InputError(None, f"invalid {model.__name__}{where}: {problems}") from exc
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: BaseModel, out_dir: str | Path, name: str = RESOLVED_CONFIG_NAME) -> Path:
+    """Write the resolved config into ``out_dir`` atomically and return its path."""
+    path = Path(out_dir) / name
+    text = f"# resolved {type(cfg).__name__} written by umit\n" + yaml.safe_dump(
+        config_to_dict(cfg), sort_keys=False
+    )
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,1 @@
+"""Offline, identifier-touching ingestion: DICOM / NIfTI / NRRD / collections -> NIfTI + catalog."""
