@@ -191,6 +191,18 @@ class Catalog:
         now = _now()
         with self.transaction() as con:
             for rec in records:
+                clash = con.execute(
+                    "SELECT source FROM series WHERE case_id = ? AND channel = ? AND source_key != ?",
+                    (rec.case_id, rec.channel, rec.source_key),
+                ).fetchone()
+                if clash:
+                    from umit.errors import InputError
+
+                    raise InputError(
+                        rec.source,
+                        f"case id {rec.case_id!r} channel {rec.channel} was already ingested from "
+                        f"another source ({clash[0]}); case ids must be unique within a RAW folder",
+                    )
                 row = asdict(rec)
                 row["ingested_at"] = now
                 for key in _JSON_FIELDS:

@@ -1,0 +1,293 @@
+"""``umit ingest``: sources -> canonical NIfTI + SQLite catalog, resumable, losing nothing.
+
+Each source item (a DICOM series, a file, a collection case, a MedMNIST volume) is loaded,
+validated, written as NIfTI (atomically: temp file then rename) and then committed to the
+catalog in its own transaction. A killed run leaves at most stale ``.tmp-*`` files (removed on
+the next start) and files whose rows were not committed (rewritten under the same deterministic
+names), so a rerun finishes the job without duplicates. A bad item becomes a failure row with a
+reason that names the file and the problem, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from umit.config import UmitConfig, save_config
+from umit.data.meta import ImageMeta
+from umit.errors import InputError
+from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
+from umit.ingest.deid import load_or_create_secret, pseudonym, safe_attributes
+from umit.ingest.formats import IngestItem, LoadedCase, collection_items, folder_items, medmnist_items
+from umit.utils.fileio import remove_stale_temps
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = "images"
+LABELS_DIR = "labels"
+SEX_CODES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
+
+
+class IngestConfig(UmitConfig):
+    """Settings of ``umit ingest``."""
+
+    src: Path
+    """Source: a folder (DICOM / NIfTI / NRRD / MHA files, dataset.json collections) or a MedMNIST .npz."""
+    out: Path
+    """RAW output folder: catalog.db, images/, labels/ (created; an existing one is resumed)."""
+    workers: int = Field(default=1, ge=1)
+    """Processes that load and write items in parallel (the catalog is written by the parent)."""
+    site: str | None = None
+    """Site label given to every item of this source that has none (a pseudonym, not a hospital name)."""
+    retry_failed: bool = False
+    """Retry items recorded as failed by an earlier run (they are skipped by default)."""
+    label_tolerance_mm: float = Field(default=1e-3, gt=0)
+    """Largest allowed difference between image and label affines, in mm."""
+    compress: bool = True
+    """Write .nii.gz (True) or .nii (False)."""
+    limit: int | None = Field(default=None, ge=1)
+    """Ingest at most this many new items (for quick trials)."""
+
+
+@dataclass
+class IngestResult:
+    """What one ``umit ingest`` run did."""
+
+    out: Path
+    found: int = 0
+    ingested: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.ingested / self.seconds if self.seconds > 0 else 0.0
+
+
+def discover(src: Path) -> tuple[list[IngestItem], list[tuple[str, str, str]]]:
+    """Work items for ``src`` and failures found while looking (unreadable files)."""
+    if not src.exists():
+        raise InputError(src, "source does not exist")
+    if src.is_file():
+        if src.name.endswith(".npz"):
+            return medmnist_items(src), []
+        if src.name == "dataset.json":
+            return collection_items(src), []
+        raise InputError(src, "a single source file must be a MedMNIST .npz or a dataset.json")
+    if (src / "dataset.json").is_file():
+        return collection_items(src / "dataset.json"), []
+    return folder_items(src)
+
+
+def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
+    """Ingest ``cfg.src`` into ``cfg.out``; returns counts (failures are rows, not exceptions)."""
+    start = time.perf_counter()
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in (IMAGES_DIR, LABELS_DIR):
+        (out / sub).mkdir(exist_ok=True)
+        removed = remove_stale_temps(out / sub)
+        if removed:
+            log.info("removed %d half-written file(s) left by an interrupted run", removed)
+    save_config(cfg, out)
+    secret = load_or_create_secret(out)
+    result = IngestResult(out=out)
+    with Catalog(out / CATALOG_NAME) as catalog:
+        from umit import __version__
+
+        catalog.set_info("umit_version", __version__)
+        items, discovery_failures = discover(cfg.src)
+        result.found = len(items) + len(discovery_failures)
+        done = catalog.done_keys()
+        if cfg.retry_failed:
+            done -= {f["source_key"] for f in catalog.failures()}
+        for key, source, reason in discovery_failures:
+            if key not in done:
+                catalog.add_failure(key, source, reason)
+        todo = [it for it in items if it.key not in done]
+        result.skipped = len(items) - len(todo)
+        if cfg.limit is not None:
+            todo = todo[: cfg.limit]
+        _process(todo, cfg, secret, catalog, result, progress)
+        result.failures = catalog.failures()
+        result.failed = len(result.failures)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _process(
+    todo: list[IngestItem], cfg: IngestConfig, secret: bytes, catalog: Catalog, result: IngestResult, progress: bool
+) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="ingest", unit="item", disable=not progress)
+
+    def commit(item: IngestItem, outcome: list[SeriesRecord] | str) -> None:
+        if isinstance(outcome, str):
+            catalog.add_failure(item.key, item.source, outcome)
+            log.warning("failed: %s", outcome)
+        else:
+            catalog.add_series(outcome)
+            result.ingested += 1
+        bar.update(1)
+
+    if cfg.workers == 1 or len(todo) < 2:
+        for item in todo:
+            commit(item, ingest_item(item, cfg, secret))
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+            pending: dict[Any, IngestItem] = {}
+            queue = iter(todo)
+            for item in queue:  # keep a bounded number of items in flight
+                pending[pool.submit(ingest_item, item, cfg, secret)] = item
+                if len(pending) >= 2 * cfg.workers:
+                    break
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    commit(pending.pop(fut), fut.result())
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending[pool.submit(ingest_item, nxt, cfg, secret)] = nxt
+    bar.close()
+
+
+def ingest_item(item: IngestItem, cfg: IngestConfig, secret: bytes) -> list[SeriesRecord] | str:
+    """Load, check and write one item; returns its catalog rows or the failure reason."""
+    try:
+        case = item.load()
+        return _write_case(item, case, cfg, secret)
+    except InputError as exc:
+        return str(exc)
+    except MemoryError:
+        return f"{item.source}: out of memory while loading"
+    except Exception as exc:  # a reader's own exception on a corrupt file: record it, go on
+        log.debug("unexpected error on %s", item.source, exc_info=True)
+        return f"{item.source}: {type(exc).__name__}: {exc}"
+
+
+def validate_volume(array: np.ndarray, source: str, what: str = "image") -> None:
+    """Reject 2D data and non-finite voxels with a clear reason."""
+    if array.ndim != 3:
+        raise InputError(source, f"{what} has shape {array.shape}; expected a 3D volume")
+    if min(array.shape) < 2:
+        raise InputError(source, f"{what} has shape {array.shape}: a 2D image, expected a 3D volume")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(source, f"{what} contains {n_bad} NaN/Inf voxel(s)")
+
+
+def validate_label(label: np.ndarray, lmeta: ImageMeta, image: np.ndarray, imeta: ImageMeta, tol: float) -> np.ndarray:
+    """Label must share the image grid and hold non-negative integers; returns it as uint8/16."""
+    if label.ndim == 4 and label.shape[3] == 1:
+        label = label[..., 0]
+    if label.shape != image.shape:
+        raise InputError(
+            lmeta.source, f"label shape {label.shape} does not match image shape {image.shape} ({imeta.source})"
+        )
+    diff = float(np.abs(lmeta.affine - imeta.affine).max())
+    if diff > tol:
+        raise InputError(
+            lmeta.source,
+            f"label geometry does not match its image {imeta.source}: affines differ by {diff:.4g} mm",
+        )
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.isfinite(label).all():
+            raise InputError(lmeta.source, "label contains NaN/Inf")
+        if not np.array_equal(label, np.round(label)):
+            raise InputError(lmeta.source, "label has non-integer values (is it an image, not a label map?)")
+    if label.min() < 0:
+        raise InputError(lmeta.source, f"label has negative values (min {label.min()})")
+    return label.astype(np.uint8 if label.max() < 256 else np.uint16)
+
+
+def _write_case(item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: bytes) -> list[SeriesRecord]:
+    from umit.data.io import write_image
+
+    if not case.channels:
+        raise InputError(item.source, "no image data")
+    ref_array, ref_meta = case.channels[0][1], case.channels[0][2]
+    for name, array, meta in case.channels:
+        validate_volume(array, meta.source or item.source, f"channel {name}")
+        if array.shape != ref_array.shape or np.abs(meta.affine - ref_meta.affine).max() > cfg.label_tolerance_mm:
+            raise InputError(meta.source, f"channel {name} is not on the same grid as channel {case.channels[0][0]}")
+    case_id = item.case_hint or f"{item.fmt}_{pseudonym(secret, item.key)}"
+    subject = pseudonym(secret, case.subject_key) if case.subject_key else None
+    ext = ".nii.gz" if cfg.compress else ".nii"
+    label_rel = None
+    if case.label is not None:
+        label = validate_label(case.label[0], case.label[1], ref_array, ref_meta, cfg.label_tolerance_mm)
+        label_rel = f"{LABELS_DIR}/{case_id}{ext}"
+        write_image(cfg.out / label_rel, label, ref_meta.with_affine(ref_meta.affine))
+    attrs = _normalise_attributes(case.attributes, cfg)
+    records = []
+    for ch, (name, array, meta) in enumerate(case.channels):
+        rel = f"{IMAGES_DIR}/{case_id}_{ch:04d}{ext}"
+        clean_meta = ImageMeta(affine=meta.affine, source="", modality=meta.modality)
+        write_image(cfg.out / rel, array, clean_meta)
+        extra = {k: v for k, v in attrs.items() if k not in _COLUMN_ATTRS}
+        records.append(
+            SeriesRecord(
+                series_id=f"{case_id}_{ch:04d}",
+                source_key=item.key,
+                case_id=case_id,
+                subject_id=subject,
+                channel=ch,
+                channel_name=name,
+                image_path=rel,
+                label_path=label_rel,
+                source=item.source,
+                source_format=item.fmt,
+                modality=attrs.get("modality") or meta.modality,
+                body_part=attrs.get("body_part"),
+                shape=tuple(int(s) for s in array.shape),
+                spacing=tuple(round(s, 6) for s in meta.spacing),
+                orientation=meta.orientation,
+                dtype=str(array.dtype),
+                manufacturer=attrs.get("manufacturer"),
+                model=attrs.get("model"),
+                site=attrs.get("site"),
+                sex=attrs.get("sex"),
+                age_band=attrs.get("age_band"),
+                contrast=attrs.get("contrast"),
+                split=case.split,
+                target=case.target,
+                extra=extra,
+            )
+        )
+    return records
+
+
+_COLUMN_ATTRS = {"modality", "body_part", "manufacturer", "model", "site", "sex", "age_band", "contrast"}
+
+
+def _normalise_attributes(raw: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
+    """Harmonise attribute spellings (sex codes, age -> band) and drop anything not allowlisted."""
+    from umit.ingest.dicom import age_band
+
+    attrs = dict(raw)
+    if "age" in attrs and "age_years" not in attrs:
+        try:
+            attrs["age_years"] = float(attrs.pop("age"))
+        except (TypeError, ValueError):
+            attrs.pop("age")
+    if attrs.get("age_band") in (None, "") and attrs.get("age_years") is not None:
+        attrs["age_band"] = age_band(float(attrs["age_years"]))
+    if attrs.get("sex"):
+        attrs["sex"] = SEX_CODES.get(str(attrs["sex"]).strip().lower(), None)
+    if attrs.get("body_part"):
+        attrs["body_part"] = str(attrs["body_part"]).upper()
+    if not attrs.get("site") and cfg.site:
+        attrs["site"] = cfg.site
+    attrs = safe_attributes(attrs)
+    attrs.pop("age_years", None)  # exact age is quasi-identifying: only the band is kept
+    return attrs

@@ -1,0 +1,82 @@
+"""Typed configs: YAML presets, dotted overrides, clear errors, resolved config written out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from umit.config import UmitConfig, build_config, parse_overrides, save_config
+from umit.errors import InputError
+
+
+class Inner(UmitConfig):
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Target spacing."""
+    scheme: str = "ct_window"
+    """Normalization scheme."""
+
+
+class Outer(UmitConfig):
+    out: Path = Path("x")
+    """Output folder."""
+    workers: int = 1
+    """Processes."""
+    plan: Inner = Inner()
+    """Nested settings."""
+
+
+def test_field_docstrings_become_descriptions():
+    assert Outer.model_fields["workers"].description == "Processes."
+    assert Inner.model_fields["spacing"].description == "Target spacing."
+
+
+def test_parse_overrides_nested_and_typed():
+    got = parse_overrides(["workers=4", "plan.spacing=[1.5, 1.5, 2]", "plan.scheme=mri_zscore"])
+    assert got == {"workers": 4, "plan": {"spacing": [1.5, 1.5, 2], "scheme": "mri_zscore"}}
+
+
+def test_precedence_defaults_yaml_values_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("workers: 3\nplan:\n  scheme: ct_zscore\n")
+    cfg = build_config(Outer, f, ["plan.spacing=[2,2,2]"], out="o", workers=None)
+    assert cfg.workers == 3 and cfg.plan.scheme == "ct_zscore"
+    assert cfg.plan.spacing == (2.0, 2.0, 2.0) and cfg.out == Path("o")
+    cfg = build_config(Outer, f, ["workers=5"], workers=4)
+    assert cfg.workers == 5  # command-line overrides win over named args and YAML
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["wrokers=2"], "wrokers"),  # typo: unknown key is an error, not ignored
+        (["workers=two"], "workers"),
+        (["workers"], "key=value"),
+        (["plan..x=1"], "empty key"),
+    ],
+)
+def test_bad_overrides_fail_clearly(overrides, match):
+    with pytest.raises(InputError, match=match):
+        build_config(Outer, None, overrides)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("workers: [1, 2\n")
+    with pytest.raises(InputError, match="bad.yaml"):
+        build_config(Outer, f)
+    with pytest.raises(InputError, match="not found"):
+        build_config(Outer, tmp_path / "missing.yaml")
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(InputError, match="mapping"):
+        build_config(Outer, f)
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = build_config(Outer, None, ["plan.spacing=[1,2,3]", "workers=2"])
+    path = save_config(cfg, tmp_path)
+    assert path.name == "config.yaml"
+    again = Outer.model_validate(yaml.safe_load(path.read_text()))
+    assert again == cfg
+    assert not list(tmp_path.glob(".tmp-*"))
