@@ -23,7 +23,9 @@ RESOLVED_CONFIG_NAME = "config.yaml"
 class UmitConfig(BaseModel):
     """Base for every config model: field docstrings become descriptions, unknown keys fail."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
 
 
 C = TypeVar("C", bound=UmitConfig)
@@ -34,7 +36,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise InputError(None, f"override {item!r} is not of the form key=value (e.g. workers=4)")
+            raise InputError(
+                None, f"override {item!r} is not of the form key=value (e.g. workers=4)"
+            )
         key, raw = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise InputError(None, f"override {item!r} has an empty key")
@@ -93,7 +97,8 @@ def build_config(
     except ValidationError as exc:
         where = f" (from {config_file})" if config_file else ""
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
         )
         raise InputError(None, f"invalid {model.__name__}{where}: {problems}") from exc
 

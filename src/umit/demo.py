@@ -48,7 +48,9 @@ def run(cfg: DemoConfig) -> dict:
             continue
         t = time.perf_counter()
         src = cfg.out / "phantoms" / kind
-        make_phantoms(PhantomsConfig(out=src, n=n, modality=kind, seed=cfg.seed, workers=cfg.workers))
+        make_phantoms(
+            PhantomsConfig(out=src, n=n, modality=kind, seed=cfg.seed, workers=cfg.workers)
+        )
         raw, prep = cfg.out / "raw" / kind, cfg.out / "prep" / kind
         ing = ingest(IngestConfig(src=src, out=raw, workers=cfg.workers))
         pre = preprocess(PreprocessConfig(raw=raw, out=prep, workers=cfg.workers))

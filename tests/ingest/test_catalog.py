@@ -28,7 +28,10 @@ def _rec(case: str, ch: int = 0, **kw) -> SeriesRecord:
 def test_add_and_read_back(tmp_path):
     with Catalog(tmp_path / "catalog.db") as cat:
         cat.add_series(
-            [_rec("a", 0, sex="F", site="s1", target=1, extra={"kvp": 120}), _rec("a", 1, sex="F", site="s1")]
+            [
+                _rec("a", 0, sex="F", site="s1", target=1, extra={"kvp": 120}),
+                _rec("a", 1, sex="F", site="s1"),
+            ]
         )
         cat.add_series([_rec("b", label_path="labels/b.nii.gz", sex="M", site="s1")])
         rows = cat.series()

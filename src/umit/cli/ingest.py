@@ -28,7 +28,13 @@ def main(args: argparse.Namespace) -> int:
     from umit.ingest.run import IngestConfig, run
 
     cfg = build_config(
-        IngestConfig, args.config, args.overrides, src=args.src, out=args.out, workers=args.workers, site=args.site
+        IngestConfig,
+        args.config,
+        args.overrides,
+        src=args.src,
+        out=args.out,
+        workers=args.workers,
+        site=args.site,
     )
     result = run(cfg)
     print_summary(result)
@@ -48,10 +54,20 @@ def print_summary(result) -> None:
         f"catalog: {summary['cases']} cases, {summary['series']} series/channels, "
         f"{summary['labeled_cases']} labeled"
     )
-    for key in ("by_modality", "by_source_format", "by_split", "by_site", "by_sex", "by_age_band", "by_contrast"):
+    for key in (
+        "by_modality",
+        "by_source_format",
+        "by_split",
+        "by_site",
+        "by_sex",
+        "by_age_band",
+        "by_contrast",
+    ):
         if summary[key] and set(summary[key]) != {"-"}:
             print(f"  {key[3:]:<14} {json.dumps(summary[key])}")
     for f in result.failures[:20]:
         print(f"  FAILED {f['reason']}")
     if len(result.failures) > 20:
-        print(f"  ... and {len(result.failures) - 20} more failures (table 'failures' in catalog.db)")
+        print(
+            f"  ... and {len(result.failures) - 20} more failures (table 'failures' in catalog.db)"
+        )

@@ -34,7 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may stand anywhere after the stage's positionals (argparse alone would only take
+    # them before the first option), so unknown words of the form key=value are collected here.
+    args, unknown = parser.parse_known_args(argv)
+    stray = [
+        u for u in unknown if u.startswith("-") or "=" not in u or not hasattr(args, "overrides")
+    ]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -159,7 +159,9 @@ class Catalog:
         if not path.is_file():
             from umit.errors import InputError
 
-            raise InputError(raw, f"no {CATALOG_NAME} here; run `umit ingest SRC --out {raw}` first")
+            raise InputError(
+                raw, f"no {CATALOG_NAME} here; run `umit ingest SRC --out {raw}` first"
+            )
         return cls(path)
 
     def close(self) -> None:
@@ -209,7 +211,9 @@ class Catalog:
                     row[key] = json.dumps(row[key])
                 cols = ", ".join(row)
                 marks = ", ".join("?" for _ in row)
-                con.execute(f"INSERT OR REPLACE INTO series ({cols}) VALUES ({marks})", list(row.values()))
+                con.execute(
+                    f"INSERT OR REPLACE INTO series ({cols}) VALUES ({marks})", list(row.values())
+                )
                 con.execute("DELETE FROM failures WHERE source_key = ?", (rec.source_key,))
 
     def add_failure(self, source_key: str, source: str, reason: str, stage: str = "ingest") -> None:
@@ -275,7 +279,7 @@ _FIELD_NAMES = {f.name for f in fields(SeriesRecord)}
 
 
 def _record_from_row(row: sqlite3.Row) -> SeriesRecord:
-    data = {k: row[k] for k in row.keys() if k in _FIELD_NAMES}
+    data = {k: row[k] for k in row if k in _FIELD_NAMES}
     for key in _JSON_FIELDS:
         data[key] = json.loads(data[key]) if data[key] is not None else None
     data["shape"] = tuple(data["shape"])

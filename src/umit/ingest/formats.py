@@ -26,7 +26,16 @@ import numpy as np
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
 
-ATTRIBUTE_COLUMNS = ("sex", "age_band", "age", "site", "manufacturer", "model", "contrast", "body_part")
+ATTRIBUTE_COLUMNS = (
+    "sex",
+    "age_band",
+    "age",
+    "site",
+    "manufacturer",
+    "model",
+    "contrast",
+    "body_part",
+)
 ATTRIBUTE_FILES = ("attributes.csv", "participants.tsv", "participants.csv")
 LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")
 MR_CHANNEL_PATTERN = re.compile(
@@ -91,6 +100,7 @@ class IngestItem:
         case_hint: The source's own case id when it has coded ids (collections, MedMNIST);
             None where only a pseudonym may be used (DICOM, loose files).
         payload: Format-specific data needed by :meth:`load`.
+        case_id: The case id it will be written under (set by the ingest run before loading).
     """
 
     key: str
@@ -98,6 +108,7 @@ class IngestItem:
     fmt: str
     case_hint: str | None
     payload: dict[str, Any]
+    case_id: str | None = None
 
     def load(self) -> LoadedCase:
         loader = _LOADERS[self.fmt]
@@ -126,7 +137,8 @@ def medmnist_items(npz_path: Path) -> list[IngestItem]:
         images = data[f"{split}_images"]
         if images.ndim not in (4, 5):
             raise InputError(
-                npz_path, f"{split}_images has shape {images.shape}; expected (N, D, H, W[, C]) 3D volumes"
+                npz_path,
+                f"{split}_images has shape {images.shape}; expected (N, D, H, W[, C]) 3D volumes",
             )
         labels = data[f"{split}_labels"] if f"{split}_labels" in keys else None
         for i in range(images.shape[0]):
@@ -139,7 +151,11 @@ def medmnist_items(npz_path: Path) -> list[IngestItem]:
                     source=f"{npz_path.name}#{split}/{i}",
                     fmt="medmnist",
                     case_hint=f"{name}_{split}_{i:05d}",
-                    payload={"array": np.ascontiguousarray(images[i]), "split": split, "target": target},
+                    payload={
+                        "array": np.ascontiguousarray(images[i]),
+                        "split": split,
+                        "target": target,
+                    },
                 )
             )
     return items
@@ -174,7 +190,11 @@ def read_attribute_table(folder: Path) -> dict[str, dict[str, str]]:
         with open(path, newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             id_col = next(
-                (c for c in ("case_id", "participant_id", "subject_id", "id") if c in (reader.fieldnames or [])),
+                (
+                    c
+                    for c in ("case_id", "participant_id", "subject_id", "id")
+                    if c in (reader.fieldnames or [])
+                ),
                 None,
             )
             if id_col is None:
@@ -215,10 +235,17 @@ def collection_items(dataset_json: Path, root: Path | None = None) -> list[Inges
         for entry in spec["training"]:
             images = [resolve(p) for p in _as_list(entry["image"])]
             label = resolve(entry["label"]) if entry.get("label") else None
-            entries.append((_case_from_files(images, len(channels)), images, label, "train"))
+            per_channel = fmt == "nnunet" or not isinstance(entry["image"], str)
+            entries.append(
+                (_case_from_files(images, len(channels), per_channel), images, label, "train")
+            )
         for entry in spec.get("test", []) or []:
-            images = [resolve(p) for p in _as_list(entry["image"] if isinstance(entry, dict) else entry)]
-            entries.append((_case_from_files(images, len(channels)), images, None, "test"))
+            value = entry["image"] if isinstance(entry, dict) else entry
+            images = [resolve(p) for p in _as_list(value)]
+            per_channel = fmt == "nnunet" or not isinstance(value, str)
+            entries.append(
+                (_case_from_files(images, len(channels), per_channel), images, None, "test")
+            )
     else:  # nnU-Net v2: files found by naming convention
         for split, sub in (("train", "imagesTr"), ("test", "imagesTs")):
             cases: dict[str, list[Path]] = {}
@@ -237,7 +264,9 @@ def collection_items(dataset_json: Path, root: Path | None = None) -> list[Inges
         items.append(
             IngestItem(
                 key=source_key("collection", dataset_json.resolve(), case),
-                source=str(dataset_json.parent.relative_to(root) / case) if root != folder else case,
+                source=str(dataset_json.parent.relative_to(root) / case)
+                if root != folder
+                else case,
                 fmt=fmt,
                 case_hint=case,
                 payload={
@@ -252,9 +281,10 @@ def collection_items(dataset_json: Path, root: Path | None = None) -> list[Inges
     return items
 
 
-def _case_from_files(images: list[Path], n_channels: int) -> str:
+def _case_from_files(images: list[Path], n_channels: int, per_channel_files: bool) -> str:
+    """Case id from the first image file: nnU-Net's ``<case>_<XXXX>`` channel suffix removed."""
     stem = image_stem(images[0])
-    if len(images) > 1 or n_channels > 1:
+    if per_channel_files or len(images) > 1 or n_channels > 1:
         stem = re.sub(r"_\d{4}$", "", stem)
     return stem
 
@@ -274,10 +304,13 @@ def _load_collection(item: IngestItem) -> LoadedCase:
                 )
             chans.extend((names[c], array[..., c], meta) for c in range(array.shape[3]))
         else:
-            chans.append((names[len(chans)] if len(chans) < len(names) else f"C{len(chans)}", array, meta))
+            chans.append(
+                (names[len(chans)] if len(chans) < len(names) else f"C{len(chans)}", array, meta)
+            )
     if len(chans) != len(names):
         raise InputError(
-            p["images"][0], f"case has {len(chans)} channel file(s), dataset.json names {len(names)} channels"
+            p["images"][0],
+            f"case has {len(chans)} channel file(s), dataset.json names {len(names)} channels",
         )
     label = read_image(p["label"]) if p["label"] else None
     modality = modality_from_channel(names[0])
@@ -306,7 +339,9 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
         try:
             items.extend(collection_items(coll / "dataset.json", root=root))
         except InputError as exc:
-            failures.append((source_key("collection", coll.resolve()), str(coll.relative_to(root)), str(exc)))
+            failures.append(
+                (source_key("collection", coll.resolve()), str(coll.relative_to(root)), str(exc))
+            )
 
     def inside_collection(p: Path) -> bool:
         return any(c == p or c in p.parents for c in collections)
@@ -325,7 +360,11 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
         if p in label_files:
             continue
         label = next(
-            (by_stem[(p.parent, image_stem(p) + s)] for s in LABEL_SUFFIXES if (p.parent, image_stem(p) + s) in by_stem),
+            (
+                by_stem[(p.parent, image_stem(p) + s)]
+                for s in LABEL_SUFFIXES
+                if (p.parent, image_stem(p) + s) in by_stem
+            ),
             None,
         )
         fmt = _file_format(p)
@@ -340,9 +379,13 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
         )
 
     non_dicom = set(image_files) | {c / "dataset.json" for c in collections}
-    series_list, unreadable = discover_series(root, exclude=lambda p: p in non_dicom or inside_collection(p))
+    series_list, unreadable = discover_series(
+        root, exclude=lambda p: p in non_dicom or inside_collection(p)
+    )
     for path, reason in unreadable:
-        failures.append((source_key("file", Path(path).resolve()), str(Path(path).relative_to(root)), reason))
+        failures.append(
+            (source_key("file", Path(path).resolve()), str(Path(path).relative_to(root)), reason)
+        )
     for series in series_list:
         folder = Path(series.files[0]).parent
         items.append(

@@ -25,7 +25,13 @@ from umit.data.meta import ImageMeta
 from umit.errors import InputError
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
 from umit.ingest.deid import load_or_create_secret, pseudonym, safe_attributes
-from umit.ingest.formats import IngestItem, LoadedCase, collection_items, folder_items, medmnist_items
+from umit.ingest.formats import (
+    IngestItem,
+    LoadedCase,
+    collection_items,
+    folder_items,
+    medmnist_items,
+)
 from umit.utils.fileio import remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,7 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
         result.skipped = len(items) - len(todo)
         if cfg.limit is not None:
             todo = todo[: cfg.limit]
+        todo = _assign_case_ids(todo, catalog, secret)
         _process(todo, cfg, secret, catalog, result, progress)
         result.failures = catalog.failures()
         result.failed = len(result.failures)
@@ -124,8 +131,35 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     return result
 
 
+def _assign_case_ids(todo: list[IngestItem], catalog: Catalog, secret: bytes) -> list[IngestItem]:
+    """Fix each item's case id up front; an id already owned by another source is a failure.
+
+    Checked before anything is written, so a clash can never overwrite another case's files.
+    """
+    owner = {rec.case_id: (rec.source_key, rec.source) for rec in catalog.series()}
+    keep = []
+    for item in todo:
+        item.case_id = item.case_hint or f"{item.fmt}_{pseudonym(secret, item.key)}"
+        key, source = owner.setdefault(item.case_id, (item.key, item.source))
+        if key != item.key:
+            catalog.add_failure(
+                item.key,
+                item.source,
+                f"{item.source}: case id {item.case_id!r} was already ingested from another source "
+                f"({source}); case ids must be unique within a RAW folder",
+            )
+            continue
+        keep.append(item)
+    return keep
+
+
 def _process(
-    todo: list[IngestItem], cfg: IngestConfig, secret: bytes, catalog: Catalog, result: IngestResult, progress: bool
+    todo: list[IngestItem],
+    cfg: IngestConfig,
+    secret: bytes,
+    catalog: Catalog,
+    result: IngestResult,
+    progress: bool,
 ) -> None:
     from tqdm import tqdm
 
@@ -136,8 +170,11 @@ def _process(
             catalog.add_failure(item.key, item.source, outcome)
             log.warning("failed: %s", outcome)
         else:
-            catalog.add_series(outcome)
-            result.ingested += 1
+            try:
+                catalog.add_series(outcome)
+                result.ingested += 1
+            except InputError as exc:  # defensive: _assign_case_ids should prevent clashes
+                catalog.add_failure(item.key, item.source, str(exc))
         bar.update(1)
 
     if cfg.workers == 1 or len(todo) < 2:
@@ -180,19 +217,24 @@ def validate_volume(array: np.ndarray, source: str, what: str = "image") -> None
     if array.ndim != 3:
         raise InputError(source, f"{what} has shape {array.shape}; expected a 3D volume")
     if min(array.shape) < 2:
-        raise InputError(source, f"{what} has shape {array.shape}: a 2D image, expected a 3D volume")
+        raise InputError(
+            source, f"{what} has shape {array.shape}: a 2D image, expected a 3D volume"
+        )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise InputError(source, f"{what} contains {n_bad} NaN/Inf voxel(s)")
 
 
-def validate_label(label: np.ndarray, lmeta: ImageMeta, image: np.ndarray, imeta: ImageMeta, tol: float) -> np.ndarray:
+def validate_label(
+    label: np.ndarray, lmeta: ImageMeta, image: np.ndarray, imeta: ImageMeta, tol: float
+) -> np.ndarray:
     """Label must share the image grid and hold non-negative integers; returns it as uint8/16."""
     if label.ndim == 4 and label.shape[3] == 1:
         label = label[..., 0]
     if label.shape != image.shape:
         raise InputError(
-            lmeta.source, f"label shape {label.shape} does not match image shape {image.shape} ({imeta.source})"
+            lmeta.source,
+            f"label shape {label.shape} does not match image shape {image.shape} ({imeta.source})",
         )
     diff = float(np.abs(lmeta.affine - imeta.affine).max())
     if diff > tol:
@@ -204,13 +246,17 @@ def validate_label(label: np.ndarray, lmeta: ImageMeta, image: np.ndarray, imeta
         if not np.isfinite(label).all():
             raise InputError(lmeta.source, "label contains NaN/Inf")
         if not np.array_equal(label, np.round(label)):
-            raise InputError(lmeta.source, "label has non-integer values (is it an image, not a label map?)")
+            raise InputError(
+                lmeta.source, "label has non-integer values (is it an image, not a label map?)"
+            )
     if label.min() < 0:
         raise InputError(lmeta.source, f"label has negative values (min {label.min()})")
     return label.astype(np.uint8 if label.max() < 256 else np.uint16)
 
 
-def _write_case(item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: bytes) -> list[SeriesRecord]:
+def _write_case(
+    item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: bytes
+) -> list[SeriesRecord]:
     from umit.data.io import write_image
 
     if not case.channels:
@@ -218,14 +264,22 @@ def _write_case(item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: b
     ref_array, ref_meta = case.channels[0][1], case.channels[0][2]
     for name, array, meta in case.channels:
         validate_volume(array, meta.source or item.source, f"channel {name}")
-        if array.shape != ref_array.shape or np.abs(meta.affine - ref_meta.affine).max() > cfg.label_tolerance_mm:
-            raise InputError(meta.source, f"channel {name} is not on the same grid as channel {case.channels[0][0]}")
-    case_id = item.case_hint or f"{item.fmt}_{pseudonym(secret, item.key)}"
+        if (
+            array.shape != ref_array.shape
+            or np.abs(meta.affine - ref_meta.affine).max() > cfg.label_tolerance_mm
+        ):
+            raise InputError(
+                meta.source,
+                f"channel {name} is not on the same grid as channel {case.channels[0][0]}",
+            )
+    case_id = item.case_id or item.case_hint or f"{item.fmt}_{pseudonym(secret, item.key)}"
     subject = pseudonym(secret, case.subject_key) if case.subject_key else None
     ext = ".nii.gz" if cfg.compress else ".nii"
     label_rel = None
     if case.label is not None:
-        label = validate_label(case.label[0], case.label[1], ref_array, ref_meta, cfg.label_tolerance_mm)
+        label = validate_label(
+            case.label[0], case.label[1], ref_array, ref_meta, cfg.label_tolerance_mm
+        )
         label_rel = f"{LABELS_DIR}/{case_id}{ext}"
         write_image(cfg.out / label_rel, label, ref_meta.with_affine(ref_meta.affine))
     attrs = _normalise_attributes(case.attributes, cfg)
@@ -267,7 +321,16 @@ def _write_case(item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: b
     return records
 
 
-_COLUMN_ATTRS = {"modality", "body_part", "manufacturer", "model", "site", "sex", "age_band", "contrast"}
+_COLUMN_ATTRS = {
+    "modality",
+    "body_part",
+    "manufacturer",
+    "model",
+    "site",
+    "sex",
+    "age_band",
+    "contrast",
+}
 
 
 def _normalise_attributes(raw: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
@@ -283,7 +346,7 @@ def _normalise_attributes(raw: dict[str, Any], cfg: IngestConfig) -> dict[str, A
     if attrs.get("age_band") in (None, "") and attrs.get("age_years") is not None:
         attrs["age_band"] = age_band(float(attrs["age_years"]))
     if attrs.get("sex"):
-        attrs["sex"] = SEX_CODES.get(str(attrs["sex"]).strip().lower(), None)
+        attrs["sex"] = SEX_CODES.get(str(attrs["sex"]).strip().lower())
     if attrs.get("body_part"):
         attrs["body_part"] = str(attrs["body_part"]).upper()
     if not attrs.get("site") and cfg.site:

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks against reference implementations (MONAI); not tests."""

@@ -1,0 +1,250 @@
+"""Helpers shared by tests: where the real data lives, and a synthetic DICOM series factory.
+
+The real data (``../shared/data``, see its README) is optional: tests that need it call
+:func:`require_shared` and skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+# Identifying values written into synthetic headers; tests check none of them leaks.
+IDENTIFIERS = {
+    "PatientName": "Doe^Jane^Q",
+    "PatientID": "PID-123456",
+    "PatientBirthDate": "19700101",
+    "AccessionNumber": "ACC98765",
+    "InstitutionName": "Saint Nowhere Hospital",
+    "InstitutionAddress": "1 Hospital Road, Springfield",
+    "ReferringPhysicianName": "House^Gregory",
+    "StudyDate": "20240102",
+    "StudyID": "STUDY42",
+}
+
+
+def shared_data_dir() -> Path | None:
+    """The shared real-data folder (``$UMIT_SHARED_DATA`` or ``<repo>/../shared/data``), or None."""
+    env = os.environ.get("UMIT_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def require_shared(*parts: str) -> Path:
+    """Path inside the shared data folder; skips the test with a reason when it is absent."""
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("real data folder ../shared/data absent (set UMIT_SHARED_DATA to point at it)")
+    path = root.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data {path} absent")
+    return path
+
+
+def new_uid() -> str:
+    return "2.25." + str(uuid.uuid4().int)
+
+
+def ds_str(value: float) -> str:
+    """A DICOM DS string (at most 16 characters) for ``value``."""
+    for digits in range(10, 0, -1):
+        s = f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        if s in ("-0", ""):
+            s = "0"
+        if len(s) <= 16:
+            return s
+    raise ValueError(value)
+
+
+def ds_round(values: Sequence[float]) -> np.ndarray:
+    """What a reader gets back after the values went through :func:`ds_str`."""
+    return np.asarray([float(ds_str(v)) for v in values])
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    """Rotation matrix from three angles in degrees (x, then y, then z)."""
+    ax, ay, az = np.deg2rad([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _base_dataset(path: Path, sop_class: str, sop_uid: str) -> Any:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = EXPLICIT_VR_LITTLE_ENDIAN
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    for key, value in IDENTIFIERS.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _set_pixels(ds: Any, pixels: np.ndarray) -> None:
+    """``pixels`` (frames?, rows, cols) int16 or uint16."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(pixels.shape[-2]), int(pixels.shape[-1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    ds.PixelData = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes()
+
+
+def write_ct_series(
+    folder: Path,
+    stored: np.ndarray,
+    *,
+    iop: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    pixel_spacing: tuple[float, float] = (0.8, 0.7),
+    origin: Sequence[float] = (-20.0, -30.0, 40.0),
+    positions: Sequence[Sequence[float]] | None = None,
+    slice_step: float = 2.5,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    rng: np.random.Generator | None = None,
+    extra: dict[str, Any] | None = None,
+    per_slice: Sequence[dict[str, Any]] | None = None,
+    modality: str = "CT",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+) -> list[Path]:
+    """Write ``stored`` (cols, rows, n) — i.e. ``(i, j, k)`` — as single-frame CT files.
+
+    Slice ``k`` is written at ``positions[k]`` (default: ``origin + k * slice_step * normal``)
+    under a random file name with a shuffled InstanceNumber, so readers must sort by position.
+    Returns the paths in slice order ``k``.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    iop_s = [ds_str(v) for v in iop]
+    iop_f = np.asarray([float(v) for v in iop_s])
+    normal = np.cross(iop_f[:3], iop_f[3:])
+    n = stored.shape[2]
+    if positions is None:
+        positions = [np.asarray(origin) + k * slice_step * normal for k in range(n)]
+    series_uid = series_uid or new_uid()
+    study_uid = study_uid or new_uid()
+    instance_numbers = rng.permutation(n) + 1
+    paths = []
+    for k in range(n):
+        sop = new_uid()
+        path = folder / f"{uuid.uuid4().hex[:12]}"
+        ds = _base_dataset(path, CT_IMAGE_STORAGE, sop)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = study_uid + ".1"
+        ds.Modality = modality
+        ds.SeriesDescription = "synthetic ct"
+        ds.SeriesNumber = 3
+        ds.ImageType = list(image_type)
+        ds.InstanceNumber = int(instance_numbers[k])
+        ds.ImageOrientationPatient = iop_s
+        ds.ImagePositionPatient = [ds_str(v) for v in positions[k]]
+        ds.PixelSpacing = [ds_str(v) for v in pixel_spacing]
+        ds.SliceThickness = ds_str(abs(slice_step))
+        ds.RescaleSlope = ds_str(slope)
+        ds.RescaleIntercept = ds_str(intercept)
+        for key, value in (extra or {}).items():
+            setattr(ds, key, value)
+        for key, value in ((per_slice[k] if per_slice else None) or {}).items():
+            setattr(ds, key, value)
+        _set_pixels(ds, stored[:, :, k].T)  # (i, j) -> (rows, cols)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def expected_affine(
+    iop: Sequence[float],
+    pixel_spacing: Sequence[float],
+    origin: Sequence[float],
+    step: Sequence[float],
+) -> np.ndarray:
+    """The RAS affine of a series, computed by hand from DS-rounded header values."""
+    iop = ds_round(iop)
+    ps = ds_round(pixel_spacing)
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * ps[1]
+    lps[:3, 1] = iop[3:] * ps[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = ds_round(origin)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def write_enhanced_ct(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    iop: Sequence[float],
+    pixel_spacing: tuple[float, float],
+    positions: Sequence[Sequence[float]],
+    frame_order: Sequence[int],
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    shared_measures: bool = True,
+) -> Path:
+    """An Enhanced CT (multi-frame) file by hand: frame ``f`` holds slice ``frame_order[f]``."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    ds = _base_dataset(path, ENHANCED_CT_IMAGE_STORAGE, new_uid())
+    ds.StudyInstanceUID = new_uid()
+    ds.SeriesInstanceUID = new_uid()
+    ds.Modality = "CT"
+    ds.SeriesDescription = "synthetic enhanced ct"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(frame_order)
+
+    def item(**kw: Any) -> Dataset:
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    measures = item(PixelSpacing=[ds_str(v) for v in pixel_spacing], SliceThickness="1")
+    orientation = item(ImageOrientationPatient=[ds_str(v) for v in iop])
+    transform = item(
+        RescaleSlope=ds_str(slope), RescaleIntercept=ds_str(intercept), RescaleType="HU"
+    )
+    shared = item(
+        PlaneOrientationSequence=DicomSequence([orientation]),
+        PixelValueTransformationSequence=DicomSequence([transform]),
+    )
+    if shared_measures:
+        shared.PixelMeasuresSequence = DicomSequence([measures])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames = []
+    for f, k in enumerate(frame_order):
+        fg = item(
+            PlanePositionSequence=DicomSequence(
+                [item(ImagePositionPatient=[ds_str(v) for v in positions[k]])]
+            ),
+            FrameContentSequence=DicomSequence([item(InStackPositionNumber=f + 1)]),
+        )
+        if not shared_measures:
+            fg.PixelMeasuresSequence = DicomSequence([measures])
+        frames.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    pixels = np.stack([stored[:, :, k].T for k in frame_order])  # (frames, rows, cols)
+    _set_pixels(ds, pixels)
+    ds.save_as(path, enforce_file_format=True)
+    return path
