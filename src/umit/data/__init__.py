@@ -1,0 +1,1 @@
+"""Training-time data: readers with geometry, datasets, transforms, samplers, phantoms."""
