@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from _shared import require_shared
 from umit.data import io
 from umit.data.io import (
     IMAGE_SUFFIXES,
@@ -21,6 +20,8 @@ from umit.data.io import (
 )
 from umit.data.meta import ImageMeta, affine_from_lps
 from umit.errors import InputError
+
+from _shared import require_shared
 
 FORMATS = [".nii", ".nii.gz", ".nrrd", ".mha"]
 

@@ -17,15 +17,6 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from _shared import (
-    IDENTIFIERS,
-    ds_round,
-    expected_affine,
-    require_shared,
-    rotation,
-    write_ct_series,
-    write_enhanced_ct,
-)
 from umit.data.io import read_image, reorient
 from umit.data.meta import affine_from_lps
 from umit.errors import GeometryError, InputError
@@ -37,6 +28,16 @@ from umit.ingest.dicom import (
     load_series,
     parse_age,
     slice_normal,
+)
+
+from _shared import (
+    IDENTIFIERS,
+    ds_round,
+    expected_affine,
+    require_shared,
+    rotation,
+    write_ct_series,
+    write_enhanced_ct,
 )
 
 SHAPE = (5, 6, 7)  # (i = columns, j = rows, k = slices): all different to catch transposes

@@ -279,7 +279,7 @@ _FIELD_NAMES = {f.name for f in fields(SeriesRecord)}
 
 
 def _record_from_row(row: sqlite3.Row) -> SeriesRecord:
-    data = {k: row[k] for k in row if k in _FIELD_NAMES}
+    data = {k: row[k] for k in row.keys() if k in _FIELD_NAMES}  # noqa: SIM118 (Row iterates values)
     for key in _JSON_FIELDS:
         data[key] = json.loads(data[key]) if data[key] is not None else None
     data["shape"] = tuple(data["shape"])
