@@ -29,7 +29,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def pipeline(src: Path, work: Path, name: str, workers: int) -> dict:
+def pipeline(src: Path, work: Path, name: str, workers: int, target_spacing=None) -> dict:
     """Ingest + preprocess ``src``; returns cases/s of each stage and the folders."""
     from umit.ingest.run import IngestConfig
     from umit.ingest.run import run as ingest
@@ -38,7 +38,9 @@ def pipeline(src: Path, work: Path, name: str, workers: int) -> dict:
 
     raw, prep = work / f"{name}_raw", work / f"{name}_prep"
     ing = ingest(IngestConfig(src=src, out=raw, workers=workers), progress=False)
-    pre = preprocess(PreprocessConfig(raw=raw, out=prep, workers=workers))
+    pre = preprocess(
+        PreprocessConfig(raw=raw, out=prep, workers=workers, target_spacing=target_spacing)
+    )
     return {
         "cases": ing.ingested,
         "ingest_failed": ing.failed,
@@ -135,7 +137,8 @@ def main() -> None:
         )
         abdomen = Path(args.shared) / "abdomen_ct_dicom_tcia"
         if abdomen.is_dir():
-            report["abdomen_ct"] = pipeline(abdomen, work, "abd", 1)
+            # the issue-5 configuration: resample to 1.5 x 1.5 x 2 mm
+            report["abdomen_ct"] = pipeline(abdomen, work, "abd", 1, target_spacing=(1.5, 1.5, 2.0))
             report["abdomen_crop"] = crop_vs_monai(
                 Path(report["abdomen_ct"]["raw"]),
                 Path(report["abdomen_ct"]["prep"]),

@@ -211,6 +211,7 @@ def test_nnunet_collection_by_file_convention(tmp_path):
         ("c2", "PET"),
     ]
     assert all(r.source_format == "nnunet" and r.label_path for r in rows)
+    assert cat.info()["labels"] == {"background": 0, "x": 1}
 
 
 def test_medmnist_npz(tmp_path):

@@ -12,5 +12,5 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="dotted overrides applied last, e.g. workers=2 plan.target_spacing=[1.5,1.5,2]",
+        help="dotted overrides applied last, e.g. workers=2 target_spacing=[1.5,1.5,2]",
     )

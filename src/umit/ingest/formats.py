@@ -275,6 +275,7 @@ def collection_items(dataset_json: Path, root: Path | None = None) -> list[Inges
                     "channels": channels,
                     "split": split,
                     "attributes": attrs,
+                    "labels": spec.get("labels"),
                 },
             )
         )

@@ -113,6 +113,9 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
         catalog.set_info("umit_version", __version__)
         items, discovery_failures = discover(cfg.src)
         result.found = len(items) + len(discovery_failures)
+        label_names = next((it.payload["labels"] for it in items if it.payload.get("labels")), None)
+        if label_names:  # the collection's label dictionary, for the plan and reports
+            catalog.set_info("labels", label_names)
         done = catalog.done_keys()
         if cfg.retry_failed:
             done -= {f["source_key"] for f in catalog.failures()}

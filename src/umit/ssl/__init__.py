@@ -1,0 +1,1 @@
+"""Self-supervised methods as wrappers around any registered encoder (feature API only)."""
