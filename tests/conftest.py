@@ -4,3 +4,27 @@ This file's presence puts ``tests/`` on ``sys.path`` (pytest's default "prepend"
 test modules in sub-folders can ``from _shared import ...`` (real-data location, fixture
 factories).
 """
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_ct_store(tmp_path_factory) -> Path:
+    """PREP folder of 10 small CT phantoms (2 in the test split): phantoms -> ingest -> preprocess."""
+    from umit.data.phantoms import write_phantom_collection
+    from umit.ingest.run import IngestConfig
+    from umit.ingest.run import run as ingest
+    from umit.preprocess.run import PreprocessConfig
+    from umit.preprocess.run import run as preprocess
+
+    root = tmp_path_factory.mktemp("tiny_ct")
+    write_phantom_collection(root / "src", n=8, n_test=2, modality="ct", seed=3, shape=(40, 40, 24))
+    ingest(IngestConfig(src=root / "src", out=root / "raw"), progress=False)
+    preprocess(
+        PreprocessConfig(
+            raw=root / "raw", out=root / "prep", workers=1, target_spacing=(2.0, 2.0, 3.0)
+        )
+    )
+    return root / "prep"

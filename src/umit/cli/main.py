@@ -15,7 +15,7 @@ from umit import __version__
 from umit.errors import UmitError
 
 # Order is the pipeline order shown by ``umit --help``.
-STAGES: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "demo")
+STAGES: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "pretrain", "probe", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

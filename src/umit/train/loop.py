@@ -224,6 +224,8 @@ class Trainer:
         layer_id_fn: parameter name -> layer id, for layer-wise LR decay (``cfg.layer_decay``).
         optimizer_factory: ``module -> optimizer`` replacing :func:`build_optimizer` (its groups
             may carry ``lr_scale`` / ``wd_scale``).
+        run_config: the whole resolved config of the command (e.g. a ``PretrainConfig``); written
+            as the run folder's ``config.yaml`` and into every checkpoint as ``run_config``.
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class Trainer:
         data_hash: str | None = None,
         layer_id_fn: LayerIdFn | None = None,
         optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+        run_config: Any = None,
     ):
         if not callable(task) or not callable(getattr(task, "trainable_module", None)):
             raise TypeError(
@@ -248,6 +251,7 @@ class Trainer:
         self.task = task
         self.eval_fn = eval_fn if eval_fn is not None else getattr(task, "evaluate", None)
         self.plan = ckpt_io.to_plain(plan, "plan")
+        self.run_config = run_config
         self.data_hash = data_hash
         self.out_dir = Path(cfg.out_dir)
 
@@ -341,6 +345,8 @@ class Trainer:
             return self.factory(epoch, start_samples // self.global_micro_batch)
         assert self.sampler is not None
         self.sampler.set_epoch(epoch, start_samples)
+        if hasattr(self.dataset, "set_epoch"):  # random crops/augmentations drawn per epoch
+            self.dataset.set_epoch(epoch)
         # Worker seeds come from this generator, not from the global RNG: a function of
         # (seed, epoch, rank) only, so resuming does not shift them.
         gen = torch.Generator()
@@ -412,6 +418,7 @@ class Trainer:
             "model_name": name,
             "model_args": args,
             "config": config_to_dict(self.cfg),
+            "run_config": ckpt_io.to_plain(self.run_config, "run_config"),
             "plan": self.plan,
             "versions": ckpt_io.versions(),
             "data_hash": self.data_hash,
@@ -595,7 +602,7 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.out_dir, recursive=False)
-            save_config(cfg, self.out_dir)
+            save_config(self.run_config if self.run_config is not None else cfg, self.out_dir)
         self._maybe_resume()
         start_step = self.step
         if self.resumed_from is None:

@@ -1,0 +1,41 @@
+"""``umit pretrain``: masked volume modeling (MAE-3D) on a preprocessed store; torchrun-ready."""
+
+from __future__ import annotations
+
+import argparse
+
+from umit.cli.common import add_config_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised MAE-3D pretraining of a ViT encoder on a preprocessed store "
+        "(CPU or GPU, one or many processes with torchrun)",
+        description=__doc__,
+    )
+    p.add_argument("--data", default=None, help="PREP folder (or data=PREP)")
+    p.add_argument("--out", default=None, help="run folder (or out=DIR)")
+    add_config_args(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from umit.config import build_config
+    from umit.ssl.pretrain import PretrainConfig, run
+    from umit.train.distributed import is_main
+
+    cfg = build_config(PretrainConfig, args.config, args.overrides, data=args.data, out=args.out)
+    summary = run(cfg)
+    if is_main():
+        print(
+            f"pretrain: {summary['steps']} steps on {summary['train_cases']} cases in "
+            f"{summary['seconds']:.0f} s; train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+        )
+        if summary["initial_val_loss"] is not None and summary["last_val_loss"] is not None:
+            print(
+                f"  validation reconstruction loss {summary['initial_val_loss']:.4f} -> "
+                f"{summary['last_val_loss']:.4f} ({summary['val_cases']} held-out cases)"
+            )
+        print(f"  encoder: {summary['encoder']}")
+    return 0

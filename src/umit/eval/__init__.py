@@ -1,0 +1,1 @@
+"""Evaluation: metrics, subgroup analysis, probes of frozen encoders, reports."""

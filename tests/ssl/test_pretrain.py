@@ -1,0 +1,86 @@
+"""`umit pretrain` end to end on a tiny phantom store, and the encoder file it leaves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from umit.cli.main import main as cli_main
+from umit.errors import InputError
+from umit.preprocess.store import Store
+from umit.ssl.pretrain import PretrainConfig, load_encoder, split_cases
+
+TINY = [
+    "model=vit3d_test_p16",
+    "crop_size=[32,32,16]",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=4",
+    "train.total_steps=6",
+    "train.warmup_steps=2",
+    "train.batch_size=2",
+    "train.log_every=3",
+    "train.eval_every=3",
+    "train.ckpt_every=3",
+    "train.progress=false",
+    "val_cases=2",
+    "val_crops=2",
+]
+
+
+def test_pretrain_cli_writes_run_and_encoder(tiny_ct_store, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["pretrain", "--data", str(tiny_ct_store), "--out", str(out), *TINY]) == 0
+    assert "validation reconstruction loss" in capsys.readouterr().out
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (
+        cfg["model"] == "vit3d_test_p16" and cfg["mae"]["decoder_dim"] == 32
+    )  # the whole run config
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines if d["split"] == "train"] == [3, 6]
+    assert all("val_loss" in d for d in lines if d["split"] == "eval")
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert ckpt["model_name"] == "mae3d" and ckpt["plan"]["target_spacing"] == [2.0, 2.0, 3.0]
+    assert ckpt["run_config"]["train"]["total_steps"] == 6
+    enc, meta = load_encoder(out / "encoder.pt")
+    assert meta["model_name"] == "vit3d_test_p16"
+    # the same weights come out of the training checkpoint of the wrapper
+    enc2, _ = load_encoder(out / "latest.pt")
+    for (k, v), (k2, v2) in zip(enc.state_dict().items(), enc2.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_test_split_is_never_used_for_pretraining(tiny_ct_store):
+    store = Store(tiny_ct_store)
+    train, val = split_cases(store, ["test"], val_cases=2, seed=0)
+    test_cases = {c for c in store.case_ids if store.index[c].get("split") == "test"}
+    assert len(test_cases) == 2 and not (set(train) | set(val)) & test_cases
+    assert len(val) == 2 and not set(train) & set(val)
+    with pytest.raises(InputError, match="no cases left"):
+        split_cases(store, ["train", "test"], 0, 0)
+
+
+def test_bad_encoder_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_encoder(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a readable"):
+        load_encoder(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="neither"):
+        load_encoder(tmp_path / "other.pt")
+
+
+def test_presets_parse():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[2] / "configs" / "pretrain").glob("*.yaml"))
+    assert len(presets) >= 3
+    for p in presets:
+        cfg = PretrainConfig.model_validate({**yaml.safe_load(p.read_text()), "data": "x"})
+        from umit.models import list_models
+
+        assert cfg.model in list_models(), p
