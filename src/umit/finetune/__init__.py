@@ -1,0 +1,1 @@
+"""Fine-tuning: segmentation and classification from a pretrained encoder or from scratch."""
