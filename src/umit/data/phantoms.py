@@ -1219,8 +1219,9 @@ def _plan_cases(n: int, n_test: int, modality: str, seed: int) -> list[_Case]:
             cid = f"{stem}{i:04d}"
             case = _Case(cid, _case_seed(seed, split, i), split)
             case.images = [f"{folder}/{cid}_{c:04d}{_FILE_ENDING}" for c in range(len(channels))]
-            if split == "train":
-                case.label = f"labelsTr/{cid}{_FILE_ENDING}"
+            # test cases keep their reference labels apart (labelsTs/), so the fixed test
+            # split of a phantom collection can be scored; nothing trains on them
+            case.label = f"{'labelsTr' if split == 'train' else 'labelsTs'}/{cid}{_FILE_ENDING}"
             cases.append(case)
     return cases
 
@@ -1261,7 +1262,8 @@ def write_phantom_collection(
         out_dir/attributes.csv      case_id,sex,age_band,site,manufacturer,model,contrast
         out_dir/imagesTr/<case>_<channel:04d>.nii.gz
         out_dir/labelsTr/<case>.nii.gz
-        out_dir/imagesTs/<case>_<channel:04d>.nii.gz   (n_test cases, no labels)
+        out_dir/imagesTs/<case>_<channel:04d>.nii.gz   (n_test held-out test cases)
+        out_dir/labelsTs/<case>.nii.gz                 (their reference labels, for scoring only)
 
     Training cases are ``phantom_<modality>_0000``..., test cases ``phantom_<modality>_test_0000``;
     each case's phantom seed is derived from ``(seed, split, index)``, so collections with
@@ -1274,7 +1276,7 @@ def write_phantom_collection(
         modality: "ct" or "mr".
         seed: Collection seed (>= 0).
         shape: Reference grid passed to the generator; the generator default if None.
-        n_test: Number of unlabelled test cases written to imagesTs.
+        n_test: Number of held-out test cases written to imagesTs (labels in labelsTs).
         workers: Processes generating cases in parallel.
 
     Returns:
@@ -1296,7 +1298,7 @@ def write_phantom_collection(
         raise InputError(root, "exists and is not a folder")
     settings = {"modality": modality, "seed": int(seed), "shape": list(shape)}
     _check_existing(root, settings)
-    for sub in ("", "imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         remove_stale_temps(root / sub, recursive=False)
 
     cases = _plan_cases(int(n), int(n_test), modality, seed)
@@ -1346,7 +1348,7 @@ def write_phantom_collection(
         "training": [
             {"image": [f"./{p}" for p in c.images], "label": f"./{c.label}"} for c in train
         ],
-        "test": [{"image": [f"./{p}" for p in c.images]} for c in test],
+        "test": [{"image": [f"./{p}" for p in c.images], "label": f"./{c.label}"} for c in test],
         "phantom": {
             **settings,
             "generator": "umit.data.phantoms",

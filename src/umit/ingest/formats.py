@@ -243,8 +243,11 @@ def collection_items(dataset_json: Path, root: Path | None = None) -> list[Inges
             value = entry["image"] if isinstance(entry, dict) else entry
             images = [resolve(p) for p in _as_list(value)]
             per_channel = fmt == "nnunet" or not isinstance(value, str)
+            # a reference label of a test case (e.g. labelsTs/) is kept for scoring the test split
+            has_label = isinstance(entry, dict) and entry.get("label")
+            label = resolve(entry["label"]) if has_label else None
             entries.append(
-                (_case_from_files(images, len(channels), per_channel), images, None, "test")
+                (_case_from_files(images, len(channels), per_channel), images, label, "test")
             )
     else:  # nnU-Net v2: files found by naming convention
         for split, sub in (("train", "imagesTr"), ("test", "imagesTs")):
@@ -254,7 +257,9 @@ def collection_items(dataset_json: Path, root: Path | None = None) -> list[Inges
                 if m:
                     cases.setdefault(m.group(1), []).append(p)
             for case, images in cases.items():
-                label = folder / "labelsTr" / f"{case}{ending}" if split == "train" else None
+                label = (
+                    folder / ("labelsTr" if split == "train" else "labelsTs") / f"{case}{ending}"
+                )
                 entries.append((case, images, label if label and label.exists() else None, split))
     if not entries:
         raise InputError(dataset_json, "no training or test cases listed or found")
