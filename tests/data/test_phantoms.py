@@ -336,7 +336,11 @@ def test_ct_collection_layout_geometry_and_resume(tmp_path):
         "image": ["./imagesTr/phantom_ct_0001_0000.nii.gz"],
         "label": "./labelsTr/phantom_ct_0001.nii.gz",
     }
-    assert ds["test"][0] == {"image": ["./imagesTs/phantom_ct_test_0000_0000.nii.gz"]}
+    assert ds["test"][0] == {
+        "image": ["./imagesTs/phantom_ct_test_0000_0000.nii.gz"],
+        "label": "./labelsTs/phantom_ct_test_0000.nii.gz",
+    }
+    assert (root / "labelsTs" / "phantom_ct_test_0000.nii.gz").is_file()
 
     rows = _read_csv(root / "attributes.csv")
     assert list(rows[0]) == [
