@@ -15,7 +15,17 @@ from umit import __version__
 from umit.errors import UmitError
 
 # Order is the pipeline order shown by ``umit --help``.
-STAGES: tuple[str, ...] = ("phantoms", "ingest", "preprocess", "pretrain", "probe", "demo")
+STAGES: tuple[str, ...] = (
+    "phantoms",
+    "ingest",
+    "preprocess",
+    "pretrain",
+    "probe",
+    "finetune",
+    "evaluate",
+    "data-efficiency",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

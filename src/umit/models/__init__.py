@@ -4,7 +4,9 @@
 >>> enc = create_model("vit3d_base_p16", img_size=96, in_chans=1)
 """
 
-from umit.models import layers
+from umit.models import blocks, layers
+from umit.models.cnn import ResEncoder3D, ResNet3D, ResUNet3D
+from umit.models.heads import ClassificationModel, freeze_encoder, layer_id_fn
 from umit.models.monai_compat import (
     convert_monai_swin_state_dict,
     convert_monai_vit_state_dict,
@@ -12,11 +14,22 @@ from umit.models.monai_compat import (
 )
 from umit.models.registry import create_model, is_model, list_models, register_model
 from umit.models.swin3d import SwinTransformer3D
+from umit.models.swin_unetr import SwinUNETR
+from umit.models.unetr import UNETR
 from umit.models.vit3d import ViT3D
 
 __all__ = [
+    "UNETR",
+    "ClassificationModel",
+    "ResEncoder3D",
+    "ResNet3D",
+    "ResUNet3D",
     "SwinTransformer3D",
+    "SwinUNETR",
     "ViT3D",
+    "blocks",
+    "freeze_encoder",
+    "layer_id_fn",
     "convert_monai_swin_state_dict",
     "convert_monai_vit_state_dict",
     "create_model",
