@@ -171,8 +171,11 @@ def pointwise_conv3d(
     backward (the gradients are matmuls too).
     """
     B, C = x.shape[:2]
-    # (B, C, D, H, W) -> (B, C, N); (C_out, C, 1, 1, 1) -> (C_out, C)
-    y = torch.matmul(weight.view(weight.shape[0], C), x.view(B, C, -1))
+    w = weight.view(weight.shape[0], C)  # (C_out, C, 1, 1, 1) -> (C_out, C)
+    if B == 1:  # (C_out, C) @ (C, N): one GEMM, no batch folding copies
+        y = torch.mm(w, x.view(C, -1)).unsqueeze(0)
+    else:  # (B, C_out, C) @ (B, C, N); the expanded weight is never copied
+        y = torch.bmm(w.expand(B, -1, -1), x.view(B, C, -1))
     if bias is not None:
         y = y + bias.view(1, -1, 1)
     return y.view(B, -1, *x.shape[2:])  # (B, C_out, N) -> (B, C_out, D, H, W)
