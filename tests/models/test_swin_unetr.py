@@ -52,6 +52,8 @@ def test_feature_size_sets_the_encoder_width_and_other_depths_work():
     enc = create_model("swin3d_test", in_chans=1)
     with pytest.raises(ValueError, match="feature_size=24 but the encoder's width is 12"):
         SwinUNETR(enc, feature_size=24)
+    with pytest.raises(ValueError, match="hierarchical encoder"):
+        SwinUNETR("vit3d_test_p16", in_chans=1, img_size=32)
 
 
 def test_pretrained_encoder_loads_strictly():

@@ -204,6 +204,8 @@ def test_unetr_uses_only_the_feature_api():
         UNETR(StubEncoder(), in_chans=3)
     with pytest.raises(ValueError, match="feature API"):
         UNETR(nn.Linear(2, 2), in_chans=1)
+    with pytest.raises(ValueError, match="single-scale"):
+        UNETR("swin3d_test", in_chans=1)
 
 
 # ---------------------------------------------------------------------- registry / weights

@@ -196,7 +196,13 @@ def conv3d(
     ``F.conv3d``.
     """
     stride, padding = tuple(stride), tuple(padding)
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    # autocast would change dtypes inside the custom paths: leave those calls to F.conv3d
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    ):
         if (
             weight.shape[2:] == (1, 1, 1)
             and stride == (1, 1, 1)

@@ -76,6 +76,13 @@ class SwinUNETR(nn.Module):
             raise ValueError("SwinUNETR needs an encoder with at least one stage after the stem")
         if stages > 8:
             raise ValueError(f"SwinUNETR supports up to 8 stages (MONAI names), got {stages}")
+        for lvl in range(1, stages + 1):
+            prev, cur = reductions[lvl - 1], reductions[lvl]
+            if any(c % p for c, p in zip(cur, prev, strict=True)) or cur == prev:
+                raise ValueError(
+                    f"SwinUNETR needs a hierarchical encoder (each level down-sampling the last); "
+                    f"feature_info reductions are {reductions}"
+                )
         if feature_size is not None and widths[0] != feature_size:
             raise ValueError(f"feature_size={feature_size} but the encoder's width is {widths[0]}")
         self.init_args: dict[str, Any] = {

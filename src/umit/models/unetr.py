@@ -115,6 +115,11 @@ class UNETR(nn.Module):
         depth = len(info)
         width = int(info[-1]["num_chs"])
         patch = tuple(int(r) for r in info[-1]["reduction"])
+        if any(tuple(i["reduction"]) != patch or i["num_chs"] != width for i in info):
+            raise ValueError(
+                "UNETR needs a single-scale (ViT-like) encoder whose feature_info levels share one "
+                "width and reduction; use SwinUNETR for hierarchical encoders"
+            )
         n, factors = unetr_levels(patch)
         if skip_indices is None:
             skip_indices = default_skip_indices(depth, n)
