@@ -80,3 +80,14 @@ def test_save_config_round_trips(tmp_path):
     again = Outer.model_validate(yaml.safe_load(path.read_text()))
     assert again == cfg
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_settings_named_like_the_builder_parameters_pass_through():
+    """``umit evaluate/predict --model`` pass ``model=`` to build_config (a clash before)."""
+
+    class WithModel(UmitConfig):
+        model: str = ""
+        config_file: str = ""
+
+    cfg = build_config(WithModel, None, ["config_file=b"], model="a")
+    assert (cfg.model, cfg.config_file) == ("a", "b")

@@ -81,26 +81,31 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(
-    model: type[C],
+    config_class: type[C],
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
+    /,
     **values: Any,
 ) -> C:
-    """Defaults <- YAML file <- ``values`` (named CLI arguments that are not None) <- overrides."""
+    """Defaults <- YAML file <- ``values`` (named CLI arguments that are not None) <- overrides.
+
+    The first three parameters are positional-only, so settings named ``model`` or
+    ``config_file`` can be passed as ``values``.
+    """
     data: dict[str, Any] = {}
     if config_file is not None:
         data = load_yaml(config_file)
     data = _deep_merge(data, {k: v for k, v in values.items() if v is not None})
     data = _deep_merge(data, parse_overrides(overrides or []))
     try:
-        return model.model_validate(data)
+        return config_class.model_validate(data)
     except ValidationError as exc:
         where = f" (from {config_file})" if config_file else ""
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
             for err in exc.errors()
         )
-        raise InputError(None, f"invalid {model.__name__}{where}: {problems}") from exc
+        raise InputError(None, f"invalid {config_class.__name__}{where}: {problems}") from exc
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

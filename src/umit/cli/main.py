@@ -23,6 +23,7 @@ STAGES: tuple[str, ...] = (
     "probe",
     "finetune",
     "evaluate",
+    "predict",
     "data-efficiency",
     "demo",
 )

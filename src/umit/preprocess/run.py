@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -33,20 +32,12 @@ from tqdm.auto import tqdm
 from umit.config import UmitConfig, save_config
 from umit.errors import GeometryError, InputError
 from umit.ingest.catalog import Catalog, SeriesRecord
+from umit.preprocess.apply import apply_plan
 from umit.preprocess.fingerprint import channel_names, compute_fingerprint, stable_seed
-from umit.preprocess.normalize import body_mask, normalize_channel
 from umit.preprocess.plan import PLAN_NAME, SCHEMES, Plan, apply_overrides, plan_from_fingerprint
 from umit.preprocess.resample import (
-    foreground_bbox,
     read_nifti,
-    reorient_to_ras,
-    resample_factors,
-    resample_image,
-    resample_label,
     same_geometry,
-    scale_affine,
-    spacing_of,
-    translate_affine,
 )
 from umit.preprocess.store import (
     CATALOG_KEYS,
@@ -237,48 +228,9 @@ def prepare_case(
                 f"label geometry differs from its image {first_path}: {_geometry_problem(lshape, laff, orig_shape, orig_affine)}",
             )
         label = _check_label(lab, label_path)
-    # 2. reorient to RAS (flips/permutations only)
-    ras = [reorient_to_ras(a, orig_affine) for a in arrays]
-    arrays, affine = [a for a, _ in ras], ras[0][1]
-    if label is not None:
-        label, _ = reorient_to_ras(label, orig_affine)
-    ras_shape = arrays[0].shape
-    # 3. crop to the foreground (+ margin); the label is always kept inside the crop
-    bbox = tuple((0, n) for n in ras_shape)
-    if plan.crop_foreground:
-        mask = np.zeros(ras_shape, dtype=bool)
-        for arr, ch in zip(arrays, plan.channels, strict=True):
-            mask |= body_mask(arr, ch.modality, plan.foreground_threshold)
-        if label is not None:
-            mask |= label > 0
-        spacing = spacing_of(affine)
-        margin = tuple(int(math.ceil(plan.crop_margin_mm / s)) for s in spacing)
-        bbox = foreground_bbox(mask, margin) or bbox
-        del mask
-    crop = tuple(slice(lo, hi) for lo, hi in bbox)
-    arrays = [a[crop] for a in arrays]
-    if label is not None:
-        label = label[crop]
-    affine = translate_affine(affine, [lo for lo, _ in bbox])
-    # 4. normalize (before resampling, as nnU-Net does)
-    pads, stats = [], []
-    for c, ch in enumerate(plan.channels):
-        arrays[c], pad, st = normalize_channel(arrays[c], ch, plan.foreground_threshold)
-        pads.append(pad)
-        stats.append(st)
-    # 5. resample to the target spacing (skipped per axis where spacing already matches)
-    s, new_shape = resample_factors(arrays[0].shape, spacing_of(affine), plan.target_spacing)
-    image = np.empty((len(arrays), *new_shape), dtype=plan.image_dtype)
-    for c in range(len(arrays)):
-        image[c] = resample_image(arrays[c], s, new_shape, plan.interpolation_order)
-        arrays[c] = None  # free as we go
-    if not np.all(np.isfinite(image)):
-        raise InputError(
-            first_path, f"normalized values overflow {plan.image_dtype}; use image_dtype=float32"
-        )
-    if label is not None:
-        label = resample_label(label, s, new_shape)
-    affine = scale_affine(affine, s)
+    # 2-5. reorient, crop, normalize, resample: shared with ``umit predict``
+    image, label, geometry = apply_plan(arrays, orig_affine, plan, label=label, source=first_path)
+    del arrays
     # 6. foreground locations per class, for foreground-weighted crops
     locations: dict[int, np.ndarray] = {}
     if label is not None:
@@ -298,23 +250,10 @@ def prepare_case(
         "format": "umit-case",
         "format_version": 1,
         "case_id": case_id,
-        "shape": [int(n) for n in image.shape],
-        "spacing": list(spacing_of(affine)),
-        "affine": affine.tolist(),
-        "orientation": plan.orientation,
-        "channel_names": plan.channel_names,
-        "modalities": [ch.modality for ch in plan.channels],
-        "pad_values": [float(np.asarray(p, dtype=plan.image_dtype)) for p in pads],
-        "norm_stats": stats,
+        **geometry,
         "has_label": label is not None,
         "label_classes": sorted(locations),
         "class_locations": {str(c): int(len(v)) for c, v in sorted(locations.items())},
-        "original_shape": [int(n) for n in orig_shape],
-        "original_affine": orig_affine.tolist(),
-        "original_spacing": list(spacing_of(orig_affine)),
-        "ras_shape": [int(n) for n in ras_shape],
-        "crop_bbox": [[int(lo), int(hi)] for lo, hi in bbox],
-        "resample_scale": [float(x) for x in s],
         "source_images": [r.image_path for r in records],
         "source_label": label_rel,
         "catalog": catalog,

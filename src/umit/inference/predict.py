@@ -1,0 +1,286 @@
+"""``umit predict``: run a fine-tuned model on raw images, outputs on the input's own grid.
+
+A model file (``best.pt``) carries the preprocessing plan it was trained with. For each input
+(NIfTI / NRRD / MetaImage file or DICOM series folder) we apply that plan in memory
+(:func:`umit.preprocess.apply.apply_plan`: RAS, crop, normalize, resample), run the model, and:
+
+* segmentation: sliding-window argmax on the model grid, then nearest-neighbour back onto the
+  input grid (:func:`umit.preprocess.resample.restore_original`) and written with the input's
+  affine, so the mask overlays the input voxel for voxel;
+* classification: class probabilities of the centred input, printed and written to
+  ``predictions.csv`` / ``predictions.json``.
+
+A folder of inputs is a batch: a failing input is recorded in ``failures.json`` with its reason
+and the others still run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from umit.config import UmitConfig, save_config
+from umit.data.io import IMAGE_SUFFIXES, image_suffix, read_image, write_image
+from umit.data.meta import ImageMeta
+from umit.errors import InputError, UmitError
+from umit.preprocess.apply import apply_plan
+from umit.preprocess.plan import Plan
+from umit.preprocess.resample import restore_original
+from umit.utils.fileio import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+class PredictConfig(UmitConfig):
+    """Settings of ``umit predict``."""
+
+    inputs: Path
+    """An image file, a DICOM series folder, or a folder of them."""
+    model: Path
+    """``best.pt`` from ``umit finetune`` (carries the preprocessing plan)."""
+    out: Path = Path("predictions")
+    """Output folder (or, for one input, an output image path ending in .nii.gz/.nrrd/.mha)."""
+    overlap: float | None = Field(default=None, ge=0, lt=1)
+    """Sliding-window overlap (default: the fine-tuning validation setting)."""
+    sw_batch_size: int = Field(default=2, ge=1)
+    """Windows per forward pass."""
+    tta: bool = False
+    """Test-time augmentation: average over the 7 flips of the three axes."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the model (fp32 on CPUs without fast bf16)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``."""
+    suffix: str | None = None
+    """Mask file format (default: the input's; DICOM inputs give .nii.gz)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return any(p.is_file() and _is_dicom_file(p) for p in sorted(folder.iterdir()))
+
+
+def find_inputs(path: Path) -> list[Path]:
+    """The images under ``path``: itself (a file or a DICOM folder), or the image files and DICOM
+    series sub-folders of a folder (not recursive beyond one level)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and image_suffix(p) is not None)
+    series = sorted(p for p in path.iterdir() if p.is_dir() and _holds_dicom(p))
+    if not files and not series and _holds_dicom(path):
+        return [path]
+    if not files and not series:
+        raise InputError(
+            path, f"no images found (expected {', '.join(IMAGE_SUFFIXES)} files or DICOM folders)"
+        )
+    return files + series
+
+
+def input_name(path: Path) -> str:
+    """Case name of an input: the file name without its image suffix, or the folder name."""
+    suffix = image_suffix(path) if path.is_file() else None
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def load_channels(path: Path, plan: Plan) -> tuple[list[np.ndarray], ImageMeta]:
+    """Read one input as the plan's channels: a 3D image for one channel, or a 4D image whose
+    last axis holds the plan's channels in order."""
+    array, meta = read_image(path)
+    n = len(plan.channels)
+    if array.ndim == 3:
+        if n != 1:
+            raise InputError(
+                path,
+                f"3D image, but the model expects {n} channels ({', '.join(plan.channel_names)}): "
+                f"give a 4D image with the channels on the last axis",
+            )
+        return [np.asarray(array, np.float32)], meta
+    if array.ndim == 4 and array.shape[3] == n:
+        return [np.asarray(array[..., c], np.float32) for c in range(n)], meta
+    raise InputError(
+        path,
+        f"image of shape {array.shape} does not match the model's {n} channel(s) "
+        f"({', '.join(plan.channel_names)})",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+class Predictor:
+    """A loaded model plus its plan; ``predict(path)`` handles one input."""
+
+    def __init__(self, cfg: PredictConfig):
+        from umit.finetune.run import load_model
+
+        self.cfg = cfg
+        self.model, ckpt = load_model(cfg.model)
+        if not ckpt.get("plan"):
+            raise InputError(cfg.model, "the model file carries no preprocessing plan")
+        self.plan = Plan.model_validate(ckpt["plan"])
+        self.task: str = ckpt["task"]
+        run_cfg = ckpt.get("run_config") or {}
+        self.crop_size = tuple(int(s) for s in run_cfg.get("crop_size", (96, 96, 96)))
+        self.overlap = (
+            cfg.overlap if cfg.overlap is not None else float(run_cfg.get("sw_overlap", 0.5))
+        )
+        self.class_names: list[str] = list(ckpt.get("class_names") or [])
+        self.label_names: dict[str, int] = dict(ckpt.get("label_names") or {})
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        self.model.to(self.device).eval()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, list | tuple) else out  # deep supervision: full res
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, pad_value: float) -> np.ndarray:
+        """(C, X, Y, Z) model-grid image -> (X, Y, Z) uint8 label map on the same grid."""
+        from umit.inference.sliding_window import SlidingWindowInferer
+
+        flips = [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if self.cfg.tta else []
+        inferer = SlidingWindowInferer(
+            roi_size=self.crop_size,
+            overlap=self.overlap,
+            sw_batch_size=self.cfg.sw_batch_size,
+            precision=self.cfg.precision,
+            output="argmax",
+            device=self.device,
+            tta_flips=flips,
+            padding_value=pad_value,
+        )
+        out = inferer(self._forward, torch.from_numpy(np.asarray(image, np.float32))[None])
+        return np.asarray(out[0, 0] if out.ndim == 5 else out[0]).astype(np.uint8)
+
+    @torch.no_grad()
+    def classify(self, image: np.ndarray, pad_values: list[float]) -> np.ndarray:
+        """(C, X, Y, Z) model-grid image -> class probabilities of the centred input."""
+        from umit.eval.probes import centre_crop_or_pad
+
+        x = torch.from_numpy(
+            centre_crop_or_pad(np.asarray(image, np.float32), self.crop_size, pad_values)
+        )
+        with torch.autocast(
+            self.device.type,
+            dtype=torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16,
+            enabled=self.cfg.precision != "fp32",
+        ):
+            logits = self._forward(x[None].to(self.device))
+        return logits.float().softmax(1)[0].cpu().numpy()
+
+    def predict(self, path: Path) -> tuple[np.ndarray, ImageMeta]:
+        """One input -> (label map on the input's grid, the input's meta) or (probabilities, meta)."""
+        arrays, meta = load_channels(path, self.plan)
+        image, _, geometry = apply_plan(arrays, meta.affine, self.plan, source=path)
+        del arrays
+        if self.task == "classification":
+            return self.classify(image, geometry["pad_values"]), meta
+        pred = self.segment(image, float(geometry["pad_values"][0]))
+        mask, _ = restore_original(pred, geometry)
+        return mask, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+def mask_path(out: Path, path: Path, suffix: str | None, single: bool) -> Path:
+    """Where the mask of ``path`` goes: ``out`` itself for one input named like an image,
+    else ``out/<name><suffix>`` (the input's format; DICOM gives .nii.gz)."""
+    if single and image_suffix(out) is not None:
+        return out
+    if suffix is None:
+        suffix = image_suffix(path) if path.is_file() else ".nii.gz"
+        suffix = ".nii.gz" if suffix in (None, ".nhdr", ".mhd") else suffix
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix!r}")
+    return out / f"{input_name(path)}{suffix}"
+
+
+def run(cfg: PredictConfig) -> dict[str, Any]:
+    """Predict every input; returns a summary (outputs, failures, seconds)."""
+    inputs = find_inputs(cfg.inputs)
+    if cfg.suffix is not None and cfg.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {cfg.suffix!r}")
+    predictor = Predictor(cfg)
+    single = len(inputs) == 1 and inputs[0] == cfg.inputs  # IN is one file or one series
+    folder = cfg.out.parent if single and image_suffix(cfg.out) is not None else cfg.out
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "predict_config.yaml")
+    outputs: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for path in inputs:
+        t = time.perf_counter()
+        try:
+            result, meta = predictor.predict(path)
+        except (UmitError, ValueError, OSError) as exc:
+            failures[str(path)] = str(exc)
+            log.error("predict: %s failed: %s", path, exc)
+            continue
+        row: dict[str, Any] = {"input": str(path), "seconds": round(time.perf_counter() - t, 3)}
+        if predictor.task == "classification":
+            names = predictor.class_names or [str(i) for i in range(len(result))]
+            row["probabilities"] = {n: float(p) for n, p in zip(names, result, strict=True)}
+            row["predicted"] = names[int(np.argmax(result))]
+        else:
+            target = mask_path(cfg.out, path, cfg.suffix, single)
+            write_image(target, result, meta, dtype=np.uint8)
+            row["mask"] = str(target)
+            row["labels"] = {
+                str(v): int(n) for v, n in zip(*np.unique(result, return_counts=True), strict=True)
+            }
+        outputs.append(row)
+    if predictor.task == "classification":
+        _write_classification(folder, outputs, predictor.class_names)
+    if failures:
+        atomic_write_json(folder / "failures.json", failures)
+    else:
+        (folder / "failures.json").unlink(missing_ok=True)
+    return {
+        "task": predictor.task,
+        "outputs": outputs,
+        "failures": failures,
+        "out": str(folder),
+        "seconds": time.perf_counter() - t0,
+        "label_names": predictor.label_names,
+    }
+
+
+def _write_classification(folder: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
+    atomic_write_json(folder / "predictions.json", rows)
+    names = names or sorted({k for r in rows for k in r["probabilities"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["input", "predicted", *[f"p_{n}" for n in names]])
+    for r in rows:
+        w.writerow([r["input"], r["predicted"], *[f"{r['probabilities'][n]:.6f}" for n in names]])
+    atomic_write_text(folder / "predictions.csv", buf.getvalue())
