@@ -56,11 +56,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, merging nested mappings key by key (neither is modified)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -95,8 +96,8 @@ def build_config(
     data: dict[str, Any] = {}
     if config_file is not None:
         data = load_yaml(config_file)
-    data = _deep_merge(data, {k: v for k, v in values.items() if v is not None})
-    data = _deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, {k: v for k, v in values.items() if v is not None})
+    data = deep_merge(data, parse_overrides(overrides or []))
     try:
         return config_class.model_validate(data)
     except ValidationError as exc:

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from umit.errors import InputError
@@ -168,7 +169,11 @@ def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
             "n_boot": 10,
             "arms": {
                 "tiny": {"model": "tiny_seg_for_tests"},
-                "wider": {"model": "tiny_seg_for_tests", "model_args": {"width": 12}},
+                "wider": {
+                    "model": "tiny_seg_for_tests",
+                    "model_args": {"width": 12},
+                    "finetune": {"train": {"lr": 1e-3}},  # one key; the rest stays shared
+                },
             },
             "finetune": {
                 "crop_size": [16, 16, 16],
@@ -184,3 +189,5 @@ def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
     second = data_efficiency(cfg)  # every cell is done: nothing is recomputed
     assert marker.stat().st_mtime_ns == stamp and second["table"] == first["table"]
     assert np.isfinite(first["table"]["tiny"]["1"]["mean"])
+    resolved = yaml.safe_load((tmp_path / "de/cells/wider/f1_s0/run/config.yaml").read_text())
+    assert resolved["train"]["lr"] == 1e-3 and resolved["train"]["total_steps"] == 2

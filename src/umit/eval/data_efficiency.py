@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from umit.config import UmitConfig, save_config
+from umit.config import UmitConfig, deep_merge, save_config
 from umit.errors import InputError
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
@@ -76,7 +76,7 @@ def run_cell(
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    settings = {**cfg.finetune, **arm.finetune}
+    settings = deep_merge(cfg.finetune, arm.finetune)  # an arm may override single train keys
     train = dict(settings.pop("train", {}))
     train["seed"] = seed
     ft = FinetuneConfig.model_validate(
