@@ -1,0 +1,1 @@
+"""Privacy tools: DICOM de-identification (PS3.15 Annex E), residual-identifier checks."""
