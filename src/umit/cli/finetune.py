@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", default=None, help="encoder.pt from umit pretrain")
     p.add_argument("--label-fraction", dest="label_fraction", type=float, default=None)
     p.add_argument("--label-count", dest="label_count", type=int, default=None)
+    p.add_argument(
+        "--dp",
+        action="store_true",
+        help="differentially private training (DP-SGD, Opacus) = dp.enabled=true; set "
+        "dp.target_epsilon=8 dp.delta=... dp.max_grad_norm=1",
+    )
     add_config_args(p)
     p.set_defaults(func=main)
 
@@ -31,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = build_config(
         FinetuneConfig,
         args.config,
-        args.overrides,
+        [*args.overrides, "dp.enabled=true"] if args.dp else args.overrides,
         data=args.data,
         out=args.out,
         pretrained=args.pretrained,
@@ -45,4 +51,8 @@ def main(args: argparse.Namespace) -> int:
             f"{s['n_val']} validation) in {s['seconds']:.0f} s; loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
         )
         print(f"  best: {s['best']}  model: {s['model']}")
+        if s.get("dp"):
+            from umit.privacy.dp import format_dp
+
+            print(f"  privacy: {format_dp(s['dp'])}")
     return 0

@@ -197,6 +197,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "task": task,
         "n_cases": len(rows),
         "result": result,
+        "dp": ckpt.get("dp"),
     }
     atomic_write_json(out / "summary.json", summary)
     overall = result["overall"]
@@ -209,6 +210,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         caption=f"{task} on split '{cfg.split}' ({len(rows)} cases)",
     )
     sections = [Section(title="Overall", tables=[table], warnings=list(result.get("warnings", [])))]
+    if ckpt.get("dp"):  # trained with DP-SGD: state the guarantee next to the metrics
+        from umit.privacy.dp import format_dp
+
+        sections.append(Section(title="Differential privacy", text=format_dp(ckpt["dp"])))
     if attributes:
         sections.append(subgroup_section(result))
     if overlays:

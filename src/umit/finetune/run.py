@@ -22,6 +22,7 @@ from pydantic import Field
 from umit.config import UmitConfig
 from umit.data.transforms import AugmentConfig
 from umit.errors import InputError
+from umit.privacy.dp import DPConfig
 from umit.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class FinetuneConfig(UmitConfig):
         )
     )
     """Training loop settings; ``out_dir`` is set to ``out``."""
+    dp: DPConfig = Field(default_factory=DPConfig)
+    """Differentially private training (DP-SGD through Opacus); ``dp.enabled`` = ``--dp``."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,9 +486,20 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "num_outputs": num_outputs,
     }
     best: dict[str, Any] = {}
+    layer_ids = layer_id_fn_for(model) if cfg.train.layer_decay < 1 else None
+    dp = None
+    if cfg.dp.enabled:  # DP-SGD: Poisson batches, per-sample clipping + noise, an accountant
+        from umit.privacy.dp import DPSGD
+
+        dp = DPSGD(
+            cfg.dp, task, dataset, cfg.train, num_units=len(set(train_cases)), layer_id_fn=layer_ids
+        )
+        extra["dp"] = dp.report()
 
     def saver(step: int, metric: dict[str, float]) -> None:
         best.update(step=step, **metric)
+        if dp is not None:
+            extra["dp"] = dp.report()
         if is_main():
             save_model(
                 model, cfg.out / BEST_FILE, plan=plan, cfg=cfg, extra={**extra, "best": dict(best)}
@@ -493,15 +507,22 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
     evaluate = make_eval_fn(model, store, cases["val"], cfg, targets, saver)
     trainer = Trainer(
-        task,
-        dataset,
+        dp.task if dp else task,
+        dp.loader if dp else dataset,
         cfg.train.model_copy(update={"out_dir": cfg.out}),
         eval_fn=evaluate if cases["val"] else None,
         plan=plan,
-        layer_id_fn=layer_id_fn_for(model) if cfg.train.layer_decay < 1 else None,
+        layer_id_fn=layer_ids,
+        optimizer_factory=dp.optimizer_factory if dp else None,
         run_config=cfg,
     )
     result = trainer.fit()
+    if dp is not None:
+        extra["dp"] = dp.report()
+        if best and is_main():  # chosen by validating every step's model: the whole run's epsilon
+            from umit.privacy.dp import stamp_report
+
+            stamp_report(cfg.out / BEST_FILE, extra["dp"])
     if not best and is_main():  # no validation cases: keep the last model
         save_model(
             model,
@@ -522,6 +543,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
         "best": best,
+        "dp": extra.get("dp"),
         "seconds": result.seconds,
     }
 
