@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset
 
 from umit.data.meta import LPS_TO_RAS, ImageMeta
 from umit.errors import GeometryError, InputError
+from umit.privacy.deid_profile import burned_in_reason
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class DicomSeries:
     stack_tag: str = ""
     multiframe: bool = False
     series_number: int | None = None
+    burned_in: list[tuple[Path, str]] = field(default_factory=list, repr=False)
+    """``(path, reason)`` of files that may carry burned-in text (see
+    :func:`umit.privacy.deid_profile.burned_in_reason`); ``umit ingest`` rejects or masks them."""
 
     @property
     def key(self) -> str:
@@ -165,6 +169,7 @@ class _Header:
     localizer: bool
     n_frames: int
     multiframe: bool
+    burned_in: str | None = None
 
 
 @dataclass
@@ -375,6 +380,7 @@ def _header(ds: Dataset, path: Path) -> _Header | str:
         localizer="LOCALIZER" in image_type,
         n_frames=_int(ds.get("NumberOfFrames")) or 1,
         multiframe=multiframe,
+        burned_in=burned_in_reason(ds),
     )
 
 
@@ -474,6 +480,7 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
                 n_slices=len(s.members),
                 stack_tag=s.tag,
                 series_number=first.series_number,
+                burned_in=[(h.path, h.burned_in) for h in s.members if h.burned_in],
             )
         )
     for h in multiframes:
@@ -489,6 +496,7 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
                 stack_tag=f"multiframe|{h.sop_uid}",
                 multiframe=True,
                 series_number=h.series_number,
+                burned_in=[(h.path, h.burned_in)] if h.burned_in else [],
             )
         )
     if out:

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -60,6 +60,11 @@ class IngestConfig(UmitConfig):
     """Write .nii.gz (True) or .nii (False)."""
     limit: int | None = Field(default=None, ge=1)
     """Ingest at most this many new items (for quick trials)."""
+    burned_in: Literal["reject", "mask"] = "reject"
+    """DICOM series with images that may carry burned-in text (BurnedInAnnotation=YES, secondary
+    captures, ultrasound...): reject (a failure row naming the file) or mask the top rows."""
+    burned_in_mask_band: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Fraction of each slice's rows, from the top, blanked when burned_in=mask."""
 
 
 @dataclass
@@ -204,7 +209,10 @@ def _process(
 def ingest_item(item: IngestItem, cfg: IngestConfig, secret: bytes) -> list[SeriesRecord] | str:
     """Load, check and write one item; returns its catalog rows or the failure reason."""
     try:
+        burned_in = _burned_in_gate(item, cfg)
         case = item.load()
+        if burned_in:
+            case = _mask_top_rows(case, cfg.burned_in_mask_band)
         return _write_case(item, case, cfg, secret)
     except InputError as exc:
         return str(exc)
@@ -213,6 +221,37 @@ def ingest_item(item: IngestItem, cfg: IngestConfig, secret: bytes) -> list[Seri
     except Exception as exc:  # a reader's own exception on a corrupt file: record it, go on
         log.debug("unexpected error on %s", item.source, exc_info=True)
         return f"{item.source}: {type(exc).__name__}: {exc}"
+
+
+def _burned_in_gate(item: IngestItem, cfg: IngestConfig) -> bool:
+    """Apply the burned-in policy to a DICOM item: raise (reject) or return True (mask)."""
+    series = item.payload.get("series") if item.fmt == "dicom" else None
+    if series is None or not series.burned_in:
+        return False
+    path, reason = series.burned_in[0]
+    if cfg.burned_in == "reject":
+        more = (
+            f" (and {len(series.burned_in) - 1} more file(s))" if len(series.burned_in) > 1 else ""
+        )
+        raise InputError(
+            path,
+            f"may carry burned-in text ({reason}){more}; rejected by burned_in=reject "
+            "(set burned_in=mask to blank the top rows instead)",
+        )
+    log.info("%s: burned-in risk (%s); masking the top rows", path, reason)
+    return True
+
+
+def _mask_top_rows(case: LoadedCase, band: float) -> LoadedCase:
+    """Blank the top ``band`` of rows (array axis j) of every channel with its minimum."""
+    channels = []
+    for name, array, meta in case.channels:
+        array = np.array(array, copy=True)
+        n = max(1, int(np.ceil(array.shape[1] * band))) if band > 0 else 0
+        array[:, :n] = array.min()
+        channels.append((name, array, meta))
+    case.channels = channels
+    return case
 
 
 def validate_volume(array: np.ndarray, source: str, what: str = "image") -> None:
@@ -292,6 +331,8 @@ def _write_case(
         clean_meta = ImageMeta(affine=meta.affine, source="", modality=meta.modality)
         write_image(cfg.out / rel, array, clean_meta)
         extra = {k: v for k, v in attrs.items() if k not in _COLUMN_ATTRS}
+        if item.fmt == "dicom":  # UIDs as `umit deid` writes them with this secret
+            extra.update(_deid_uids(item.payload["series"], secret))
         records.append(
             SeriesRecord(
                 series_id=f"{case_id}_{ch:04d}",
@@ -322,6 +363,16 @@ def _write_case(
             )
         )
     return records
+
+
+def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
+    from umit.privacy.deid import replace_uid
+
+    return {
+        f"deid_{name}_uid": replace_uid(secret, uid)
+        for name, uid in (("study", series.study_uid), ("series", series.series_uid))
+        if uid and not uid.startswith("no-series-uid:")
+    }
 
 
 _COLUMN_ATTRS = {

@@ -253,23 +253,33 @@ def clean_text(text: str, tokens: re.Pattern[str] | None = None) -> str:
     return re.sub(r"\s{2,}", " ", out).strip(" ,;:-/^")
 
 
-def _identifying_tokens(ds: Dataset) -> set[str]:
-    """Words of this file's identifiers (names, IDs, institution...), to clean free text with."""
-    keywords = (
-        "PatientID",
-        "OtherPatientIDs",
-        "AccessionNumber",
-        "StudyID",
-        "InstitutionName",
-        "InstitutionAddress",
-        "InstitutionalDepartmentName",
-        "StationName",
-        "PatientBirthDate",
-        "StudyDate",
-        "PatientAddress",
-        "MilitaryRank",
-        "RequestingService",
-    )
+PATIENT_TOKEN_KEYWORDS = (
+    "PatientID",
+    "OtherPatientIDs",
+    "AccessionNumber",
+    "StudyID",
+    "PatientBirthDate",
+    "StudyDate",
+    "PatientAddress",
+    "MilitaryRank",
+    "RequestingService",
+)
+INSTITUTION_TOKEN_KEYWORDS = (
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+)
+DEVICE_TOKEN_KEYWORDS = ("StationName",)
+
+
+def _identifying_tokens(ds: Dataset, options: frozenset[str] = frozenset()) -> set[str]:
+    """Words of this file's identifiers, to clean free text with: every person name, the
+    patient's IDs and dates, and the institution/station unless an option retains them."""
+    keywords = set(PATIENT_TOKEN_KEYWORDS)
+    if "retain-institution-identity" not in options:
+        keywords.update(INSTITUTION_TOKEN_KEYWORDS)
+    if "retain-device-identity" not in options:
+        keywords.update(DEVICE_TOKEN_KEYWORDS)
     tokens: set[str] = set()
     for elem in ds.iterall():
         if elem.VR == "PN" or elem.keyword in keywords:
@@ -383,7 +393,7 @@ class Deidentifier:
         ctx = _Context(
             pseudonym=patient_pseudonym(self.secret, patient_key),
             shift=date_shift_days(self.secret, patient_key),
-            tokens=token_pattern(_identifying_tokens(ds)),
+            tokens=token_pattern(_identifying_tokens(ds, s.options)),
             options=frozenset(s.options),
         )
         self._walk(ds, "", ctx)

@@ -101,13 +101,13 @@ def planted_dataset(
     study_uid: str | None = None,
     series_uid: str | None = None,
     sop_uid: str | None = None,
-    references: Sequence[str] = (),
+    references: Sequence[str] | None = None,
 ) -> tuple[FileDataset, dict[str, str]]:
     """A small CT image with every Table E.1-1 attribute planted; returns ``(ds, planted)``.
 
     ``planted`` maps a label (keyword) to each identifying string put in the file, for leak
-    searches. ``references`` are SOP Instance UIDs put in ReferencedImageSequence (to check that
-    references still resolve after UID replacement).
+    searches. ``references``, when given, replace the planted ReferencedImageSequence by items
+    pointing at these SOP Instance UIDs (to check references resolve after UID replacement).
     """
     patient = {**PATIENT, **(patient or {})}
     sop_uid = sop_uid or _uid(1, seed)
@@ -170,7 +170,7 @@ def planted_dataset(
         "AccessionNumber",
     ):
         planted[k] = str(ds.get(k))
-    if references:
+    if references is not None:
         items = []
         for ref in references:
             item = Dataset()
@@ -227,7 +227,7 @@ def write_planted_series(
             study_uid=study,
             series_uid=series,
             sop_uid=sop,
-            references=[prev] if prev else (),
+            references=[prev] if prev else [],
         )
         path = folder / f"{p['PatientID']}_{k:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
