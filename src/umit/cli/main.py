@@ -20,6 +20,7 @@ STAGES: tuple[str, ...] = (
     "ingest",
     "deid",
     "preprocess",
+    "deface",
     "pretrain",
     "probe",
     "finetune",
