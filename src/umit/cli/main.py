@@ -25,6 +25,7 @@ STAGES: tuple[str, ...] = (
     "probe",
     "finetune",
     "evaluate",
+    "audit",
     "predict",
     "data-efficiency",
     "demo",
