@@ -542,3 +542,20 @@ def test_ingest_rejects_or_masks_burned_in_and_records_deid_uids(tmp_path):
     with Catalog(tmp_path / "raw2" / "catalog.db") as cat:
         img, _ = read_image(tmp_path / "raw2" / cat.series()[0].image_path)
     assert (img == 500 - 1024).all()  # the bright top rows were blanked to the minimum
+
+
+def test_empty_sop_uids_are_taken_from_the_file_meta(tmp_path):
+    ds, _ = planted_dataset(seed=3)
+    meta_uid = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SOPInstanceUID = ""  # as some exports write it
+    ds.SOPClassUID = ""
+    (tmp_path / "src").mkdir()
+    ds.save_as(tmp_path / "src" / "x.dcm", enforce_file_format=True)
+    result = run(DeidConfig(src=tmp_path / "src", out=tmp_path / "o", secret=tmp_path / "k"))
+    assert (result.written, result.failed) == (1, 0)
+    (out,) = _read_all(tmp_path / "o")
+    key = bytes.fromhex((tmp_path / "k").read_text())
+    assert (
+        out.SOPInstanceUID == replace_uid(key, meta_uid) == out.file_meta.MediaStorageSOPInstanceUID
+    )
+    assert out.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID

@@ -385,6 +385,13 @@ class Deidentifier:
             options.add("clean-pixel-data")
             audit["burned_in"] = {"reason": reason, "policy": "mask", "regions": regions}
 
+        meta = getattr(ds, "file_meta", None)
+        for kw, meta_kw in (
+            ("SOPClassUID", "MediaStorageSOPClassUID"),
+            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+        ):  # some exports leave these empty in the dataset: take them from the file meta
+            if not str(ds.get(kw, "") or "").strip() and meta is not None and meta.get(meta_kw):
+                setattr(ds, kw, str(meta.get(meta_kw)))
         patient_key = (
             str(ds.get("PatientID", "") or "").strip()
             or str(ds.get("PatientName", "") or "").strip()
