@@ -297,6 +297,8 @@ class DPSGD:
         sampler = UniformWithReplacementSampler(
             num_samples=self.n, sample_rate=self.sample_rate, generator=gen
         )
+        if hasattr(self.dataset, "set_epoch"):  # random crops/augmentations drawn per epoch
+            self.dataset.set_epoch(epoch)
         batches = islice(iter(sampler), start_batch, None)
         for idx in batches:
             yield self.collate_fn([self.dataset[i] for i in idx])
