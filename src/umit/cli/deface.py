@@ -53,6 +53,9 @@ class DefaceConfig(UmitConfig):
     png: bool = True
     """Write the before/after anterior depth-map PNG of each volume."""
 
+    save_brain_mask: bool = False
+    """Also write the brain mask that was protected (``<name>_brain_mask``), for audit."""
+
 
 def run(cfg: DefaceConfig) -> dict[str, Any]:
     """Deface every volume of ``cfg.input``; return (and write) the batch summary.
@@ -80,6 +83,7 @@ def run(cfg: DefaceConfig) -> dict[str, Any]:
                 margin_mm=cfg.margin_mm,
                 modality=None if cfg.modality == "auto" else cfg.modality,
                 png=cfg.png,
+                save_brain_mask=cfg.save_brain_mask,
             )
         except InputError as exc:
             failed.append({"input": str(path), "error": str(exc)})
@@ -108,6 +112,7 @@ def _main(args: argparse.Namespace) -> int:
         ears=True if args.ears else None,
         margin_mm=args.margin_mm,
         modality=args.modality,
+        save_brain_mask=True if args.save_brain_mask else None,
     )
     start = time.perf_counter()
     summary = run(cfg)
@@ -136,6 +141,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ears", action="store_true", help="also remove the ears")
     parser.add_argument(
         "--margin-mm", type=float, default=None, help="gap kept around the brain in mm (5)"
+    )
+    parser.add_argument(
+        "--save-brain-mask", action="store_true", help="also write the protected brain mask"
     )
     parser.add_argument(
         "--modality", choices=("auto", "CT", "MR"), default=None, help="intensity model (auto)"

@@ -468,7 +468,7 @@ def _surface_y(vol_bit: np.ndarray, y_axis: np.ndarray) -> np.ndarray:
 
 
 def _tophat(h: np.ndarray, valid: np.ndarray, step: float) -> np.ndarray:
-    """What sticks out of anterior surface heights ``h`` above a 30 mm-disc grey opening.
+    """What sticks out of anterior surface heights ``h`` above a 30 mm-disc grey opening (mm).
 
     The opening removes bumps narrower than a face feature, so the white top-hat holds the nose,
     lips, brows and chin; a planar cut leaves (almost) nothing. Empty columns get the most
@@ -476,10 +476,16 @@ def _tophat(h: np.ndarray, valid: np.ndarray, step: float) -> np.ndarray:
     """
     floor = float(np.nanmin(h[valid])) if valid.any() else 0.0
     filled = np.where(valid, h, floor)
-    r = max(1, int(round(15.0 / step)))
+    # Pits narrower than 20 mm (dark bone, eyes or sinuses the cut lays open, which a
+    # threshold rendering shows as holes) are closed first: they are not facial relief.
+    filled = ndimage.grey_closing(filled, footprint=_disc(10.0 / step), mode="nearest")
+    return filled - ndimage.grey_opening(filled, footprint=_disc(15.0 / step), mode="nearest")
+
+
+def _disc(radius: float) -> np.ndarray:
+    r = max(1, int(round(radius)))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disc = (xx * xx + yy * yy) <= r * r
-    return filled - ndimage.grey_opening(filled, footprint=disc, mode="nearest")
+    return (xx * xx + yy * yy) <= r * r
 
 
 def _relief(tophat: np.ndarray, sel: np.ndarray) -> dict[str, float]:
@@ -769,12 +775,15 @@ def deface_file(
     margin_mm: float = 5.0,
     modality: str | None = None,
     png: bool = True,
+    save_brain_mask: bool = False,
 ) -> dict[str, Any]:
     """Deface one image file or DICOM folder; write volume, removed mask, report and PNG.
 
     Outputs in ``out_dir`` (each written atomically, with the input's exact geometry):
     ``<name>_defaced<ext>``, ``<name>_face_mask<ext>`` (uint8), ``<name>_deface.json`` and
-    ``<name>_depth.png``. ``<ext>`` is the input's suffix, ``.nii.gz`` for DICOM/detached formats.
+    ``<name>_depth.png``; with ``save_brain_mask`` also ``<name>_brain_mask<ext>`` (the brain
+    that was protected, for audit). ``<ext>`` is the input's suffix, ``.nii.gz`` for DICOM and
+    detached-header formats.
 
     Returns:
         The report (also written as JSON).
@@ -815,6 +824,10 @@ def deface_file(
     write_image(mask_path, result.removed.astype(np.uint8), meta)
     report = dict(result.report)
     report["outputs"] = {"defaced": str(defaced_path), "removed_mask": str(mask_path)}
+    if save_brain_mask:
+        brain_path = out_dir / f"{stem}_brain_mask{ext}"
+        write_image(brain_path, result.brain.astype(np.uint8), meta)
+        report["outputs"]["brain_mask"] = str(brain_path)
     if png and result.depth_maps:
         png_path = out_dir / f"{stem}_depth.png"
         save_depth_png(png_path, result.depth_maps, title=f"{stem}: anterior depth map")
