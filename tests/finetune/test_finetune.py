@@ -191,3 +191,5 @@ def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
     assert np.isfinite(first["table"]["tiny"]["1"]["mean"])
     resolved = yaml.safe_load((tmp_path / "de/cells/wider/f1_s0/run/config.yaml").read_text())
     assert resolved["train"]["lr"] == 1e-3 and resolved["train"]["total_steps"] == 2
+    table_md = (tmp_path / "de/table.md").read_text()
+    assert "Test dice" in table_md and "Test hd95" in table_md and "Test nsd" in table_md

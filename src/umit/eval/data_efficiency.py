@@ -55,6 +55,9 @@ class DataEfficiencyConfig(UmitConfig):
     """Fine-tuning settings shared by all arms (FinetuneConfig fields)."""
     metric: str | None = None
     """Headline metric (default: dice for segmentation, auc for classification)."""
+    extra_metrics: list[str] | None = None
+    """Further metrics tabulated beside the headline one (default: hd95 and nsd for
+    segmentation; accuracy and balanced_accuracy for classification)."""
     n_boot: int = Field(default=200, ge=1)
     """Bootstrap replicates of each cell's test evaluation."""
 
@@ -135,6 +138,10 @@ def summarize(results: list[dict[str, Any]], metric: str) -> dict[str, dict[str,
     return table
 
 
+def _has_values(table: dict) -> bool:
+    return any(c["n"] for cells in table.values() for c in cells.values())
+
+
 def markdown_table(table: dict, fractions: list[float], metric: str) -> str:
     head = "| arm | " + " | ".join(f"{f:g}" for f in fractions) + " |"
     lines = [
@@ -176,10 +183,18 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     task = (cfg.finetune or {}).get("task", "segmentation")
     metric = cfg.metric or ("dice" if task == "segmentation" else "auc")
     table = summarize(results, metric)
-    atomic_write_json(
-        cfg.out / "results.json", {"metric": metric, "table": table, "cells": results}
+    extra = cfg.extra_metrics
+    if extra is None:
+        extra = ["hd95", "nsd"] if task == "segmentation" else ["accuracy", "balanced_accuracy"]
+    tables = {m: summarize(results, m) for m in [metric, *extra] if m != metric}
+    md = "\n".join(
+        [markdown_table(table, cfg.fractions, metric)]
+        + [markdown_table(t, cfg.fractions, m) for m, t in tables.items() if _has_values(t)]
     )
-    md = markdown_table(table, cfg.fractions, metric)
+    atomic_write_json(
+        cfg.out / "results.json",
+        {"metric": metric, "table": table, "other_tables": tables, "cells": results},
+    )
     atomic_write_text(cfg.out / "table.md", md)
     series = {
         arm: np.array([[cells.get(f"{f:g}", {}).get("mean", np.nan) for f in cfg.fractions]])
