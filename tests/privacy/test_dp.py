@@ -176,3 +176,13 @@ def test_dp_brings_membership_auc_towards_chance(tmp_path, one_thread):
     assert auc_plain["value"] >= 0.9
     assert auc_dp["value"] <= 0.7 and auc_dp["ci_low"] < 0.5
     assert auc_plain["value"] - auc_dp["value"] >= 0.25
+
+
+def test_cli_dp_flag_turns_dp_on(tiny_ct_store, tmp_path, capsys):
+    from umit.cli.main import main
+
+    argv = ["finetune", "--dp", "--data", str(tiny_ct_store), "--out", str(tmp_path / "x")]
+    argv += ["task=classification", "model=tiny_cls_for_dp", "model_args={}", "label_key=sex"]
+    argv += ["crop_size=[16,16,16]", "samples_per_case=2", "train.progress=false"]
+    assert main(argv) == 2  # DP refuses two items per case: the flag reached the DP path
+    assert "each case once" in capsys.readouterr().err
