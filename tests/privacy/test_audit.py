@@ -33,6 +33,12 @@ if not is_model("tiny_cls_for_audit"):
             nn.Linear(8, num_classes),
         )
 
+    @register_model
+    def tiny_seg_for_audit(in_chans=1, out_channels=2, img_size=None):
+        return nn.Sequential(
+            nn.Conv3d(in_chans, 8, 3, padding=1), nn.GELU(), nn.Conv3d(8, out_channels, 1)
+        )
+
 
 @pytest.fixture
 def one_thread():
@@ -199,3 +205,32 @@ def test_audit_mae_run(tiny_ct_store, tmp_path):
     assert (a["n_members"], a["n_nonmembers"]) == (6, 4)
     losses = [v["loss"] for v in res["per_case"].values()]
     assert all(np.isfinite(losses)) and len(set(losses)) == 10
+
+
+def test_audit_segmentation_model_on_fixed_crops(tiny_ct_store, tmp_path):
+    from umit.finetune.run import FinetuneConfig
+    from umit.finetune.run import run as finetune
+    from umit.privacy.audit import AuditConfig, run
+
+    ft = FinetuneConfig.model_validate(
+        {
+            "data": tiny_ct_store,
+            "out": tmp_path / "seg",
+            "model": "tiny_seg_for_audit",
+            "model_args": {},
+            "crop_size": [16, 16, 16],
+            "samples_per_case": 1,
+            "val_fraction": 0,
+            "train": {"total_steps": 4, "batch_size": 2, "progress": False, "log_every": 4},
+        }
+    )
+    s = finetune(ft)
+    cfg = AuditConfig(
+        model=s["model"], data=tiny_ct_store, out=tmp_path / "a", n_crops=2, n_boot=20
+    )
+    res = run(cfg)
+    assert res["kind"] == "segmentation"
+    assert (res["attacks"]["loss"]["n_members"], res["attacks"]["loss"]["n_nonmembers"]) == (8, 2)
+    # fixed, seeded crops: the same model scores the same cases identically
+    again = run(cfg.model_copy(update={"out": tmp_path / "b"}))
+    assert again["per_case"] == res["per_case"]
