@@ -44,7 +44,7 @@ def mlp() -> nn.Module:
 
 
 class SmallConv(nn.Module):
-    """44 weights and a global mean: can learn the cube's offset, cannot memorize noise."""
+    """122 weights and a global mean: can learn the cube's offset, cannot memorize noise."""
 
     def __init__(self):
         super().__init__()
