@@ -87,7 +87,10 @@ class Case:
         title: one line for the table.
         label: the configuration in a few words for the table (``96³, ViT-B/16, batch 1``).
         config: the configuration both sides share (plain data, written to the JSON).
-        build: ``build(side_name) -> Side``; must be callable in a fresh process (peak memory).
+        build: ``build(side_name, reference_weights=True) -> Side``; must work in a fresh process
+            (peak memory). With ``reference_weights=False`` our side is built with its own random
+            weights, without building MONAI's model to convert from (so the peak-memory child of
+            our side holds our model only).
         sides: side names, ours first, then the reference, then ablations.
         reps: timed rounds.
         warmup: untimed steps per side (the first one counts FLOPs).
@@ -101,7 +104,7 @@ class Case:
     name: str
     title: str
     config: dict[str, Any]
-    build: Callable[[str], Side]
+    build: Callable[..., Side]
     label: str = ""
     sides: tuple[str, ...] = ("ours", "monai")
     reps: int = 3
@@ -430,7 +433,7 @@ def _peak_main(argv: list[str]) -> None:
     from benchmarks.cases import get_case
 
     case = get_case(case_name, size, device)
-    built = case.build(side)
+    built = case.build(side, reference_weights=False)
     out: dict[str, Any] = {"side": side, "steps": steps}
     if device == "cuda":
         torch.cuda.synchronize()

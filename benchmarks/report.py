@@ -41,11 +41,17 @@ def _timing(side: dict) -> str:
     return f"{_s(side['median_s'])} ({_s(side['min_s'])}–{_s(side['max_s'])})"
 
 
+def _gb(mb: float) -> str:
+    return f"{mb / 1024:.2f} GB" if abs(mb) >= 1024 else f"{mb:.0f} MB"
+
+
 def _mb(side: dict) -> str:
+    """Peak RSS, and in parentheses what the step added over the RSS after imports + build."""
     m = side.get("memory") or {}
     if "peak_mb" not in m:
         return "–"
-    return f"{m['peak_mb'] / 1024:.2f} GB" if m["peak_mb"] >= 1024 else f"{m['peak_mb']:.0f} MB"
+    added = m.get("step_added_mb")
+    return _gb(m["peak_mb"]) + (f" (+{_gb(added)})" if added is not None else "")
 
 
 def _gf(side: dict) -> str:
@@ -106,7 +112,7 @@ def case_rows(case: dict) -> list[str]:
 
 HEADER = (
     "| case | vs | ours: median (min–max) | other: median (min–max) | speed-up | "
-    "peak RSS ours / other (ratio) | GFLOP/s ours / other | fraction of peak ours / other | "
+    "peak RSS (+ step) ours / other (ratio) | GFLOP/s ours / other | fraction of peak ours / other | "
     "numerics (ours vs other) | other procs, cores / load 1 min |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )

@@ -69,13 +69,19 @@ def main(argv: list[str] | None = None) -> Path:
     gemm_sizes = (256, 512) if args.size == "tiny" else (1024, 2048)
     peak = matmul_peak(args.device, sizes=gemm_sizes)
     log(f"fp32 matmul peak: {peak['gflops']:.1f} GFLOP/s")
-    records = []
+    records: list[dict] = []
+    failures: list[str] = []
     for name in names:
         t = time.perf_counter()
         log(f"case {name} ({args.size})")
-        case = get_case(name, args.size, args.device)
-        rec = run_case(case, args.size, peak["gflops"], args.device, args.reps,
-                       measure_memory=not args.no_memory, log=log)  # fmt: skip
+        try:
+            case = get_case(name, args.size, args.device)
+            rec = run_case(case, args.size, peak["gflops"], args.device, args.reps,
+                           measure_memory=not args.no_memory, log=log)  # fmt: skip
+        except Exception as exc:  # one broken case must not lose the others' figures
+            log(f"  !! {name} failed: {type(exc).__name__}: {exc}")
+            failures.append(name)
+            continue
         rec["wall_s"] = round(time.perf_counter() - t, 1)
         rec["utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         records.append(rec)
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.docs:
         write_docs(out_dir, Path(args.docs))
         log(f"table regenerated in {args.docs}")
+    if failures:
+        log(f"failed cases: {', '.join(failures)}")
     return path
 
 

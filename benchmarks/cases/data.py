@@ -105,7 +105,7 @@ def make(size: str = "full", device: str = "cpu") -> Case:
     c = SIZES[size]
     crop = c["crop"]
 
-    def build(side: str) -> Side:
+    def build(side: str, reference_weights: bool = True) -> Side:
         info = prepare(size)
         if side == "monai":
             from monai.transforms import (

@@ -121,7 +121,7 @@ def make(size: str = "full", device: str = "cpu") -> Case:
     quiet()
     c = E2E_SIZES[size]
 
-    def build(side: str) -> Side:
+    def build(side: str, reference_weights: bool = True) -> Side:
         from monai.networks.nets import UNETR as MonaiUNETR
 
         from umit.models import UNETR, ViT3D
@@ -129,14 +129,17 @@ def make(size: str = "full", device: str = "cpu") -> Case:
         from umit.models.unetr import convert_monai_unetr_state_dict
 
         torch.manual_seed(0)
-        ref = MonaiUNETR(1, CLASSES, c["roi"], feature_size=c["feature"], hidden_size=c["width"],
-                         mlp_dim=4 * c["width"], num_heads=c["heads"])  # fmt: skip
-        ours = None
+        ref = ours = None
+        if side == "monai" or reference_weights:
+            ref = MonaiUNETR(1, CLASSES, c["roi"], feature_size=c["feature"],
+                             hidden_size=c["width"], mlp_dim=4 * c["width"],
+                             num_heads=c["heads"])  # fmt: skip
         if side == "ours":
             enc = ViT3D(**vit3d_args_from_monai(1, c["roi"], 16, hidden_size=c["width"],
                                                 mlp_dim=4 * c["width"], num_heads=c["heads"]))  # fmt: skip
             ours = UNETR(enc, out_channels=CLASSES, feature_size=c["feature"])
-            ours.load_state_dict(convert_monai_unetr_state_dict(ref.state_dict()), strict=True)
+            if ref is not None:
+                ours.load_state_dict(convert_monai_unetr_state_dict(ref.state_dict()), strict=True)
             ref = None
         return _sides(side, ref, ours, c, device)
 
@@ -165,7 +168,7 @@ def make_blend(size: str = "full", device: str = "cpu") -> Case:
     quiet()
     c = BLEND_SIZES[size]
 
-    def build(side: str) -> Side:
+    def build(side: str, reference_weights: bool = True) -> Side:
         torch.manual_seed(0)
         net = nn.Conv3d(1, CLASSES, 1)
         return _sides(side, net, net, c, device)
