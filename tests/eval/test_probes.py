@@ -44,3 +44,32 @@ def test_probe_run_on_a_store(tiny_ct_store, tmp_path):
     assert (tmp_path / "probe_sex.json").is_file()
     with pytest.raises(Exception, match="fewer than 2 classes"):
         run(ProbeConfig(encoder=path, data=tiny_ct_store, label_key="modality", out=tmp_path))
+
+
+def test_probe_runs_on_an_mae_training_checkpoint(tiny_ct_store, tmp_path):
+    """``step_*.pt`` of ``umit pretrain`` (the MAE wrapper) probes like ``encoder.pt``; the
+    random-init baseline is the bare encoder architecture, not the wrapper."""
+    import torch
+
+    from umit.models import create_model
+    from umit.ssl.mae import MAE3D
+    from umit.train.checkpoint import to_plain
+
+    enc = create_model("vit3d_test_p16", img_size=(32, 32, 16), in_chans=1)
+    mae = MAE3D(enc, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    ckpt = {
+        "model_name": mae.model_name,
+        "model_args": to_plain(mae.model_args, "model_args"),
+        "model": mae.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / "step_000010.pt")
+    res = run(
+        ProbeConfig(
+            encoder=tmp_path / "step_000010.pt",
+            data=tiny_ct_store,
+            label_key="sex",
+            out=tmp_path,
+            k=3,
+        )
+    )
+    assert set(res) >= {"pretrained", "random_init"}

@@ -197,8 +197,8 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
     encoders = {"pretrained": encoder}
     if cfg.compare_random:
         torch.manual_seed(cfg.seed)
-        args = dict(ckpt["model_args"])
-        encoders["random_init"] = create_model(ckpt["model_name"], **args)
+        # the same architecture as loaded (works for encoder.pt and MAE training checkpoints)
+        encoders["random_init"] = create_model(encoder.model_name, **dict(encoder.model_args))
     for name, enc in encoders.items():
         f_train = extract_features(enc, v_train, cfg.batch_size)
         f_test = extract_features(enc, v_test, cfg.batch_size)
