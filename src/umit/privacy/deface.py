@@ -59,7 +59,14 @@ straight anterior (would shave the forehead), 90 straight inferior (would cut th
 _CORD_AREA_FRACTION = 0.12  # axial brain area below which the mask is spinal cord, not brain
 _MIN_BRAIN_FRACTION = 0.03  # of the head volume
 _MAX_BRAIN_FRACTION = 0.85
-_MAX_VERTEX_GAP_MM = 30.0  # head top to brain top (scalp + skull + CSF)  # a "brain" filling the head means no scalp/skull was found
+_MAX_VERTEX_GAP_MM = 30.0
+_CSF_ALLOWANCE_MM = 4.0  # added around an estimated brain: the CSF layer it cannot see
+_MR_EROSION_MM = (
+    4.0,
+    6.0,
+    8.0,
+    10.0,
+)  # tried in turn until the brain comes loose  # head top to brain top (scalp + skull + CSF)  # a "brain" filling the head means no scalp/skull was found
 
 
 @dataclass
@@ -257,9 +264,12 @@ def estimate_brain_mask(
 ) -> np.ndarray:
     """Heuristic brain (intracranial) mask; generous rather than tight.
 
-    MR (T1-like contrast): voxels brighter than the Otsu threshold inside the head, eroded by
-    4 mm (cuts the brain from scalp fat, orbits and muscle), the largest piece grown back by
-    5 mm within the bright voxels, closed by 6 mm (sulcal CSF) and hole-filled (ventricles).
+    MR (T1-like contrast): voxels between the CSF/grey-matter threshold and 2x the head's
+    most frequent intensity (brain tissue dominates a head), eroded by 4 mm (cuts the brain
+    from scalp fat, orbits and muscle; 6-10 mm when the largest piece still reaches the bottom
+    of the head), the spinal cord trimmed, the largest piece grown back within the band, closed
+    by 6 mm (sulcal CSF), hole-filled (ventricles), then grown by ``_CSF_ALLOWANCE_MM`` (the
+    CSF layer T1 cannot tell from bone).
     CT: 0..100 HU, eroded by 3 mm; the largest piece whose outer shell is mostly bone (> 250 HU),
     grown back and filled.
 
@@ -297,13 +307,26 @@ def estimate_brain_mask(
         inside = data[head]
         if inside.size == 0:
             raise InputError(source, "empty head mask")
-        mode = _tissue_mode(inside[:: max(1, inside.size // 2_000_000)])
-        band = head & (data > 0.6 * mode) & (data < 2.0 * mode)
-        core = _largest_component(_ball_erode(band, 4.0, sp))
-        core = _largest_component(_trim_waist(core, meta))
+        sample = inside[:: max(1, inside.size // 2_000_000)]
+        mode = _tissue_mode(sample)
+        # Lower bound: between CSF/bone and grey matter (Otsu below the mode), or 0.6 x mode
+        # when that is lower; the mode may be white matter, and grey matter darker by bias.
+        darker = sample[sample < mode]
+        low = min(0.6 * mode, _otsu(darker)) if darker.size > 100 else 0.6 * mode
+        band = head & (data > low) & (data < 2.0 * mode)
+        head_z = _world_points(head, meta)[:, 2]
+        z_floor = float(head_z.min()) + 0.1 * float(np.ptp(head_z))
+        dist = ndimage.distance_transform_edt(band, sampling=sp)
+        for radius in _MR_EROSION_MM:
+            core = _largest_component(dist > radius)
+            core = _largest_component(_trim_waist(core, meta))
+            # A brain that still reaches the bottom of the head hangs on a bridge (brainstem
+            # into neck tissue of brain-like intensity): erode harder to cut it.
+            if not core.any() or _world_points(core, meta)[:, 2].min() > z_floor:
+                break
         if not core.any():
             raise InputError(source, "no bright tissue region inside the head: not a head MR?")
-        brain = _ball_dilate(core, 5.0, sp) & band
+        brain = _ball_dilate(core, radius + 1.0, sp) & band
     brain = _ball_erode(_ball_dilate(brain, 6.0, sp), 6.0, sp) | brain
     brain = ndimage.binary_fill_holes(brain) & head
     if brain.any():
@@ -329,7 +352,11 @@ def estimate_brain_mask(
             f"no scalp/skull layer around the estimated brain ({100 * frac:.0f}% of the head): "
             "not a head image, or pass a brain mask (--brain-mask)",
         )
-    return brain
+    if modality == "CT":
+        return brain  # the 0..100 HU band holds the CSF already
+    # The T1 tissue mask misses the CSF around the brain (as dark as bone): grow it by a CSF
+    # allowance so that the whole intracranial space is protected.
+    return _ball_dilate(brain, _CSF_ALLOWANCE_MM, sp) & head
 
 
 # --------------------------------------------------------------------------------------------
