@@ -1,6 +1,6 @@
 """DP-SGD utility/privacy trade-off: test AUC and membership-inference AUC at several epsilons.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/dp_tradeoff.py \\
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m benchmarks.dp_tradeoff \\
         --data /work/exp/adr/prep --out /tmp/dp_tradeoff
 
 For each epsilon (``inf`` = no DP) the script fine-tunes the same classifier from scratch on the
