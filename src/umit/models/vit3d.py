@@ -343,17 +343,20 @@ class ViT3D(nn.Module):
     def _embed(self, x: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
         B = x.shape[0]
         grid = self.grid_size(x.shape[2:])
-        x = self.patch_embed(x)  # (B, C_in, D, H, W) -> (B, L, C)
-        x = x + self.pos_embed_for_grid(grid)
-        if keep_indices is not None:
+        pos = self.pos_embed_for_grid(grid)  # (1, L, C)
+        if keep_indices is None:
+            x = self.patch_embed(x) + pos  # (B, C_in, D, H, W) -> (B, L, C)
+        else:
             if keep_indices.ndim != 2 or keep_indices.shape[0] != B:
                 raise ValueError(
                     f"keep_indices must be (B={B}, L_keep), got shape {tuple(keep_indices.shape)}"
                 )
             if keep_indices.dtype != torch.long:
                 raise ValueError(f"keep_indices must be int64, got {keep_indices.dtype}")
-            # (B, L, C) -> (B, L_keep, C)
-            x = torch.gather(x, 1, keep_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            # only the kept patches are projected: (B, C_in, D, H, W) -> (B, L_keep, C)
+            x = self.patch_embed(x, keep_indices)
+            idx = keep_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = x + torch.gather(pos.expand(B, -1, -1), 1, idx)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # -> (B, 1 + L, C)
         return self.pos_drop(x)

@@ -1,4 +1,13 @@
-"""3D patch embedding: a Conv3d with kernel = stride = patch size (a per-patch Linear)."""
+"""3D patch embedding: a Conv3d with kernel = stride = patch size (a per-patch Linear).
+
+With ``keep_indices`` (MAE's visible tokens) only the kept patches are projected, as a GEMM over
+the gathered flattened patches (``F.linear`` with the Conv3d weight viewed as (C, C_in·p³)),
+instead of convolving the whole volume and discarding 75 % of the tokens (what MONAI's
+``MaskedAutoEncoderViT`` does). The kept tokens equal the convolution's up to float rounding
+(different summation order); without ``keep_indices`` the convolution runs as before, so
+all-token outputs stay bit-identical to MONAI's ``conv`` patch embedding. The parameters stay a
+``Conv3d`` (same state-dict keys).
+"""
 
 from __future__ import annotations
 
@@ -93,17 +102,28 @@ class PatchEmbed3d(nn.Module):
             )
         return tuple(s // p for s, p in zip(shape, self.patch_size, strict=True))  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeds ``x`` (B, C_in, D, H, W).
+
+        Args:
+            x: the volume.
+            keep_indices: optional (B, L_keep) int64 indices of the patches (raster order) to
+                embed; only with ``output_fmt="NLC"``. Returns (B, L_keep, C) then.
+        """
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected input (B, {self.in_chans}, D, H, W), got shape {tuple(x.shape)}"
             )
+        if keep_indices is not None and self.output_fmt != "NLC":
+            raise ValueError(f"keep_indices needs output_fmt='NLC', not {self.output_fmt!r}")
         grid = self.grid_size(x.shape[2:])
         if self.pad:
             pads = [g * p - s for g, p, s in zip(grid, self.patch_size, x.shape[2:], strict=True)]
             if any(pads):
                 # F.pad takes (W_lo, W_hi, H_lo, H_hi, D_lo, D_hi)
                 x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
+        if keep_indices is not None:
+            return self.norm(self._project_kept(x, grid, keep_indices))
         x = self.proj(x)  # (B, C_in, D, H, W) -> (B, C, d, h, w)
         if self.output_fmt == "NLC":
             x = x.flatten(2).transpose(1, 2)  # (B, C, d, h, w) -> (B, d·h·w, C)
@@ -113,3 +133,24 @@ class PatchEmbed3d(nn.Module):
         if self.output_fmt == "NCDHW":
             x = x.permute(0, 4, 1, 2, 3)  # (B, d, h, w, C) -> (B, C, d, h, w)
         return x
+
+    def _project_kept(
+        self, x: torch.Tensor, grid: Sequence[int], keep: torch.Tensor
+    ) -> torch.Tensor:
+        """The convolution at the kept patches only, as one GEMM.
+
+        (B, C_in, D, H, W) -> (B, L_keep, C)."""
+        B, C_in = x.shape[:2]
+        (d, h, w), (pd, ph, pw) = grid, self.patch_size
+        # (B, C_in, d, pd, h, ph, w, pw) -> (B, d, h, w, C_in, pd, ph, pw) -> (B, L, C_in·p³);
+        # the patch vector is ordered as the Conv3d weight (C, C_in, pd, ph, pw) flattens
+        patches = x.reshape(B, C_in, d, pd, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(B, d * h * w, C_in * pd * ph * pw)
+        if keep.ndim != 2 or keep.shape[0] != B or keep.dtype != torch.long:
+            raise ValueError(
+                f"keep_indices must be int64 (B={B}, L_keep), got {keep.dtype} {tuple(keep.shape)}"
+            )
+        # (B, L, C_in·p³) -> (B, L_keep, C_in·p³)
+        patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        weight = self.proj.weight.view(self.embed_dim, -1)  # (C, C_in, pd, ph, pw) -> (C, C_in·p³)
+        return F.linear(patches, weight, self.proj.bias)
