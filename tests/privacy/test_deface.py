@@ -159,6 +159,18 @@ def test_empty_volume_rejected(tmp_path):
         deface_file(path, tmp_path / "out")
 
 
+def test_brain_mask_on_another_grid_rejected(tmp_path):
+    img = _write(tmp_path / "img.nii.gz", np.ones((40, 40, 40), np.int16))
+    small = _write(tmp_path / "small_mask.nii.gz", np.ones((20, 40, 40), np.uint8))
+    with pytest.raises(InputError, match="small_mask.nii.gz.*shape"):
+        deface_file(img, tmp_path / "out", brain_mask=small)
+    shifted = _write(
+        tmp_path / "shifted_mask.nii.gz", np.ones((40, 40, 40), np.uint8), np.diag([2, 2, 2, 1])
+    )
+    with pytest.raises(InputError, match="shifted_mask.nii.gz.*geometry"):
+        deface_file(img, tmp_path / "out", brain_mask=shifted)
+
+
 def test_no_head_rejected(tmp_path):
     """A uniform ball with noise: no scalp or skull around any 'brain'."""
     g = np.mgrid[:60, :60, :60] - 29.5

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from umit.data.io import IMAGE_SUFFIXES, image_suffix, is_image_file, read_image, write_image
+from umit.data.io import image_suffix, is_image_file, read_image, write_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
 from umit.utils.fileio import atomic_path, atomic_write_json
@@ -80,6 +80,8 @@ class DefaceResult:
         head: The head mask of the input.
         fill_value: Background value written into removed voxels.
         report: JSON-ready figures (fractions, depth-map check, parameters).
+        depth_maps: The anterior depth maps ("before", "after", "window", "extent") when the
+            check ran; :func:`save_depth_png` draws them.
     """
 
     image: np.ndarray
@@ -821,21 +823,20 @@ def deface_file(
     mask = None
     if brain_mask is not None:
         mask_arr, mask_meta = read_image(brain_mask)
-        if mask_arr.shape[:3] != array.shape[:3] or not np.allclose(
-            mask_meta.affine, meta.affine, atol=1e-3
-        ):
+        if mask_arr.shape[:3] != array.shape[:3]:
             raise InputError(
                 brain_mask,
-                f"brain mask grid (shape {mask_arr.shape}) does not match the image {path} "
-                f"(shape {array.shape}, affine differs by "
-                f"{float(np.abs(mask_meta.affine - meta.affine).max()):.3g} mm)"
-                if mask_arr.shape[:3] == array.shape[:3]
-                else f"brain mask shape {mask_arr.shape} differs from the image {path} "
-                f"shape {array.shape}",
+                f"brain mask shape {mask_arr.shape} differs from the image's {array.shape} "
+                f"({path})",
             )
-        mask = (
-            mask_arr.reshape(mask_arr.shape[:3]) > 0 if mask_arr.ndim == 3 else mask_arr[..., 0] > 0
-        )
+        offset = float(np.abs(mask_meta.affine - meta.affine).max())
+        if offset > 1e-3:
+            raise InputError(
+                brain_mask,
+                f"brain mask geometry differs from the image's ({path}): affines differ by up "
+                f"to {offset:.3g} mm; resample the mask onto the image grid first",
+            )
+        mask = (mask_arr if mask_arr.ndim == 3 else mask_arr[..., 0]) > 0
     meta.source = str(path)
     try:
         result = deface(array, meta, mask, ears=ears, margin_mm=margin_mm, modality=modality)
@@ -877,6 +878,3 @@ def find_inputs(path: str | Path) -> list[Path]:
     if files or dirs:
         return [*files, *dirs]
     return [path]  # a folder of DICOM files
-
-
-SUPPORTED_INPUTS = (*IMAGE_SUFFIXES, "DICOM folder")
