@@ -69,7 +69,12 @@ def _numerics(case: dict, other: str) -> str:
         if not k.endswith(f"_vs_{other}"):
             continue
         short = k.removesuffix(f"_ours_vs_{other}").replace("max_abs_diff", "max abs Δ")
-        parts.append(f"{short} {v:.2g}" if "diff" in k else f"{short} {v:.4f}")
+        if "diff" in k:
+            parts.append(f"{short} {v:.2g}")
+        elif isinstance(v, int):
+            parts.append(f"{short} {v}")
+        else:
+            parts.append(f"{short} {v:.6f}")
     return "; ".join(parts) or "–"
 
 

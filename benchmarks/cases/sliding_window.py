@@ -69,6 +69,7 @@ def _agreement(outputs: dict[str, Any]) -> dict[str, float]:
         pa, pb = a == k, b == k
         dice.append(2 * (pa & pb).sum().item() / max(pa.sum().item() + pb.sum().item(), 1))
     return {
+        "label_mismatch_voxels_ours_vs_monai": int((a != b).sum().item()),
         "label_agreement_ours_vs_monai": (a == b).float().mean().item(),
         "mean_dice_ours_vs_monai": float(np.mean(dice)),
     }
