@@ -107,6 +107,7 @@ def case_rows(case: dict) -> list[str]:
                     f"{_gf(ours)} / {_gf(ref)}",
                     f"{_frac(ours)} / {_frac(ref)}",
                     _numerics(case, other),
+                    str(case.get("threads", "–")),
                     noise,
                 ]
             )
@@ -118,8 +119,8 @@ def case_rows(case: dict) -> list[str]:
 HEADER = (
     "| case | vs | ours: median (min–max) | other: median (min–max) | speed-up | "
     "peak RSS (+ step) ours / other (ratio) | GFLOP/s ours / other | fraction of peak ours / other | "
-    "numerics (ours vs other) | other procs, cores / load 1 min |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "numerics (ours vs other) | threads | other procs, cores / load 1 min |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
