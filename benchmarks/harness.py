@@ -50,7 +50,17 @@ __all__ = [
     "run_case",
 ]
 
-NOISY_OTHER_CORES = 0.25  # other processes using more than this many cores: flag the case
+NOISY_OTHER_CORES = 0.25  # other processes using this much more than the idle cores: flag it
+
+
+def is_noisy(other_cores: float | None, threads: int, cpus: int | None = None) -> bool:
+    """Whether other processes competed for this run's cores: they used more than the cores this
+    run left idle (``cpus - threads``) plus ``NOISY_OTHER_CORES``. A process on a core the run
+    does not use shares only memory bandwidth and caches."""
+    if other_cores is None:
+        return False
+    idle = max(0, (cpus or os.cpu_count() or 1) - threads)
+    return other_cores > idle + NOISY_OTHER_CORES
 
 
 @dataclass
@@ -383,7 +393,7 @@ def run_case(
         "loadavg_after": noise.load_after,
         "other_cores": noise.other_cores,
     }
-    record["noisy"] = bool(noise.other_cores is not None and noise.other_cores > NOISY_OTHER_CORES)
+    record["noisy"] = is_noisy(noise.other_cores, torch.get_num_threads())
     if measure_memory:
         for name in case.sides:
             out_sides[name]["memory"] = peak_memory(case.name, name, size, device)

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import is_noisy
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -78,7 +80,7 @@ def _numerics(case: dict, other: str) -> str:
     return "; ".join(parts) or "–"
 
 
-def case_rows(case: dict) -> list[str]:
+def case_rows(case: dict, cpus: int | None = None) -> list[str]:
     """One table row per comparison of ours with another side (MONAI, ablations)."""
     sides = case["sides"]
     names = list(sides)
@@ -92,7 +94,10 @@ def case_rows(case: dict) -> list[str]:
         la = load.get("loadavg_before") or [float("nan")]
         oc = load.get("other_cores")
         noise = f"{oc:.2f}" if oc is not None else "–"
-        noise += f" / {la[0]:.1f}" + (" **noisy**" if case.get("noisy") else "")
+        noisy = case.get("noisy")
+        if "threads" in case and cpus:  # re-judged with the idle cores (older files lack them)
+            noisy = is_noisy(oc, case["threads"], cpus)
+        noise += f" / {la[0]:.1f}" + (" **noisy**" if noisy else "")
         rows.append(
             "| "
             + " | ".join(
@@ -144,7 +149,7 @@ def render(results: list[dict[str, Any]]) -> str:
         )
         out.append(HEADER)
         for case in r["cases"]:
-            out.extend(case_rows(case))
+            out.extend(case_rows(case, m.get("cpus")))
         out.append("")
     return "\n".join(out) if out else "_No results yet: run `python -m benchmarks.run`._\n"
 
