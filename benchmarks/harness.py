@@ -324,6 +324,7 @@ def run_case(
         "reps": reps,
         "warmup": case.warmup,
         "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": peak_gflops,
     }
     with _CpuNoise() as noise:
         t0 = time.perf_counter()

@@ -98,6 +98,8 @@ def case_rows(case: dict, cpus: int | None = None) -> list[str]:
         if "threads" in case and cpus:  # re-judged with the idle cores (older files lack them)
             noisy = is_noisy(oc, case["threads"], cpus)
         noise += f" / {la[0]:.1f}" + (" **noisy**" if noisy else "")
+        if case.get("utc"):
+            noise += f" ({case['utc'][11:16]} UTC)"
         rows.append(
             "| "
             + " | ".join(
@@ -110,7 +112,12 @@ def case_rows(case: dict, cpus: int | None = None) -> list[str]:
                     f"{_mb(ours)} / {_mb(ref)}"
                     + (f" ({mem_ratio:.2f}x)" if mem_ratio is not None else ""),
                     f"{_gf(ours)} / {_gf(ref)}",
-                    f"{_frac(ours)} / {_frac(ref)}",
+                    f"{_frac(ours)} / {_frac(ref)}"
+                    + (
+                        f" (of {case['matmul_peak_gflops']:.0f})"
+                        if case.get("matmul_peak_gflops") and "fraction_of_peak" in ours
+                        else ""
+                    ),
                     _numerics(case, other),
                     str(case.get("threads", "–")),
                     noise,
@@ -123,8 +130,8 @@ def case_rows(case: dict, cpus: int | None = None) -> list[str]:
 
 HEADER = (
     "| case | vs | ours: median (min–max) | other: median (min–max) | speed-up | "
-    "peak RSS (+ step) ours / other (ratio) | GFLOP/s ours / other | fraction of peak ours / other | "
-    "numerics (ours vs other) | threads | other procs, cores / load 1 min |\n"
+    "peak RSS (+ step) ours / other (ratio) | GFLOP/s ours / other | fraction of peak ours / other (of peak GFLOP/s) | "
+    "numerics (ours vs other) | threads | other procs, cores / load 1 min (case end) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -134,7 +141,8 @@ def render(results: list[dict[str, Any]]) -> str:
     out = []
     for r in results:
         m = r["machine"]
-        dev = f"GPU {m['gpu']}" if m.get("gpu") else f"CPU, {m['threads']} threads"
+        threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+        dev = f"GPU {m['gpu']}" if m.get("gpu") else f"CPU, {threads}"
         peak = r.get("matmul_peak", {}).get("gflops")
         after = r.get("matmul_peak_after", {}).get("gflops")
         out.append(f"### {m['hostname']} — {m['date']} — size `{r['size']}` — {dev}\n")
@@ -142,7 +150,8 @@ def render(results: list[dict[str, Any]]) -> str:
             f"{m['cpu']} ({m.get('cpus')} CPUs{', ' + ' '.join(m['cpu_flags']) if m.get('cpu_flags') else ''}"
             f"{', ' + str(m['mem_total_gb']) + ' GB RAM' if m.get('mem_total_gb') else ''}); "
             f"torch {m['torch']}, MONAI {m['monai']}, Python {m['python']}; run started "
-            f"{m['utc']}. Measured {r.get('matmul_peak', {}).get('dtype', 'float32')} matmul peak "
+            f"{m['utc']} (each row ends at the UTC time in its last column; rows from earlier runs of the "
+            f"day keep the matmul peak of their run). Last measured {r.get('matmul_peak', {}).get('dtype', 'float32')} matmul peak "
             + (f"{peak:.1f} GFLOP/s" if peak else "–")
             + (f" ({after:.1f} after the run)" if after else "")
             + f". File `{r['_file']}`.\n"
