@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"  -> speed-up vs {sp}; other processes {rec['load']['other_cores']:.2f} cores"
             f"{' (NOISY)' if rec['noisy'] else ''}; {rec['wall_s']} s")  # fmt: skip
         # write after every case: a long run interrupted keeps what it measured
-        kept = [c for c in result["cases"] if c["name"] not in {r["name"] for r in records}]
+        # re-read: another run of the same day may have written cases since this one started
+        done = json.loads(path.read_text())["cases"] if path.exists() else result["cases"]
+        kept = [c for c in done if c["name"] not in {r["name"] for r in records}]
         result["cases"] = kept + records
         result["matmul_peak"] = peak
         tmp = path.with_suffix(".json.tmp")
