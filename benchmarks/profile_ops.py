@@ -1,6 +1,6 @@
 """Where a case's time goes: torch.profiler over one step of each side, top ops by self CPU time.
 
-    python -m benchmarks.profile --case unetr --size full [--sides ours,monai] [--top 15]
+    python -m benchmarks.profile_ops --case unetr --size full [--sides ours,monai] [--top 15]
 
 One warm-up step, then one profiled step per side; prints the profiler's table per side. Used for
 the "targets missed" notes in docs/benchmarks.md.
