@@ -269,33 +269,22 @@ def centred_input(store: Any, case_id: str, size: tuple[int, int, int]) -> torch
     )
 
 
-@torch.no_grad()
 def predict_case_segmentation(
     model: torch.nn.Module, store: Any, case_id: str, cfg: FinetuneConfig
 ) -> np.ndarray:
     """Label map (X, Y, Z) of a store case by sliding-window inference."""
-    from umit.inference.sliding_window import SlidingWindowInferer
+    from umit.inference.predict import segment_volume
 
     case = store.case(case_id)
-    x = torch.from_numpy(np.asarray(case.read(), np.float32))[None]
-    inferer = SlidingWindowInferer(
-        roi_size=cfg.crop_size,
+    return segment_volume(
+        model,
+        np.asarray(case.read(), np.float32),
+        cfg.crop_size,
         overlap=cfg.sw_overlap,
         sw_batch_size=cfg.sw_batch_size,
-        output="argmax",
         padding_value=float(case.pad_values[0]) if case.pad_values else 0.0,
+        device=next(model.parameters()).device,
     )
-    device = next(model.parameters()).device
-    out = inferer(_eval_forward(model), x.to(device) if device.type != "cpu" else x)
-    return np.asarray(out[0, 0] if out.ndim == 5 else out[0]).astype(np.uint8)
-
-
-def _eval_forward(model: torch.nn.Module):
-    def fwd(x: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        return out[0] if isinstance(out, list | tuple) else out
-
-    return fwd
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from umit.config import UmitConfig, save_config
 from umit.data.io import IMAGE_SUFFIXES, image_suffix, read_image, write_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError, UmitError
+from umit.ingest.dicom import is_dicom_file
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.plan import Plan
 from umit.preprocess.resample import restore_original
@@ -38,7 +39,6 @@ from umit.utils.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
@@ -68,19 +68,8 @@ class PredictConfig(UmitConfig):
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def _holds_dicom(folder: Path) -> bool:
-    return any(p.is_file() and _is_dicom_file(p) for p in sorted(folder.iterdir()))
+    return any(p.is_file() and is_dicom_file(p) for p in sorted(folder.iterdir()))
 
 
 def find_inputs(path: Path) -> list[Path]:
@@ -131,6 +120,45 @@ def load_channels(path: Path, plan: Plan) -> tuple[list[np.ndarray], ImageMeta]:
 
 
 # ---------------------------------------------------------------------------------------------
+# segmentation on the model grid (shared with fine-tuning validation)
+# ---------------------------------------------------------------------------------------------
+def full_resolution(out: torch.Tensor | list | tuple) -> torch.Tensor:
+    """The full-resolution output of a model (deep supervision returns a list, finest first)."""
+    return out[0] if isinstance(out, list | tuple) else out
+
+
+@torch.no_grad()
+def segment_volume(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    roi_size: tuple[int, int, int],
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    padding_value: float = 0.0,
+    precision: str = "fp32",
+    tta_flips: list[tuple[int, ...]] | tuple = (),
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """(C, X, Y, Z) image -> (X, Y, Z) uint8 argmax label map by sliding-window inference."""
+    from umit.inference.sliding_window import SlidingWindowInferer
+
+    inferer = SlidingWindowInferer(
+        roi_size=roi_size,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        precision=precision,
+        output="argmax",
+        device=device,
+        tta_flips=tta_flips,
+        padding_value=padding_value,
+    )
+    x = torch.from_numpy(np.asarray(image, np.float32))[None]  # (1, C, X, Y, Z)
+    out = inferer(lambda t: full_resolution(model(t)), x)
+    return np.asarray(out[0, 0] if out.ndim == 5 else out[0]).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
 class Predictor:
@@ -159,27 +187,22 @@ class Predictor:
         self.model.to(self.device).eval()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, list | tuple) else out  # deep supervision: full res
+        return full_resolution(self.model(x))
 
-    @torch.no_grad()
     def segment(self, image: np.ndarray, pad_value: float) -> np.ndarray:
         """(C, X, Y, Z) model-grid image -> (X, Y, Z) uint8 label map on the same grid."""
-        from umit.inference.sliding_window import SlidingWindowInferer
-
         flips = [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if self.cfg.tta else []
-        inferer = SlidingWindowInferer(
-            roi_size=self.crop_size,
+        return segment_volume(
+            self.model,
+            image,
+            self.crop_size,
             overlap=self.overlap,
             sw_batch_size=self.cfg.sw_batch_size,
-            precision=self.cfg.precision,
-            output="argmax",
-            device=self.device,
-            tta_flips=flips,
             padding_value=pad_value,
+            precision=self.cfg.precision,
+            tta_flips=flips,
+            device=self.device,
         )
-        out = inferer(self._forward, torch.from_numpy(np.asarray(image, np.float32))[None])
-        return np.asarray(out[0, 0] if out.ndim == 5 else out[0]).astype(np.uint8)
 
     @torch.no_grad()
     def classify(self, image: np.ndarray, pad_values: list[float]) -> np.ndarray:

@@ -257,6 +257,11 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` looks like a DICOM file (preamble, raw dataset start, or suffix)."""
+    return _sniff(Path(path)) is not None
+
+
 def _str(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     return "" if value is None else str(value).strip()
