@@ -258,3 +258,23 @@ def test_real_dicom_series_mask_overlays_the_series_and_its_rib_labels(tmp_path)
     assert covered > 0.65, covered
     assert (bone[::-1][ribs] > 0).mean() < covered / 2  # left-right flipped
     assert (np.roll(bone, 2, axis=0)[ribs] > 0).mean() < covered - 0.05  # shifted 2 voxels
+
+
+def test_model_and_channel_mismatches_fail_clearly(tmp_path):
+    vol = synthetic_ct()
+    src = write_image(tmp_path / "ct.nii.gz", vol, ImageMeta(affine=np.eye(4)))
+    two = ct_plan((1.0, 1.0, 1.0))
+    two = two.model_copy(
+        update={"channels": [two.channels[0], two.channels[0].model_copy(update={"name": "b"})]}
+    )
+    model = save_threshold_model(tmp_path / "two.pt", two)
+    s = run(PredictConfig(inputs=src, model=model, out=tmp_path / "o1"))
+    assert "3D image, but the model expects 2 channels" in s["failures"][str(src)]
+
+    ckpt = torch.load(model, weights_only=True)
+    ckpt["plan"] = None
+    torch.save(ckpt, tmp_path / "noplan.pt")
+    with pytest.raises(InputError, match="carries no preprocessing plan"):
+        run(PredictConfig(inputs=src, model=tmp_path / "noplan.pt"))
+    with pytest.raises(ValueError, match="suffix must be one of"):
+        run(PredictConfig(inputs=src, model=model, suffix=".png"))
