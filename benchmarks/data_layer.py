@@ -61,7 +61,7 @@ def crop_vs_monai(raw: Path, prep: Path, crop: int, reps: int) -> dict:
 
     from umit.data.dataset import StoreCropDataset
     from umit.ingest.catalog import Catalog
-    from umit.preprocess.plan import Plan
+    from umit.data.plan import Plan
 
     plan = Plan.load(prep / "plan.json")
     with Catalog.open_raw(raw) as cat:

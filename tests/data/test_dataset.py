@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from umit.data.dataset import ShardSampler, StoreCropDataset, shard_indices
 from umit.ingest.catalog import Catalog, SeriesRecord
 from umit.preprocess.run import PreprocessConfig, run
-from umit.preprocess.store import Store
+from umit.data.store import Store
 
 
 def make_prep(

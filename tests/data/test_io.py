@@ -270,9 +270,8 @@ def test_is_image_file(tmp_path):
     assert not is_image_file(tmp_path / "folder.nii")
 
 
-def test_empty_folder_is_no_series(tmp_path):
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(InputError, match="no readable DICOM image series"):
+def test_a_folder_is_refused_with_the_reader_to_use(tmp_path):
+    with pytest.raises(InputError, match="is a folder: DICOM series are read by umit.ingest"):
         read_image(tmp_path)
 
 

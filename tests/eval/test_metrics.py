@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from umit.eval.metrics import (
+from umit.metrics import (
     accuracy,
     balanced_accuracy,
     classification_metrics,

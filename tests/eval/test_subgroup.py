@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from umit.eval.metrics import (
+from umit.metrics import (
     accuracy,
     balanced_accuracy,
     expected_calibration_error,

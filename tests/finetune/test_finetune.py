@@ -16,7 +16,7 @@ from torch import nn
 from umit.errors import InputError
 from umit.finetune.run import FinetuneConfig, load_model, run, split_finetune_cases
 from umit.models.registry import is_model, register_model
-from umit.preprocess.store import Store
+from umit.data.store import Store
 
 
 class _TinySeg(nn.Module):

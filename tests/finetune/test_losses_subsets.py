@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from umit.finetune.losses import dice_ce_loss, soft_dice_loss
+from umit.train.losses import dice_ce_loss, soft_dice_loss
 from umit.finetune.subsets import select_labeled
 
 

@@ -14,6 +14,7 @@ from scipy import ndimage
 from torch import nn
 
 from umit.cli.main import main as cli
+from umit.ingest.read import read_volume
 from umit.data.io import read_image, write_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
@@ -22,9 +23,9 @@ from umit.inference.predict import PredictConfig, find_inputs, run
 from umit.models import create_model
 from umit.models.registry import register_model
 from umit.preprocess.normalize import normalize_channel
-from umit.preprocess.plan import ChannelPlan, Plan
+from umit.data.plan import ChannelPlan, Plan
 from umit.preprocess.resample import reorient_to_ras, restore_original, spacing_of
-from umit.preprocess.store import Store
+from umit.data.store import Store
 
 from _shared import require_shared
 
@@ -242,7 +243,7 @@ def test_real_dicom_series_mask_overlays_the_series_and_its_rib_labels(tmp_path)
     two voxels.)"""
     series = require_shared("totalsegmentator/example_ct_dicom")
     seg = nib.load(require_shared("totalsegmentator/example_seg_dicom.nii.gz"))
-    vol, meta = read_image(series)
+    vol, meta = read_volume(series)
     model = save_threshold_model(tmp_path / "best.pt", ct_plan((1.5, 1.5, 2.0)), roi=(64, 64, 16))
     run(PredictConfig(inputs=series, model=model, out=tmp_path / "bone.nii.gz"))
     out = nib.load(tmp_path / "bone.nii.gz")

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from umit.data.io import read_image, reorient
+from umit.ingest.read import read_volume
 from umit.data.meta import affine_from_lps
 from umit.errors import GeometryError, InputError
 from umit.ingest import dicom
@@ -177,12 +178,18 @@ def test_two_series_in_one_folder(tmp_path):
     assert sorted(s.n_slices for s in found) == [3, SHAPE[2]]
     assert len({s.key for s in found}) == 2
     with pytest.raises(InputError, match=r"holds 2 DICOM series.*umit ingest"):
-        read_image(tmp_path)
+        read_volume(tmp_path)
 
 
-def test_read_image_of_a_series_folder(tmp_path):
+def test_empty_folder_is_no_series(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="no readable DICOM image series"):
+        read_volume(tmp_path)
+
+
+def test_read_volume_of_a_series_folder(tmp_path):
     write_ct_series(tmp_path / "a" / "b", stored_volume(10))
-    array, meta = read_image(tmp_path)
+    array, meta = read_volume(tmp_path)
     np.testing.assert_array_equal(array, stored_volume(10).astype(np.int32) - 1024)
     assert meta.source == str(tmp_path / "a" / "b")
 

@@ -75,7 +75,7 @@ def train_cfg(out, steps: int, batch_size: int = 8, lr: float = 1e-2) -> TrainCo
 
 def train(model: nn.Module, cases, out, steps: int, dp=None, **kw) -> dict | None:
     """Train through the one training loop, with DP-SGD when ``dp`` (a DPConfig) is given."""
-    from umit.privacy.dp import DPSGD
+    from umit.train.dp import DPSGD
 
     ids, x, y = cases
     task = ClassificationTask(model, dict(zip(ids, y, strict=True)))

@@ -118,7 +118,7 @@ def test_calibration_removes_per_case_difficulty():
 
 
 def test_near_duplicates_flag_a_copied_case_not_distinct_patients(tiny_ct_store):
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
 
     store = Store(tiny_ct_store)
     vols = {c: np.asarray(store.case(c).read(), np.float32) for c in store.case_ids}

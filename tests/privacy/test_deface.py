@@ -16,6 +16,7 @@ import pytest
 from umit.cli.main import main as cli_main
 from umit.data import phantoms as P
 from umit.data.io import read_image, reorient, write_image
+from umit.ingest.read import read_volume
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
 from umit.privacy.deface import deface, deface_file
@@ -232,7 +233,7 @@ def real_mr(tmp_path_factory):
 @pytest.mark.realdata
 def test_real_mr_brain_unchanged(real_mr):
     folder, out, report = real_mr
-    original, meta = read_image(folder)
+    original, meta = read_volume(folder)
     defaced, meta_out = read_image(out / "head_mr_dicom_sag_anon_defaced.nii.gz")
     brain, _ = read_image(out / "head_mr_dicom_sag_anon_brain_mask.nii.gz")
     removed, _ = read_image(out / "head_mr_dicom_sag_anon_face_mask.nii.gz")

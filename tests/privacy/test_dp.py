@@ -11,7 +11,7 @@ from torch import nn
 from umit.errors import InputError
 from umit.finetune.run import ClassificationTask
 from umit.models.registry import is_model, register_model
-from umit.privacy.dp import DPSGD, DPConfig
+from umit.train.dp import DPSGD, DPConfig
 
 if not is_model("tiny_cls_for_dp"):
 

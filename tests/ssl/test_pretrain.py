@@ -10,7 +10,7 @@ import yaml
 
 from umit.cli.main import main as cli_main
 from umit.errors import InputError
-from umit.preprocess.store import Store
+from umit.data.store import Store
 from umit.ssl.pretrain import PretrainConfig, load_encoder, split_cases
 
 TINY = [

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         )
         print(f"  best: {s['best']}  model: {s['model']}")
         if s.get("dp"):
-            from umit.privacy.dp import format_dp
+            from umit.train.dp import format_dp
 
             print(f"  privacy: {format_dp(s['dp'])}")
     return 0

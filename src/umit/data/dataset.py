@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from umit.preprocess.resample import translate_affine
-from umit.preprocess.store import Store
-from umit.train.distributed import rank as dist_rank
-from umit.train.distributed import world_size as dist_world_size
+from umit.data.meta import translate_affine
+from umit.data.store import Store
+from umit.utils.distributed import rank as dist_rank
+from umit.utils.distributed import world_size as dist_world_size
 
 
 def _triple(size: int | Sequence[int], name: str) -> tuple[int, int, int]:

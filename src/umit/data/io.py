@@ -12,7 +12,8 @@ Conventions of the formats:
   float64 affine survives a write/read to about 1e-5 mm; a read -> write -> read is exact.
 * ITK formats (NRRD, MetaImage) store LPS direction, spacing and origin; SimpleITK hands arrays
   over as ``(z, y, x)``, which we transpose to ``(i, j, k)`` = ``(x, y, z)``.
-* A directory is a DICOM series, read by :mod:`umit.ingest.dicom`.
+* A directory (a DICOM series) is refused here: :func:`umit.ingest.read_volume` reads it, so
+  that nothing below the ingest stage imports DICOM parsing.
 """
 
 from __future__ import annotations
@@ -124,11 +125,11 @@ def _check_affine(affine: np.ndarray, source: str | Path) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
-    """Read a NIfTI / NRRD / MetaImage file or a DICOM series folder.
+    """Read a NIfTI / NRRD / MetaImage file (DICOM folders: :func:`umit.ingest.read_volume`).
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` file, or a folder
-            holding exactly one DICOM series.
+            (not a folder).
 
     Returns:
         ``(array, meta)``: the voxels in their stored dtype (float32 when NIfTI scaling applies),
@@ -137,11 +138,15 @@ def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
 
     Raises:
         InputError: missing path, unknown suffix, truncated or corrupt file, 2D image, non-finite
-            affine, NaN/Inf voxels, a folder with zero or several DICOM series.
+            affine, NaN/Inf voxels, a folder.
     """
     path = Path(path)
     if path.is_dir():
-        return _read_dicom_folder(path)
+        raise InputError(
+            path,
+            "is a folder: DICOM series are read by umit.ingest.read_volume "
+            "(or converted by `umit ingest`); read_image reads image files",
+        )
     if not path.exists():
         raise InputError(path, "no such file or folder")
     suffix = image_suffix(path)
@@ -326,37 +331,6 @@ def _read_itk(path: Path) -> tuple[np.ndarray, ImageMeta]:
     return np.ascontiguousarray(array), ImageMeta(
         affine=affine, source=str(path), modality=modality
     )
-
-
-def _read_dicom_folder(path: Path) -> tuple[np.ndarray, ImageMeta]:
-    from umit.ingest import dicom  # local: training code must not import DICOM parsing
-
-    found, _ = dicom.discover_series(path)
-    if not found:
-        extra = []
-        if found.unreadable:
-            first = found.unreadable[0]
-            extra.append(
-                f"{len(found.unreadable)} unreadable DICOM file(s), e.g. {first[0]}: {first[1]}"
-            )
-        if found.skipped:
-            extra.append(f"{len(found.skipped)} localizer/non-image file(s) skipped")
-        extra.append(f"{found.n_non_dicom} non-DICOM file(s)")
-        raise InputError(
-            path, "folder holds no readable DICOM image series (" + "; ".join(extra) + ")"
-        )
-    if len(found) > 1:
-        listing = "; ".join(
-            f"{s.modality} {s.description!r} ({s.n_slices} images)" for s in found[:10]
-        )
-        raise InputError(
-            path,
-            f"folder holds {len(found)} DICOM series ({listing}); read_image needs exactly one: "
-            "use `umit ingest` to convert every series, or point at a folder of one series",
-        )
-    array, meta = dicom.load_series(found[0])
-    check_finite(array, path)
-    return array, meta
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,3 +84,10 @@ def lps_from_affine(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / spacing
     return direction, spacing, lps[:3, 3].copy()
+
+
+def translate_affine(affine: np.ndarray, start) -> np.ndarray:
+    """Affine of a crop starting at voxel ``start``: the origin moves to old voxel ``start``."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start, dtype=np.float64)
+    return np.asarray(affine, dtype=np.float64) @ shift

@@ -166,7 +166,7 @@ def markdown_table(table: dict, fractions: list[float], metric: str) -> str:
 def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     """Run every missing cell, then write the table, results and report."""
     from umit.eval.report import Section, plot_curves, write_report
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
 
     if not cfg.arms:
         raise InputError(None, "data-efficiency needs at least one arm (arms.<name>.model=...)")

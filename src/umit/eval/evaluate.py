@@ -77,7 +77,7 @@ def evaluate_cases(
     model, ckpt: dict[str, Any], store, cases: list[str], cfg: EvaluateConfig
 ) -> tuple[list[dict], list[dict]]:
     """Per-case rows (metrics + attributes) and overlay material."""
-    from umit.eval.metrics import segmentation_metrics
+    from umit.metrics import segmentation_metrics
     from umit.finetune.run import (
         FinetuneConfig,
         case_label,
@@ -144,7 +144,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     )
     from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
     from umit.finetune.run import load_model
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
 
     model, ckpt = load_model(cfg.model)
     store = Store(cfg.data)
@@ -211,7 +211,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     )
     sections = [Section(title="Overall", tables=[table], warnings=list(result.get("warnings", [])))]
     if ckpt.get("dp"):  # trained with DP-SGD: state the guarantee next to the metrics
-        from umit.privacy.dp import format_dp
+        from umit.train.dp import format_dp
 
         sections.append(Section(title="Differential privacy", text=format_dp(ckpt["dp"])))
     if attributes:

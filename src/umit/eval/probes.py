@@ -153,7 +153,7 @@ def fit_probes(
 def run(cfg: ProbeConfig) -> dict[str, Any]:
     """Probe the encoder (and its random-init twin); writes and returns the scores."""
     from umit.models import create_model
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
     from umit.ssl.pretrain import load_encoder
 
     encoder, ckpt = load_encoder(cfg.encoder)

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from umit.eval.metrics import (
+from umit.metrics import (
     accuracy,
     balanced_accuracy,
     expected_calibration_error,

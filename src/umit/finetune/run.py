@@ -22,7 +22,7 @@ from pydantic import Field
 from umit.config import UmitConfig
 from umit.data.transforms import AugmentConfig
 from umit.errors import InputError
-from umit.privacy.dp import DPConfig
+from umit.train.dp import DPConfig
 from umit.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class SegmentationTask:
         self._call = module
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from umit.finetune.losses import dice_ce_loss
+        from umit.train.losses import dice_ce_loss
 
         out = self._call(batch["image"])
         label = batch["label"]
@@ -296,7 +296,7 @@ def predict_case_classification(
 
 
 def mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> float:
-    from umit.eval.metrics import segmentation_metrics
+    from umit.metrics import segmentation_metrics
 
     scores = segmentation_metrics(pred, ref.astype(np.uint8), 1.0, classes, metrics=("dice",))
     vals = [m["dice"] for m in scores.values() if m["dice"] == m["dice"]]  # NaN: absent in both
@@ -339,7 +339,7 @@ def make_eval_fn(
             metric = {"val_dice": float(np.nanmean(scores))}
             value = metric["val_dice"]
         else:
-            from umit.eval.metrics import classification_metrics
+            from umit.metrics import classification_metrics
 
             probs = np.stack(
                 [predict_case_classification(model, store, c, cfg.crop_size) for c in cases]
@@ -412,7 +412,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary with the best validation metric and the model path."""
     from umit.data.dataset import StoreCropDataset
     from umit.data.transforms import AugmentedDataset
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
     from umit.train.distributed import is_main
     from umit.train.loop import Trainer
 
@@ -478,7 +478,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     layer_ids = layer_id_fn_for(model) if cfg.train.layer_decay < 1 else None
     dp = None
     if cfg.dp.enabled:  # DP-SGD: Poisson batches, per-sample clipping + noise, an accountant
-        from umit.privacy.dp import DPSGD
+        from umit.train.dp import DPSGD
 
         dp = DPSGD(
             cfg.dp, task, dataset, cfg.train, num_units=len(set(train_cases)), layer_id_fn=layer_ids
@@ -509,7 +509,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if dp is not None:
         extra["dp"] = dp.report()
         if best and is_main():  # chosen by validating every step's model: the whole run's epsilon
-            from umit.privacy.dp import stamp_report
+            from umit.train.dp import stamp_report
 
             stamp_report(cfg.out / BEST_FILE, extra["dp"])
     if not best and is_main():  # no validation cases: keep the last model

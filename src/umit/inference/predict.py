@@ -32,8 +32,9 @@ from umit.data.io import IMAGE_SUFFIXES, image_suffix, read_image, write_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError, UmitError
 from umit.ingest.dicom import is_dicom_file
+from umit.ingest.read import read_volume
 from umit.preprocess.apply import apply_plan
-from umit.preprocess.plan import Plan
+from umit.data.plan import Plan
 from umit.preprocess.resample import restore_original
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
@@ -100,7 +101,7 @@ def input_name(path: Path) -> str:
 def load_channels(path: Path, plan: Plan) -> tuple[list[np.ndarray], ImageMeta]:
     """Read one input as the plan's channels: a 3D image for one channel, or a 4D image whose
     last axis holds the plan's channels in order."""
-    array, meta = read_image(path)
+    array, meta = read_volume(path)
     n = len(plan.channels)
     if array.ndim == 3:
         if n != 1:

@@ -4,7 +4,7 @@ Import the pieces from their modules (``umit.preprocess.run``, ``.store``, ``.pl
 package file stays light so that spawned workers and ``umit --help`` start fast.
 """
 
-from umit.preprocess.plan import ChannelPlan, Plan
-from umit.preprocess.store import Store, StoreCase
+from umit.data.plan import ChannelPlan, Plan
+from umit.data.store import Store, StoreCase
 
 __all__ = ["ChannelPlan", "Plan", "Store", "StoreCase"]

@@ -17,17 +17,9 @@ import numpy as np
 
 from umit.errors import InputError
 from umit.preprocess.normalize import body_mask, normalize_channel
-from umit.preprocess.plan import Plan
-from umit.preprocess.resample import (
-    foreground_bbox,
-    reorient_to_ras,
-    resample_factors,
-    resample_image,
-    resample_label,
-    scale_affine,
-    spacing_of,
-    translate_affine,
-)
+from umit.data.plan import Plan
+from umit.preprocess.resample import foreground_bbox, reorient_to_ras, resample_factors, resample_image, resample_label, scale_affine, spacing_of
+from umit.data.meta import translate_affine
 
 
 def apply_plan(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from umit.preprocess.plan import AIR_HU, CT_BODY_HU, ChannelPlan
+from umit.data.plan import AIR_HU, CT_BODY_HU, ChannelPlan
 
 MIN_MASK_VOXELS = 16  # fewer nonzero voxels than this: per-volume stats use the whole volume
 

@@ -115,13 +115,6 @@ def foreground_bbox(
     return tuple(box)
 
 
-def translate_affine(affine: np.ndarray, start) -> np.ndarray:
-    """Affine of a crop starting at voxel ``start``: the origin moves to old voxel ``start``."""
-    shift = np.eye(4)
-    shift[:3, 3] = np.asarray(start, dtype=np.float64)
-    return np.asarray(affine, dtype=np.float64) @ shift
-
-
 # -- resample ------------------------------------------------------------------------------------
 
 

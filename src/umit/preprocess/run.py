@@ -34,12 +34,14 @@ from umit.errors import GeometryError, InputError
 from umit.ingest.catalog import Catalog, SeriesRecord
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.fingerprint import channel_names, compute_fingerprint, stable_seed
-from umit.preprocess.plan import PLAN_NAME, SCHEMES, Plan, apply_overrides, plan_from_fingerprint
+from umit.preprocess.plan import apply_overrides, plan_from_fingerprint
+from umit.data.plan import SCHEMES
+from umit.data.plan import PLAN_NAME, Plan
 from umit.preprocess.resample import (
     read_nifti,
     same_geometry,
 )
-from umit.preprocess.store import (
+from umit.data.store import (
     CATALOG_KEYS,
     FAILURES_NAME,
     FINGERPRINT_NAME,

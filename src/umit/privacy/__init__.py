@@ -5,5 +5,5 @@
   (``umit deid --check``); :mod:`~umit.privacy.deid_synth`: planted-identifier test files.
 * :mod:`~umit.privacy.deface`: face removal from head MRI/CT (``umit deface``).
 * :mod:`~umit.privacy.audit`: membership-inference and near-duplicate audit (``umit audit privacy``).
-* :mod:`~umit.privacy.dp`: DP-SGD fine-tuning through Opacus (``umit finetune --dp``).
+* :mod:`~umit.train.dp`: DP-SGD fine-tuning through Opacus (``umit finetune --dp``).
 """

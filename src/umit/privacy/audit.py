@@ -117,7 +117,7 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 
 def _point_metrics(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float]) -> dict:
-    from umit.eval.metrics import binary_auc
+    from umit.metrics import binary_auc
 
     y = np.r_[np.ones(members.size, int), np.zeros(nonmembers.size, int)]
     s = np.r_[members, nonmembers]
@@ -199,7 +199,7 @@ def segmentation_losses(
     model: torch.nn.Module, crops: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]
 ) -> np.ndarray:
     """DiceCE of each case averaged over its (image (C, d, h, w), label (1, d, h, w)) crops."""
-    from umit.finetune.losses import dice_ce_loss
+    from umit.train.losses import dice_ce_loss
 
     model.eval()
     device = next(model.parameters()).device
@@ -419,7 +419,7 @@ def case_losses(
 # ---------------------------------------------------------------------------------------------
 def run(cfg: AuditConfig) -> dict[str, Any]:
     """Score members and non-members, compute the attacks, find near-duplicates, write the report."""
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
     from umit.utils.fileio import atomic_write_json
 
     store = Store(cfg.data)
@@ -553,7 +553,7 @@ def write_audit_report(result: Mapping[str, Any], out: Path) -> dict[str, Any]:
         + "."
     )
     if result.get("dp"):
-        from umit.privacy.dp import format_dp
+        from umit.train.dp import format_dp
 
         text += f" The model was trained with DP-SGD: {format_dp(result['dp'])}."
     dups = result["duplicates"]

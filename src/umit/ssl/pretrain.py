@@ -265,7 +265,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; returns a summary (first/last train and validation losses, paths)."""
     from umit.data.dataset import StoreCropDataset
     from umit.data.transforms import AugmentedDataset
-    from umit.preprocess.store import Store
+    from umit.data.store import Store
     from umit.train.loop import Trainer
 
     store = Store(cfg.data)

@@ -18,21 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from umit.utils.distributed import is_initialized, rank, world_size
+
 log = logging.getLogger(__name__)
 
 Strategy = Literal["auto", "none", "ddp", "fsdp"]
-
-
-def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
 
 
 def local_rank() -> int:

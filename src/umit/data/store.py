@@ -32,7 +32,7 @@ import numpy as np
 
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
-from umit.preprocess.plan import PLAN_NAME, Plan
+from umit.data.plan import PLAN_NAME, Plan
 from umit.utils.fileio import TMP_PREFIX, remove_stale_temps
 
 STORE_NAME = "store.zarr"
