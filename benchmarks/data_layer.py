@@ -60,8 +60,8 @@ def crop_vs_monai(raw: Path, prep: Path, crop: int, reps: int) -> dict:
     from monai.transforms import Compose, LoadImage, Spacing
 
     from umit.data.dataset import StoreCropDataset
-    from umit.ingest.catalog import Catalog
     from umit.data.plan import Plan
+    from umit.ingest.catalog import Catalog
 
     plan = Plan.load(prep / "plan.json")
     with Catalog.open_raw(raw) as cat:

@@ -16,7 +16,21 @@ from typing import Any
 
 from pydantic import Field
 
+from umit.cli.phantoms import PhantomsConfig
+from umit.cli.phantoms import run as make_phantoms
 from umit.config import UmitConfig, save_config
+from umit.eval.data_efficiency import DataEfficiencyConfig, cell_dir
+from umit.eval.data_efficiency import run as data_efficiency
+from umit.eval.evaluate import EvaluateConfig
+from umit.eval.evaluate import run as evaluate
+from umit.eval.report import Section, Table, plot_curves, subgroup_section, write_report
+from umit.ingest.catalog import CATALOG_NAME, Catalog
+from umit.ingest.run import IngestConfig
+from umit.ingest.run import run as ingest
+from umit.preprocess.run import PreprocessConfig
+from umit.preprocess.run import run as preprocess
+from umit.ssl.pretrain import PretrainConfig
+from umit.ssl.pretrain import run as pretrain
 
 
 class DemoConfig(UmitConfig):
@@ -54,17 +68,6 @@ def _stage(name: str, t0: float) -> None:
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns a summary with the report path."""
-    from umit.cli.phantoms import PhantomsConfig
-    from umit.cli.phantoms import run as make_phantoms
-    from umit.eval.data_efficiency import DataEfficiencyConfig
-    from umit.eval.data_efficiency import run as data_efficiency
-    from umit.ingest.catalog import CATALOG_NAME, Catalog
-    from umit.ingest.run import IngestConfig
-    from umit.ingest.run import run as ingest
-    from umit.preprocess.run import PreprocessConfig
-    from umit.preprocess.run import run as preprocess
-    from umit.ssl.pretrain import PretrainConfig
-    from umit.ssl.pretrain import run as pretrain
 
     t0 = time.perf_counter()
     out = cfg.out
@@ -190,10 +193,6 @@ def write_demo_report(
     """One HTML page: pipeline figures, comparison table and curve, subgroups, overlays."""
     import numpy as np
 
-    from umit.eval.data_efficiency import cell_dir
-    from umit.eval.evaluate import EvaluateConfig
-    from umit.eval.evaluate import run as evaluate
-    from umit.eval.report import Section, Table, plot_curves, write_report
 
     sections = [
         Section(
@@ -261,7 +260,6 @@ def write_demo_report(
             overlays=4,
         )
     )
-    from umit.eval.report import subgroup_section
 
     sections.append(
         subgroup_section(

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from umit.data.dataset import ShardSampler, StoreCropDataset, shard_indices
+from umit.data.store import Store
 from umit.ingest.catalog import Catalog, SeriesRecord
 from umit.preprocess.run import PreprocessConfig, run
-from umit.data.store import Store
 
 
 def make_prep(

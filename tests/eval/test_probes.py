@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from umit.eval.probes import ProbeConfig, centre_crop_or_pad, fit_probes, run
-from umit.ssl.pretrain import load_encoder
+from umit.train.checkpoint import load_encoder
 
 
 def test_centre_crop_or_pad():

@@ -9,13 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from umit.metrics import (
-    accuracy,
-    balanced_accuracy,
-    expected_calibration_error,
-    predicted_labels,
-    roc_auc,
-)
 from umit.eval.subgroup import (
     MISSING_GROUP,
     MetricSpec,
@@ -23,6 +16,13 @@ from umit.eval.subgroup import (
     analyze_subgroups,
     subgroup_rows,
     write_subgroup_csv,
+)
+from umit.metrics import (
+    accuracy,
+    balanced_accuracy,
+    expected_calibration_error,
+    predicted_labels,
+    roc_auc,
 )
 
 METRICS = [

@@ -13,10 +13,10 @@ import torch
 import yaml
 from torch import nn
 
+from umit.data.store import Store
 from umit.errors import InputError
 from umit.finetune.run import FinetuneConfig, load_model, run, split_finetune_cases
 from umit.models.registry import is_model, register_model
-from umit.data.store import Store
 
 
 class _TinySeg(nn.Module):

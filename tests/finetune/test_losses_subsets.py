@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from umit.train.losses import dice_ce_loss, soft_dice_loss
 from umit.finetune.subsets import select_labeled
+from umit.train.losses import dice_ce_loss, soft_dice_loss
 
 
 @pytest.mark.parametrize("include_background", [True, False])

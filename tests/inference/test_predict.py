@@ -14,18 +14,18 @@ from scipy import ndimage
 from torch import nn
 
 from umit.cli.main import main as cli
-from umit.ingest.read import read_volume
 from umit.data.io import read_image, write_image
 from umit.data.meta import ImageMeta
+from umit.data.plan import ChannelPlan, Plan
+from umit.data.store import Store
 from umit.errors import InputError
 from umit.finetune.run import FinetuneConfig, predict_case_classification, save_model
 from umit.inference.predict import PredictConfig, find_inputs, run
+from umit.ingest.read import read_volume
 from umit.models import create_model
 from umit.models.registry import register_model
 from umit.preprocess.normalize import normalize_channel
-from umit.data.plan import ChannelPlan, Plan
 from umit.preprocess.resample import reorient_to_ras, restore_original, spacing_of
-from umit.data.store import Store
 
 from _shared import require_shared
 
@@ -210,10 +210,13 @@ def test_bad_inputs_fail_clearly_and_the_batch_continues(tmp_path):
         find_inputs(tmp_path / "empty")
     with pytest.raises(InputError, match="no such file"):
         find_inputs(tmp_path / "missing.nii.gz")
-    with pytest.raises(InputError, match="model file not found"):
+    with pytest.raises(InputError, match="nope.pt: checkpoint not found"):
         run(PredictConfig(inputs=folder / "good.nii.gz", model=tmp_path / "nope.pt"))
-    torch.save({"kind": "encoder"}, tmp_path / "encoder.pt")
-    with pytest.raises(InputError, match="holds no fine-tuned model"):
+    torch.save(
+        {"kind": "encoder", "model_name": "vit3d_test", "model_args": {}, "state_dict": {}},
+        tmp_path / "encoder.pt",
+    )
+    with pytest.raises(InputError, match="holds a pretrained encoder .*expected a fine-tuned"):
         run(PredictConfig(inputs=folder / "good.nii.gz", model=tmp_path / "encoder.pt"))
 
 

@@ -18,7 +18,6 @@ import pytest
 import SimpleITK as sitk
 
 from umit.data.io import read_image, reorient
-from umit.ingest.read import read_volume
 from umit.data.meta import affine_from_lps
 from umit.errors import GeometryError, InputError
 from umit.ingest import dicom
@@ -30,6 +29,7 @@ from umit.ingest.dicom import (
     parse_age,
     slice_normal,
 )
+from umit.ingest.read import read_volume
 
 from _shared import (
     IDENTIFIERS,

@@ -17,6 +17,7 @@ monai = pytest.importorskip("monai")
 from monai.networks.blocks import patchembedding, selfattention  # noqa: E402
 from monai.networks.nets import UNETR, SwinUNETR, ViT, swin_unetr  # noqa: E402
 
+from umit.errors import InputError  # noqa: E402
 from umit.models import SwinTransformer3D, ViT3D, load_monai_checkpoint  # noqa: E402
 from umit.models.layers import resample_pos_embed_3d  # noqa: E402
 from umit.models.monai_compat import (  # noqa: E402
@@ -25,6 +26,7 @@ from umit.models.monai_compat import (  # noqa: E402
     vit3d_args_from_monai,
 )
 from umit.models.swin3d import compute_shift_mask  # noqa: E402
+from umit.train.checkpoint import load_monai_weights  # noqa: E402
 
 TOL = 1e-5
 
@@ -150,7 +152,7 @@ def test_unetr_checkpoint_file_with_prefix(tmp_path):
     state = {f"module.{k}": v for k, v in unetr.state_dict().items()}  # DDP-saved
     torch.save({"state_dict": state, "epoch": 7}, path)
     ours = ViT3D(**vit3d_args_from_monai(1, 32, 16, hidden_size=48, mlp_dim=96, num_heads=3)).eval()
-    result = load_monai_checkpoint(ours, path)
+    result = load_monai_weights(ours, path)
     assert result.dropped_keys and all(not k.startswith("module.vit.") for k in result.dropped_keys)
     assert any(k.startswith("module.decoder") for k in result.dropped_keys)
     x = torch.randn(1, 1, 32, 32, 32)
@@ -214,10 +216,12 @@ def test_strict_loading_reports_mismatches():
 
 def test_bad_checkpoints(tmp_path):
     ours = ViT3D(img_size=32, patch_size=16, embed_dim=24, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="only local files"):
-        load_monai_checkpoint(ours, "https://example.org/w.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_monai_checkpoint(ours, tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="only local files"):
+        load_monai_weights(ours, "https://example.org/w.pt")
+    with pytest.raises(InputError, match="missing.pt.*not found"):
+        load_monai_weights(ours, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="load_monai_weights"):
+        load_monai_checkpoint(ours, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="no encoder found"):
         load_monai_checkpoint(ours, {"decoder.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="none of"):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from umit.data.plan import ChannelPlan, Plan
 from umit.errors import InputError
 from umit.ingest.catalog import Catalog, SeriesRecord
 from umit.preprocess.fingerprint import compute_fingerprint, sample_case_ids, target_spacing_rule
 from umit.preprocess.normalize import body_mask, normalize_channel
 from umit.preprocess.plan import apply_overrides, plan_from_fingerprint
-from umit.data.plan import ChannelPlan, Plan
 
 
 def _fingerprint(**extra) -> dict:

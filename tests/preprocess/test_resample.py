@@ -7,9 +7,21 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from umit.errors import InputError
-from umit.preprocess.resample import foreground_bbox, nearest_indices, ras_geometry, read_nifti, reorient_to_ras, resample_factors, resample_image, resample_label, restore_original, scale_affine, spacing_of
 from umit.data.meta import translate_affine
+from umit.errors import InputError
+from umit.preprocess.resample import (
+    foreground_bbox,
+    nearest_indices,
+    ras_geometry,
+    read_nifti,
+    reorient_to_ras,
+    resample_factors,
+    resample_image,
+    resample_label,
+    restore_original,
+    scale_affine,
+    spacing_of,
+)
 
 
 def _oblique_lps_affine(spacing=(0.8, 0.9, 2.5), origin=(12.0, -30.0, 40.0)) -> np.ndarray:

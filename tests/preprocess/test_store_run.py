@@ -16,12 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from umit.data.plan import ChannelPlan, Plan
+from umit.data.store import Store, cases_dir
 from umit.errors import GeometryError, InputError
 from umit.ingest.catalog import Catalog, SeriesRecord
-from umit.data.plan import ChannelPlan, Plan
 from umit.preprocess.resample import restore_original
 from umit.preprocess.run import PreprocessConfig, prepare_case, run
-from umit.data.store import Store, cases_dir
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

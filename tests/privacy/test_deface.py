@@ -16,9 +16,9 @@ import pytest
 from umit.cli.main import main as cli_main
 from umit.data import phantoms as P
 from umit.data.io import read_image, reorient, write_image
-from umit.ingest.read import read_volume
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
+from umit.ingest.read import read_volume
 from umit.privacy.deface import deface, deface_file
 
 from _shared import require_shared

@@ -9,9 +9,10 @@ import torch
 import yaml
 
 from umit.cli.main import main as cli_main
-from umit.errors import InputError
 from umit.data.store import Store
-from umit.ssl.pretrain import PretrainConfig, load_encoder, split_cases
+from umit.errors import InputError
+from umit.ssl.pretrain import PretrainConfig, split_cases
+from umit.train.checkpoint import load_encoder
 
 TINY = [
     "model=vit3d_test_p16",
@@ -67,10 +68,10 @@ def test_bad_encoder_files(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_encoder(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(InputError, match="not a readable"):
+    with pytest.raises(InputError, match="cannot read checkpoint"):
         load_encoder(tmp_path / "junk.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(InputError, match="neither"):
+    with pytest.raises(InputError, match="expected a pretrained encoder"):
         load_encoder(tmp_path / "other.pt")
 
 

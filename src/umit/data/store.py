@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from umit.data.meta import ImageMeta
-from umit.errors import InputError
 from umit.data.plan import PLAN_NAME, Plan
+from umit.errors import InputError
 from umit.utils.fileio import TMP_PREFIX, remove_stale_temps
 
 STORE_NAME = "store.zarr"

@@ -19,7 +19,13 @@ import numpy as np
 from pydantic import Field
 
 from umit.config import UmitConfig, deep_merge, save_config
+from umit.data.store import Store
 from umit.errors import InputError
+from umit.eval.evaluate import EvaluateConfig
+from umit.eval.evaluate import run as evaluate
+from umit.eval.report import Section, plot_curves, write_report
+from umit.finetune.run import FinetuneConfig
+from umit.finetune.run import run as finetune
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,10 +76,6 @@ def run_cell(
     cfg: DataEfficiencyConfig, arm_name: str, arm: ArmConfig, fraction: float, seed: int
 ) -> dict[str, Any]:
     """Fine-tune and evaluate one cell (skipped when its result exists)."""
-    from umit.eval.evaluate import EvaluateConfig
-    from umit.eval.evaluate import run as evaluate
-    from umit.finetune.run import FinetuneConfig
-    from umit.finetune.run import run as finetune
 
     folder = cell_dir(cfg.out, arm_name, fraction, seed)
     done = folder / "result.json"
@@ -165,8 +167,6 @@ def markdown_table(table: dict, fractions: list[float], metric: str) -> str:
 
 def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     """Run every missing cell, then write the table, results and report."""
-    from umit.eval.report import Section, plot_curves, write_report
-    from umit.data.store import Store
 
     if not cfg.arms:
         raise InputError(None, "data-efficiency needs at least one arm (arms.<name>.model=...)")

@@ -19,7 +19,22 @@ import numpy as np
 from pydantic import Field
 
 from umit.config import UmitConfig, save_config
+from umit.data.cases import case_label
+from umit.data.store import Store
 from umit.errors import InputError
+from umit.eval.report import (
+    Section,
+    Table,
+    fmt_ci,
+    plot_slice_overlays,
+    subgroup_section,
+    write_report,
+)
+from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
+from umit.inference.segment import predict_case_classification, predict_case_segmentation
+from umit.metrics import segmentation_metrics
+from umit.train.checkpoint import InferenceSpec, load_model
+from umit.train.dp import format_dp
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -77,16 +92,8 @@ def evaluate_cases(
     model, ckpt: dict[str, Any], store, cases: list[str], cfg: EvaluateConfig
 ) -> tuple[list[dict], list[dict]]:
     """Per-case rows (metrics + attributes) and overlay material."""
-    from umit.metrics import segmentation_metrics
-    from umit.finetune.run import (
-        FinetuneConfig,
-        case_label,
-        predict_case_classification,
-        predict_case_segmentation,
-    )
-
-    run_cfg = FinetuneConfig.model_validate({**ckpt["run_config"], "data": str(cfg.data)})
-    task = ckpt["task"]
+    spec = InferenceSpec.model_validate(ckpt["spec"])
+    task = spec.task
     rows, overlays = [], []
     names = list(ckpt.get("class_names") or [])
     for c in cases:
@@ -96,7 +103,7 @@ def evaluate_cases(
             **{a: entry.get(a) for a in cfg.attributes if a in entry},
         }
         if task == "segmentation":
-            pred = predict_case_segmentation(model, store, c, run_cfg)
+            pred = predict_case_segmentation(model, store, c, spec)
             ref = np.asarray(store.case(c).read_label())
             labels = (
                 sorted(int(k) for k in (ckpt.get("label_names") or {}).values() if int(k) > 0)
@@ -124,7 +131,7 @@ def evaluate_cases(
             label = str(case_label(entry, ckpt.get("label_key", "target")))
             if label not in names:
                 continue
-            probs = predict_case_classification(model, store, c, tuple(run_cfg.crop_size))
+            probs = predict_case_classification(model, store, c, tuple(spec.roi_size))
             row["label"] = names.index(label)
             row["score"] = float(probs[1]) if len(names) == 2 else [float(p) for p in probs]
             row["pred"] = names[int(np.argmax(probs))]
@@ -134,17 +141,6 @@ def evaluate_cases(
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate; returns the summary (overall metrics with CIs, subgroup results, paths)."""
-    from umit.eval.report import (
-        Section,
-        Table,
-        fmt_ci,
-        plot_slice_overlays,
-        subgroup_section,
-        write_report,
-    )
-    from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
-    from umit.finetune.run import load_model
-    from umit.data.store import Store
 
     model, ckpt = load_model(cfg.model)
     store = Store(cfg.data)
@@ -211,8 +207,6 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     )
     sections = [Section(title="Overall", tables=[table], warnings=list(result.get("warnings", [])))]
     if ckpt.get("dp"):  # trained with DP-SGD: state the guarantee next to the metrics
-        from umit.train.dp import format_dp
-
         sections.append(Section(title="Differential privacy", text=format_dp(ckpt["dp"])))
     if attributes:
         sections.append(subgroup_section(result))

@@ -20,7 +20,11 @@ import torch
 from pydantic import Field
 
 from umit.config import UmitConfig, save_config
+from umit.data.cases import centre_crop_or_pad
+from umit.data.store import Store
 from umit.errors import InputError
+from umit.models import create_model
+from umit.train.checkpoint import load_encoder
 from umit.utils.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -53,28 +57,6 @@ class ProbeConfig(UmitConfig):
     """Volumes per forward pass."""
     seed: int = 0
     """Seed of the hold-out split and of the random-init baseline."""
-
-
-def centre_crop_or_pad(
-    volume: np.ndarray, size: tuple[int, int, int], pad_values: list[float]
-) -> np.ndarray:
-    """(C, X, Y, Z) -> (C, *size): centred crop, padding with each channel's background value."""
-    C = volume.shape[0]
-    out = np.empty((C, *size), dtype=np.float32)
-    for c in range(C):
-        out[c] = pad_values[c] if c < len(pad_values) else 0.0
-    src, dst = [], []
-    for n, s in zip(volume.shape[1:], size, strict=True):
-        if n >= s:
-            a = (n - s) // 2
-            src.append(slice(a, a + s))
-            dst.append(slice(0, s))
-        else:
-            a = (s - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(a, a + n))
-    out[(slice(None), *dst)] = volume[(slice(None), *src)]
-    return out
 
 
 @torch.no_grad()
@@ -152,9 +134,6 @@ def fit_probes(
 
 def run(cfg: ProbeConfig) -> dict[str, Any]:
     """Probe the encoder (and its random-init twin); writes and returns the scores."""
-    from umit.models import create_model
-    from umit.data.store import Store
-    from umit.ssl.pretrain import load_encoder
 
     encoder, ckpt = load_encoder(cfg.encoder)
     store = Store(cfg.data)

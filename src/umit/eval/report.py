@@ -260,13 +260,13 @@ def subgroup_tables(result: Mapping[str, Any], digits: int = 3) -> list[Table]:
     return tables
 
 
-def _render(fig) -> bytes:
+def render_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure as MplFigure
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency of reports
@@ -282,7 +282,7 @@ def plot_subgroup_metric(result: Mapping[str, Any], attribute: str, metric: str)
     if metric not in result["overall"]:
         raise ValueError(f"unknown metric {metric!r}; have {sorted(result['overall'])}")
     groups = result["attributes"][attribute]["groups"]
-    fig = _new_figure(max(3.5, 0.9 * len(groups) + 1.5), 3.2)
+    fig = new_figure(max(3.5, 0.9 * len(groups) + 1.5), 3.2)
     ax = fig.add_subplot()
     ov = result["overall"][metric]
     if ov["value"] is not None:
@@ -315,7 +315,7 @@ def plot_subgroup_metric(result: Mapping[str, Any], attribute: str, metric: str)
     ax.set_title(f"{metric} by {attribute} ({int(round(100 * result['ci']))}% CI)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return Figure(_render(fig), f"{metric} by {attribute}", f"{metric}-by-{attribute}")
+    return Figure(render_png(fig), f"{metric} by {attribute}", f"{metric}-by-{attribute}")
 
 
 def subgroup_section(
@@ -365,7 +365,7 @@ def plot_curves(
         raise ValueError(f"x must be a non-empty 1-D sequence, got shape {x.shape}")
     if not series:
         raise ValueError("no series to plot")
-    fig = _new_figure(5.0, 3.4)
+    fig = new_figure(5.0, 3.4)
     ax = fig.add_subplot()
     for name, vals in series.items():
         if isinstance(vals, tuple) and len(vals) == 2:
@@ -394,7 +394,7 @@ def plot_curves(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return Figure(_render(fig), title or f"{ylabel} vs {xlabel}", title or f"{ylabel}-vs-{xlabel}")
+    return Figure(render_png(fig), title or f"{ylabel} vs {xlabel}", title or f"{ylabel}-vs-{xlabel}")
 
 
 def _best_slice(ref: np.ndarray, pred: np.ndarray, axis: int) -> int:
@@ -426,7 +426,7 @@ def plot_slice_overlays(
         raise ValueError("no cases to show")
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-    fig = _new_figure(3.0 * len(cases), 3.3)
+    fig = new_figure(3.0 * len(cases), 3.3)
     for i, case in enumerate(cases):
         image, pred, ref = (np.asarray(case[k]) for k in ("image", "pred", "ref"))
         if image.ndim != 3 or image.shape != pred.shape or pred.shape != ref.shape:
@@ -456,4 +456,4 @@ def plot_slice_overlays(
         ax.set_title(str(case.get("title", f"case {i}")) + f" [{k}]", fontsize=9)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
-    return Figure(_render(fig), title, "slice-overlays")
+    return Figure(render_png(fig), title, "slice-overlays")

@@ -301,7 +301,7 @@ class _Column:
                 return np.nanmean(np.stack(aucs, axis=1), axis=1)
 
 
-def _ci(reps: np.ndarray, ci: float) -> tuple[float | None, float | None, int]:
+def ci_from_replicates(reps: np.ndarray, ci: float) -> tuple[float | None, float | None, int]:
     ok = reps[np.isfinite(reps)]
     if ok.size < 2:
         return None, None, int(ok.size)
@@ -310,7 +310,7 @@ def _ci(reps: np.ndarray, ci: float) -> tuple[float | None, float | None, int]:
 
 
 def _summary(value: float, reps: np.ndarray, ci: float, n_with_value: int) -> dict[str, Any]:
-    lo, hi, n_valid = _ci(reps, ci)
+    lo, hi, n_valid = ci_from_replicates(reps, ci)
     return {
         "value": _clean(value),
         "ci_low": lo,
@@ -455,7 +455,7 @@ def analyze_subgroups(
             hi = max(eligible, key=lambda g, n=name: group_vals[g][n])
             lo = min(eligible, key=lambda g, n=name: group_vals[g][n])
             reps = group_reps[hi][name] - group_reps[lo][name]
-            c_lo, c_hi, n_valid = _ci(reps, ci)
+            c_lo, c_hi, n_valid = ci_from_replicates(reps, ci)
             best, worst = (hi, lo) if col.spec.higher_is_better else (lo, hi)
             entry["gaps"][name] = {
                 "value": _clean(group_vals[hi][name] - group_vals[lo][name]),

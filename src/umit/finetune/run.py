@@ -11,19 +11,32 @@ freezing (linear probe / last blocks), layer-wise LR decay, and a seeded stratif
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from umit.config import UmitConfig
-from umit.data.transforms import AugmentConfig
+from umit.data.cases import CentredCases, balanced_cases, case_label
+from umit.data.dataset import StoreCropDataset
+from umit.data.plan import Plan
+from umit.data.store import Store
+from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
-from umit.train.dp import DPConfig
+from umit.finetune.subsets import select_labeled
+from umit.inference.segment import predict_case_classification, predict_case_segmentation
+from umit.metrics import classification_metrics, segmentation_metrics
+from umit.models import create_model
+from umit.models.heads import freeze_encoder, layer_id_fn, load_encoder_state_dict
+from umit.train.checkpoint import InferenceSpec, load_encoder, save_artifact
 from umit.train.config import TrainConfig
+from umit.train.distributed import is_main, unwrap
+from umit.train.dp import DPSGD, DPConfig, stamp_report
+from umit.train.loop import Trainer, seed_everything
+from umit.train.tasks import ClassificationTask, SegmentationTask
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +96,11 @@ class FinetuneConfig(UmitConfig):
         )
     )
     """Training loop settings; ``out_dir`` is set to ``out``."""
+    partial_load: bool = False
+    """Load a pretrained encoder even when some keys are missing/unexpected (logged by name)."""
+    select: Literal["auto", "last", "best_val"] = "auto"
+    """What ``best.pt`` holds: the last step of the fixed schedule, the best validation step, or
+    ``auto`` (best validation only when the validation set is no larger than the labeled set)."""
     dp: DPConfig = Field(default_factory=DPConfig)
     """Differentially private training (DP-SGD through Opacus); ``dp.enabled`` = ``--dp``."""
 
@@ -90,17 +108,8 @@ class FinetuneConfig(UmitConfig):
 # ---------------------------------------------------------------------------------------------
 # cases and labels
 # ---------------------------------------------------------------------------------------------
-def case_label(entry: dict[str, Any], key: str) -> Any:
-    value = entry.get(key)
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    return value
-
-
-def split_finetune_cases(store: Any, cfg: FinetuneConfig) -> dict[str, list[str]]:
+def split_finetune_cases(store: Store, cfg: FinetuneConfig) -> dict[str, list[str]]:
     """train (labeled subset), val, unlabeled and test case ids."""
-    from umit.finetune.subsets import select_labeled
-
     index = store.index
     if cfg.task == "segmentation":
         usable = [c for c in store.case_ids if index[c].get("has_label")]
@@ -136,7 +145,7 @@ def split_finetune_cases(store: Any, cfg: FinetuneConfig) -> dict[str, list[str]
     return {"train": labeled, "val": sorted(val), "unlabeled": unlabeled, "test": sorted(test)}
 
 
-def class_names(store: Any, cases: list[str], key: str) -> list[str]:
+def class_names(store: Store, cases: list[str], key: str) -> list[str]:
     return sorted({str(case_label(store.index[c], key)) for c in cases})
 
 
@@ -145,8 +154,6 @@ def class_names(store: Any, cases: list[str], key: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.nn.Module:
     """The registered model with input/output sizes filled in, pretrained encoder loaded, frozen as asked."""
-    from umit.models import create_model
-
     args = dict(cfg.model_args)
     args.setdefault("in_chans", in_chans)
     args.setdefault("img_size", tuple(cfg.crop_size))
@@ -159,159 +166,94 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.n
             None, f"model {cfg.model!r} does not take these arguments {sorted(args)}: {exc}"
         ) from exc
     if cfg.pretrained is not None:
-        load_pretrained_encoder(model, cfg.pretrained)
+        load_pretrained_encoder(model, cfg.pretrained, partial=cfg.partial_load)
     if cfg.freeze != "none":
-        from umit.models.heads import freeze_encoder
-
         freeze_encoder(
             model, trainable_blocks=cfg.trainable_blocks if cfg.freeze == "partial" else 0
         )
     return model
 
 
-def load_pretrained_encoder(model: torch.nn.Module, path: Path) -> None:
-    """Load ``encoder.pt`` weights into ``model.encoder`` (strict: every key must match)."""
-    from umit.ssl.pretrain import load_encoder
+def load_pretrained_encoder(model: torch.nn.Module, path: Path, partial: bool = False) -> None:
+    """Load ``encoder.pt`` weights into ``model.encoder``.
 
+    Strict by default: every key of the model's encoder must be in the file and every key of
+    the file must have a place, with equal shapes. ``partial=True`` loads what fits and logs
+    the missing and unexpected keys by name.
+    """
     if not hasattr(model, "encoder"):
         raise InputError(
             path, f"model {type(model).__name__} has no encoder to load pretrained weights into"
         )
     encoder, _ = load_encoder(path)
-    missing, unexpected = model.encoder.load_state_dict(encoder.state_dict(), strict=False)
-    # position tables of another grid size are resampled by the encoder itself at run time
-    if unexpected or [k for k in missing if "pos_embed" not in k]:
-        raise InputError(
-            path, f"encoder weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+    try:  # a learned position table of another grid is resampled to the model's
+        missing, unexpected = load_encoder_state_dict(
+            model.encoder, encoder.state_dict(), strict=not partial
         )
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(
+            path,
+            f"encoder weights do not fit {type(model.encoder).__name__} "
+            f"(partial_load=true loads what fits): {exc}",
+        ) from exc
+    if missing or unexpected:
+        log.warning("partial load of %s: missing %s, unexpected %s", path, missing, unexpected)
 
 
-def layer_id_fn_for(model: torch.nn.Module):
+def layer_id_fn_for(model: torch.nn.Module) -> Callable[[str], int]:
+    """Parameter name -> layer id for layer-wise LR decay (the model's own, else by encoder blocks).
+
+    Raises:
+        InputError: when the model has no block structure to decay over, rather than silently
+            training without the decay the config asked for.
+    """
     fn = getattr(model, "layer_id_fn", None)
     if callable(fn):
         return fn()
     try:
-        from umit.models.heads import layer_id_fn
-
         return layer_id_fn(model)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# tasks
-# ---------------------------------------------------------------------------------------------
-class SegmentationTask:
-    """DiceCE on crops; deep supervision (a list of outputs) weighted like nnU-Net."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self._call: torch.nn.Module = model
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.model
-
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self._call = module
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from umit.train.losses import dice_ce_loss
-
-        out = self._call(batch["image"])
-        label = batch["label"]
-        if isinstance(out, list | tuple):  # deep supervision: full resolution first
-            weights = [0.5**i for i in range(len(out))]
-            total = sum(weights)
-            loss = 0.0
-            for w, o in zip(weights, out, strict=True):
-                lab = (
-                    label
-                    if o.shape[2:] == label.shape[2:]
-                    else F.interpolate(label.float(), size=o.shape[2:], mode="nearest").long()
-                )
-                loss = loss + (w / total) * dice_ce_loss(o, lab)
-        else:
-            loss = dice_ce_loss(out, label)
-        return {"loss": loss}
-
-
-class ClassificationTask:
-    """Cross-entropy on a per-case label mapped to class indices."""
-
-    def __init__(self, model: torch.nn.Module, targets: dict[str, int]):
-        self.model = model
-        self._call: torch.nn.Module = model
-        self.targets = targets
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.model
-
-    def set_trainable_module(self, module: torch.nn.Module) -> None:
-        self._call = module
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        y = torch.tensor([self.targets[c] for c in batch["case_id"]], device=batch["image"].device)
-        logits = self._call(batch["image"])
-        loss = F.cross_entropy(logits.float(), y)
-        acc = (logits.argmax(1) == y).float().mean().detach()
-        return {"loss": loss, "acc": acc}
+    except (AttributeError, ValueError) as exc:
+        raise InputError(
+            None,
+            f"train.layer_decay < 1 needs a model with encoder blocks; {type(model).__name__} "
+            f"has none ({exc}); set train.layer_decay=1.0",
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
-def centred_input(store: Any, case_id: str, size: tuple[int, int, int]) -> torch.Tensor:
-    from umit.eval.probes import centre_crop_or_pad
-
-    case = store.case(case_id)
-    return torch.from_numpy(
-        centre_crop_or_pad(np.asarray(case.read(), np.float32), size, case.pad_values)
-    )
-
-
-def predict_case_segmentation(
-    model: torch.nn.Module, store: Any, case_id: str, cfg: FinetuneConfig
-) -> np.ndarray:
-    """Label map (X, Y, Z) of a store case by sliding-window inference."""
-    from umit.inference.predict import segment_volume
-
-    case = store.case(case_id)
-    return segment_volume(
-        model,
-        np.asarray(case.read(), np.float32),
-        cfg.crop_size,
-        overlap=cfg.sw_overlap,
-        sw_batch_size=cfg.sw_batch_size,
-        padding_value=float(case.pad_values[0]) if case.pad_values else 0.0,
-        device=next(model.parameters()).device,
-    )
-
-
-@torch.no_grad()
-def predict_case_classification(
-    model: torch.nn.Module, store: Any, case_id: str, size
-) -> np.ndarray:
-    x = centred_input(store, case_id, size)[None].to(next(model.parameters()).device)
-    return model(x).float().softmax(1)[0].cpu().numpy()
-
-
 def mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> float:
-    from umit.metrics import segmentation_metrics
-
+    """Mean Dice over ``classes`` present in prediction or reference (absent in both: skipped)."""
     scores = segmentation_metrics(pred, ref.astype(np.uint8), 1.0, classes, metrics=("dice",))
     vals = [m["dice"] for m in scores.values() if m["dice"] == m["dice"]]  # NaN: absent in both
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def inference_spec(cfg: FinetuneConfig, plan: Plan, extra: dict[str, Any]) -> InferenceSpec:
+    """What ``best.pt`` tells inference: task, ROI, overlap, names, channels."""
+    return InferenceSpec(
+        task=cfg.task,
+        roi_size=tuple(cfg.crop_size),
+        overlap=cfg.sw_overlap,
+        sw_batch_size=cfg.sw_batch_size,
+        class_names=list(extra.get("class_names") or []),
+        label_names=dict(extra.get("label_names") or {}),
+        label_key=cfg.label_key,
+        channels=list(plan.channel_names),
+        num_outputs=extra.get("num_outputs"),
+    )
+
+
 def make_eval_fn(
     model: torch.nn.Module,
-    store: Any,
+    store: Store,
     cases: list[str],
-    cfg: FinetuneConfig,
+    spec: InferenceSpec,
     targets: dict[str, int],
-    saver,
-):
-    """Validation metric every eval_every steps; keeps the best model through ``saver``."""
+    saver: Callable[[int, dict[str, float]], None] | None,
+) -> Callable[[int], dict[str, float]]:
+    """Validation metric every eval_every steps; with a ``saver``, keeps the best model."""
     state = {"best": -np.inf}
 
     def evaluate(step: int) -> dict[str, float]:
@@ -319,7 +261,7 @@ def make_eval_fn(
             return {}
         was = model.training
         model.eval()
-        if cfg.task == "segmentation":
+        if spec.task == "segmentation":
             classes = sorted(
                 {
                     int(k)
@@ -330,7 +272,7 @@ def make_eval_fn(
             )
             scores = [
                 mean_foreground_dice(
-                    predict_case_segmentation(model, store, c, cfg),
+                    predict_case_segmentation(model, store, c, spec),
                     np.asarray(store.case(c).read_label()),
                     classes,
                 )
@@ -339,17 +281,15 @@ def make_eval_fn(
             metric = {"val_dice": float(np.nanmean(scores))}
             value = metric["val_dice"]
         else:
-            from umit.metrics import classification_metrics
-
             probs = np.stack(
-                [predict_case_classification(model, store, c, cfg.crop_size) for c in cases]
+                [predict_case_classification(model, store, c, spec.roi_size) for c in cases]
             )
             y = np.array([targets[c] for c in cases])
             m = classification_metrics(y, probs)
             metric = {"val_auc": float(m["auc"]), "val_acc": float(m["accuracy"])}
             value = metric["val_auc"] if m["auc"] == m["auc"] else metric["val_acc"]
         model.train(was)
-        if value > state["best"]:
+        if saver is not None and value > state["best"]:
             state["best"] = value
             saver(step, metric)
         return metric
@@ -357,65 +297,45 @@ def make_eval_fn(
     return evaluate
 
 
+def selection_rule(cfg: FinetuneConfig, n_train: int, n_val: int) -> str:
+    """``best_val`` or ``last``: what ``best.pt`` holds.
+
+    ``auto`` picks the best validation step only when the validation set is no larger than the
+    labeled set (a larger one would be labels the label budget does not count) and there is one;
+    otherwise the last step of the fixed schedule.
+    """
+    if cfg.select != "auto":
+        return cfg.select if n_val else "last"
+    return "best_val" if 0 < n_val <= n_train else "last"
+
+
 def save_model(
-    model: torch.nn.Module, path: Path, *, plan: Any, cfg: FinetuneConfig, extra: dict[str, Any]
+    model: torch.nn.Module,
+    path: Path,
+    *,
+    plan: Any,
+    cfg: FinetuneConfig,
+    extra: dict[str, Any],
+    spec: InferenceSpec | None = None,
 ) -> Path:
-    """Plain-data model file (``weights_only``-loadable), written atomically."""
-    from umit.train.checkpoint import model_identity, to_plain, versions
-    from umit.train.distributed import unwrap
-    from umit.utils.fileio import atomic_path
-
-    module = unwrap(model)
-    name, args = model_identity(module)
-    payload = {
-        "kind": "model",
-        "task": cfg.task,
-        "model_name": name,
-        "model_args": to_plain(args or {}, "model_args"),
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "plan": to_plain(plan, "plan"),
-        "run_config": to_plain(cfg, "run_config"),
-        "versions": versions(),
-        **to_plain(extra, "extra"),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a fine-tuned model from ``best.pt`` (or a training checkpoint of ``umit finetune``)."""
-    from umit.models import create_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "model file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"not a readable UMIT checkpoint ({exc})") from exc
-    sd = ckpt.get("state_dict") if ckpt.get("kind") == "model" else ckpt.get("model")
-    if sd is None or not ckpt.get("model_name"):
-        raise InputError(path, "holds no fine-tuned model (expected best.pt from umit finetune)")
-    model = create_model(ckpt["model_name"], **dict(ckpt["model_args"]))
-    model.load_state_dict(sd, strict=True)
-    model.eval()
-    if "task" not in ckpt:
-        ckpt["task"] = (ckpt.get("run_config") or {}).get("task", "segmentation")
-    return model, ckpt
+    """``best.pt``: plain data with the inference spec (:func:`umit.train.checkpoint.save_artifact`)."""
+    plan_obj = plan if isinstance(plan, Plan) or plan is None else Plan.model_validate(plan)
+    if spec is None:
+        spec = (
+            inference_spec(cfg, plan_obj, extra)
+            if plan_obj is not None
+            else InferenceSpec(task=cfg.task, roi_size=tuple(cfg.crop_size))
+        )
+    return save_artifact(
+        path, "model", unwrap(model), plan=plan, run_config=cfg, spec=spec, extra=extra
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune; returns a summary with the best validation metric and the model path."""
-    from umit.data.dataset import StoreCropDataset
-    from umit.data.transforms import AugmentedDataset
-    from umit.data.store import Store
-    from umit.train.distributed import is_main
-    from umit.train.loop import Trainer
-
+    """Fine-tune; returns a summary with the chosen model's metric and path."""
     store = Store(cfg.data)
     plan = store.plan
     in_chans = len(plan.channels)
@@ -448,18 +368,22 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         train_cases = (
             balanced_cases(cases["train"], targets) if cfg.class_balanced else cases["train"]
         )
+    seed_everything(cfg.train.seed)  # before anything random is built: the same seed, the same run
     model = build_model(cfg, in_chans, num_outputs)
-    crops = StoreCropDataset(
-        cfg.data,
-        cfg.crop_size,
-        cases=train_cases,
-        samples_per_case=cfg.samples_per_case,
-        foreground_prob=cfg.foreground_prob if cfg.task == "segmentation" else 0.0,
-        seed=cfg.train.seed,
-        with_label=cfg.task == "segmentation",
-    )
     if cfg.task == "classification":
-        crops = CentredCases(store, train_cases, cfg.crop_size, cfg.samples_per_case)
+        crops: torch.utils.data.Dataset = CentredCases(
+            store, train_cases, cfg.crop_size, cfg.samples_per_case
+        )
+    else:
+        crops = StoreCropDataset(
+            cfg.data,
+            cfg.crop_size,
+            cases=train_cases,
+            samples_per_case=cfg.samples_per_case,
+            foreground_prob=cfg.foreground_prob,
+            seed=cfg.train.seed,
+            with_label=True,
+        )
     dataset = AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
     task = (
         SegmentationTask(model)
@@ -467,19 +391,20 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         else ClassificationTask(model, targets)
     )
     cfg.out.mkdir(parents=True, exist_ok=True)
-    extra = {
+    extra: dict[str, Any] = {
         "cases": cases,
         "class_names": names,
         "label_names": plan.labels,
         "label_key": cfg.label_key,
         "num_outputs": num_outputs,
     }
+    spec = inference_spec(cfg, plan, extra)
+    selection = selection_rule(cfg, len(cases["train"]), len(cases["val"]))
+    extra["selection"] = selection
     best: dict[str, Any] = {}
     layer_ids = layer_id_fn_for(model) if cfg.train.layer_decay < 1 else None
     dp = None
     if cfg.dp.enabled:  # DP-SGD: Poisson batches, per-sample clipping + noise, an accountant
-        from umit.train.dp import DPSGD
-
         dp = DPSGD(
             cfg.dp, task, dataset, cfg.train, num_units=len(set(train_cases)), layer_id_fn=layer_ids
         )
@@ -491,10 +416,17 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             extra["dp"] = dp.report()
         if is_main():
             save_model(
-                model, cfg.out / BEST_FILE, plan=plan, cfg=cfg, extra={**extra, "best": dict(best)}
+                model,
+                cfg.out / BEST_FILE,
+                plan=plan,
+                cfg=cfg,
+                spec=spec,
+                extra={**extra, "best": dict(best)},
             )
 
-    evaluate = make_eval_fn(model, store, cases["val"], cfg, targets, saver)
+    evaluate = make_eval_fn(
+        model, store, cases["val"], spec, targets, saver if selection == "best_val" else None
+    )
     trainer = Trainer(
         dp.task if dp else task,
         dp.loader if dp else dataset,
@@ -509,16 +441,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if dp is not None:
         extra["dp"] = dp.report()
         if best and is_main():  # chosen by validating every step's model: the whole run's epsilon
-            from umit.train.dp import stamp_report
-
             stamp_report(cfg.out / BEST_FILE, extra["dp"])
-    if not best and is_main():  # no validation cases: keep the last model
+    if not best and is_main():  # the last model of the fixed schedule
+        evals = [h for h in result.history if h.get("split") == "eval"]
+        last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("val_")}
+        best.update(step=result.step, **last)
         save_model(
-            model,
-            cfg.out / BEST_FILE,
-            plan=plan,
-            cfg=cfg,
-            extra={**extra, "best": {"step": result.step}},
+            model, cfg.out / BEST_FILE, plan=plan, cfg=cfg, spec=spec, extra={**extra, "best": best}
         )
     history = [h for h in result.history if h.get("split", "train") == "train"]
     return {
@@ -531,37 +460,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "steps": result.step,
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
+        "selection": selection,
         "best": best,
         "dp": extra.get("dp"),
         "seconds": result.seconds,
     }
-
-
-def balanced_cases(cases: list[str], targets: dict[str, int]) -> list[str]:
-    """Repeat minority-class cases so every class appears equally often (deterministic)."""
-    by_class: dict[int, list[str]] = {}
-    for c in cases:
-        by_class.setdefault(targets[c], []).append(c)
-    most = max(len(v) for v in by_class.values())
-    out: list[str] = []
-    for k in sorted(by_class):
-        group = by_class[k]
-        out.extend(group[i % len(group)] for i in range(most))
-    return out
-
-
-class CentredCases(torch.utils.data.Dataset):
-    """Whole cases, centre-cropped/padded to ``size`` (classification inputs)."""
-
-    def __init__(self, store: Any, cases: list[str], size: tuple[int, int, int], repeats: int = 1):
-        self.store = store
-        self.cases = list(cases)
-        self.size = tuple(size)
-        self.repeats = repeats
-
-    def __len__(self) -> int:
-        return len(self.cases) * self.repeats
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        c = self.cases[i // self.repeats]
-        return {"image": centred_input(self.store, c, self.size), "case_id": c}

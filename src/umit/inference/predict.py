@@ -28,14 +28,17 @@ import torch
 from pydantic import Field
 
 from umit.config import UmitConfig, save_config
-from umit.data.io import IMAGE_SUFFIXES, image_suffix, read_image, write_image
+from umit.data.cases import centre_crop_or_pad
+from umit.data.io import IMAGE_SUFFIXES, image_suffix, write_image
 from umit.data.meta import ImageMeta
+from umit.data.plan import Plan
 from umit.errors import InputError, UmitError
+from umit.inference.segment import full_resolution, segment_volume
 from umit.ingest.dicom import is_dicom_file
 from umit.ingest.read import read_volume
 from umit.preprocess.apply import apply_plan
-from umit.data.plan import Plan
 from umit.preprocess.resample import restore_original
+from umit.train.checkpoint import InferenceSpec, load_model
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -121,66 +124,23 @@ def load_channels(path: Path, plan: Plan) -> tuple[list[np.ndarray], ImageMeta]:
 
 
 # ---------------------------------------------------------------------------------------------
-# segmentation on the model grid (shared with fine-tuning validation)
-# ---------------------------------------------------------------------------------------------
-def full_resolution(out: torch.Tensor | list | tuple) -> torch.Tensor:
-    """The full-resolution output of a model (deep supervision returns a list, finest first)."""
-    return out[0] if isinstance(out, list | tuple) else out
-
-
-@torch.no_grad()
-def segment_volume(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    roi_size: tuple[int, int, int],
-    *,
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-    padding_value: float = 0.0,
-    precision: str = "fp32",
-    tta_flips: list[tuple[int, ...]] | tuple = (),
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """(C, X, Y, Z) image -> (X, Y, Z) uint8 argmax label map by sliding-window inference."""
-    from umit.inference.sliding_window import SlidingWindowInferer
-
-    inferer = SlidingWindowInferer(
-        roi_size=roi_size,
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        precision=precision,
-        output="argmax",
-        device=device,
-        tta_flips=tta_flips,
-        padding_value=padding_value,
-    )
-    x = torch.from_numpy(np.asarray(image, np.float32))[None]  # (1, C, X, Y, Z)
-    out = inferer(lambda t: full_resolution(model(t)), x)
-    return np.asarray(out[0, 0] if out.ndim == 5 else out[0]).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
 class Predictor:
     """A loaded model plus its plan; ``predict(path)`` handles one input."""
 
     def __init__(self, cfg: PredictConfig):
-        from umit.finetune.run import load_model
-
         self.cfg = cfg
         self.model, ckpt = load_model(cfg.model)
         if not ckpt.get("plan"):
             raise InputError(cfg.model, "the model file carries no preprocessing plan")
         self.plan = Plan.model_validate(ckpt["plan"])
-        self.task: str = ckpt["task"]
-        run_cfg = ckpt.get("run_config") or {}
-        self.crop_size = tuple(int(s) for s in run_cfg.get("crop_size", (96, 96, 96)))
-        self.overlap = (
-            cfg.overlap if cfg.overlap is not None else float(run_cfg.get("sw_overlap", 0.5))
-        )
-        self.class_names: list[str] = list(ckpt.get("class_names") or [])
-        self.label_names: dict[str, int] = dict(ckpt.get("label_names") or {})
+        spec = InferenceSpec.model_validate(ckpt["spec"])
+        self.task: str = spec.task
+        self.crop_size = tuple(int(s) for s in spec.roi_size)
+        self.overlap = cfg.overlap if cfg.overlap is not None else spec.overlap
+        self.class_names: list[str] = list(spec.class_names)
+        self.label_names: dict[str, int] = dict(spec.label_names)
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -208,8 +168,6 @@ class Predictor:
     @torch.no_grad()
     def classify(self, image: np.ndarray, pad_values: list[float]) -> np.ndarray:
         """(C, X, Y, Z) model-grid image -> class probabilities of the centred input."""
-        from umit.eval.probes import centre_crop_or_pad
-
         x = torch.from_numpy(
             centre_crop_or_pad(np.asarray(image, np.float32), self.crop_size, pad_values)
         )

@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from umit.errors import InputError
+
 CATALOG_NAME = "catalog.db"
 SCHEMA_VERSION = 1
 
@@ -157,7 +159,6 @@ class Catalog:
         """Open the catalog of an existing RAW folder, with a clear error if there is none."""
         path = Path(raw) / CATALOG_NAME
         if not path.is_file():
-            from umit.errors import InputError
 
             raise InputError(
                 raw, f"no {CATALOG_NAME} here; run `umit ingest SRC --out {raw}` first"
@@ -198,7 +199,6 @@ class Catalog:
                     (rec.case_id, rec.channel, rec.source_key),
                 ).fetchone()
                 if clash:
-                    from umit.errors import InputError
 
                     raise InputError(
                         rec.source,

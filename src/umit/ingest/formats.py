@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from umit.data.io import is_image_file, read_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
+from umit.ingest.dicom import discover_series, load_series
 
 ATTRIBUTE_COLUMNS = (
     "sex",
@@ -296,7 +298,6 @@ def _case_from_files(images: list[Path], n_channels: int, per_channel_files: boo
 
 
 def _load_collection(item: IngestItem) -> LoadedCase:
-    from umit.data.io import read_image
 
     p = item.payload
     names: list[str] = p["channels"]
@@ -335,8 +336,6 @@ def _load_collection(item: IngestItem) -> LoadedCase:
 # ---------------------------------------------------------------------------------------------
 def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str]]]:
     """Items found under ``root`` and a list of ``(key, source, reason)`` unreadable files."""
-    from umit.data.io import is_image_file
-    from umit.ingest.dicom import discover_series
 
     items: list[IngestItem] = []
     failures: list[tuple[str, str, str]] = []
@@ -423,7 +422,6 @@ def _file_format(path: Path) -> str:
 
 
 def _load_file(item: IngestItem) -> LoadedCase:
-    from umit.data.io import read_image
 
     array, meta = read_image(item.payload["image"])
     label = read_image(item.payload["label"]) if item.payload["label"] else None
@@ -432,7 +430,6 @@ def _load_file(item: IngestItem) -> LoadedCase:
 
 
 def _load_dicom(item: IngestItem) -> LoadedCase:
-    from umit.ingest.dicom import load_series
 
     series = item.payload["series"]
     array, meta = load_series(series)

@@ -20,11 +20,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from umit import __version__
 from umit.config import UmitConfig, save_config
+from umit.data.io import write_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
 from umit.ingest.deid import load_or_create_secret, pseudonym, safe_attributes
+from umit.ingest.dicom import age_band
 from umit.ingest.formats import (
     IngestItem,
     LoadedCase,
@@ -32,6 +35,7 @@ from umit.ingest.formats import (
     folder_items,
     medmnist_items,
 )
+from umit.privacy.deid import replace_uid
 from umit.utils.fileio import remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -113,7 +117,6 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     secret = load_or_create_secret(out)
     result = IngestResult(out=out)
     with Catalog(out / CATALOG_NAME) as catalog:
-        from umit import __version__
 
         catalog.set_info("umit_version", __version__)
         items, discovery_failures = discover(cfg.src)
@@ -299,7 +302,6 @@ def validate_label(
 def _write_case(
     item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: bytes
 ) -> list[SeriesRecord]:
-    from umit.data.io import write_image
 
     if not case.channels:
         raise InputError(item.source, "no image data")
@@ -366,7 +368,6 @@ def _write_case(
 
 
 def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
-    from umit.privacy.deid import replace_uid
 
     return {
         f"deid_{name}_uid": replace_uid(secret, uid)
@@ -389,7 +390,6 @@ _COLUMN_ATTRS = {
 
 def _normalise_attributes(raw: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
     """Harmonise attribute spellings (sex codes, age -> band) and drop anything not allowlisted."""
-    from umit.ingest.dicom import age_band
 
     attrs = dict(raw)
     if "age" in attrs and "age_years" not in attrs:

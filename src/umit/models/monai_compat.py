@@ -57,7 +57,6 @@ converter permutes the 8 blocks of ``downsample.norm`` and of ``reduction``'s in
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -322,16 +321,13 @@ def _permute_merge_blocks(v: torch.Tensor, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- loading
-def _read_state_dict(path_or_sd: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    if isinstance(path_or_sd, (str, os.PathLike)):
-        path = os.fspath(path_or_sd)
-        if "://" in path:
-            raise ValueError(f"{path}: only local files are loaded; download the checkpoint first")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file")
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        obj = path_or_sd
+def _read_state_dict(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if not isinstance(sd, Mapping):
+        raise ValueError(
+            f"expected a loaded state dict, got {type(sd).__name__}; read files with "
+            "umit.train.checkpoint.load_monai_weights(model, path)"
+        )
+    obj: Any = sd
     for _ in range(2):  # {"state_dict": {...}} or {"model": {...}} (possibly nested once more)
         if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next(
@@ -364,7 +360,7 @@ def _fit_pos_embed(sd: StateDict, model: ViT3D, source_grid: Sequence[int] | Non
 
 def load_monai_checkpoint(
     model: nn.Module,
-    path_or_sd: str | os.PathLike | Mapping[str, Any],
+    path_or_sd: Mapping[str, Any],
     strict: bool = True,
     downsample: str = "merging",
     source_grid: Sequence[int] | None = None,
@@ -374,12 +370,13 @@ def load_monai_checkpoint(
     Accepts a ``ViT`` / ``UNETR`` / ``SwinUNETR`` / ``swinViT`` state dict, or a checkpoint dict
     holding one under ``"state_dict"`` / ``"model"``; prefixes (``vit.``, ``swinViT.``,
     ``module.``) are found and stripped, and keys outside the encoder (decoders, SSL heads) are
-    dropped and reported. Files are read with ``torch.load(weights_only=True)``; local paths only.
+    dropped and reported. Files are read by :func:`umit.train.checkpoint.load_monai_weights`
+    (``weights_only``, local paths only), which calls this.
 
     Args:
         model: the encoder to fill (build it with :func:`vit3d_args_from_monai` /
             :func:`swin3d_args_from_monai`).
-        path_or_sd: checkpoint path or an already loaded dict.
+        path_or_sd: a loaded state dict or checkpoint dict.
         strict: raise when a model key is missing or a converted encoder key has no place.
         downsample: for Swin, the MONAI model's ``downsample`` mode.
         source_grid: for ViT, the checkpoint's patch grid when its position table has another

@@ -29,6 +29,7 @@ from torch import nn
 
 from umit.models.blocks import NormSpec, OutBlock, ResBlock, UpBlock
 from umit.models.heads import build_encoder, check_encoder_api, load_encoder_state_dict
+from umit.models.monai_compat import convert_monai_swin_state_dict
 from umit.models.registry import register_model
 
 __all__ = ["SwinUNETR", "convert_monai_swin_unetr_state_dict"]
@@ -159,7 +160,6 @@ def convert_monai_swin_unetr_state_dict(
     ``UnetrBasicBlock.layer``. SwinUNETR-v2 (``use_v2``) checkpoints are refused by the encoder
     converter.
     """
-    from umit.models.monai_compat import convert_monai_swin_state_dict
 
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     enc = convert_monai_swin_state_dict(sd, downsample=downsample)

@@ -36,6 +36,7 @@ from torch import nn
 
 from umit.models.blocks import NormSpec, OutBlock, PrUpBlock, UpBlock, make_conv_block
 from umit.models.heads import build_encoder, check_encoder_api, load_encoder_state_dict
+from umit.models.monai_compat import convert_monai_vit_state_dict
 from umit.models.registry import register_model
 
 __all__ = ["UNETR", "convert_monai_unetr_state_dict", "unetr_levels"]
@@ -220,7 +221,6 @@ def convert_monai_unetr_state_dict(
     -> ``conv1.weight``) and ``UnetrBasicBlock.layer`` (``encoder1.layer.conv1`` ->
     ``encoder1.conv1``). Build the model with ``encoder=ViT3D(**vit3d_args_from_monai(...))``.
     """
-    from umit.models.monai_compat import convert_monai_vit_state_dict
 
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     out = {f"encoder.{k}": v for k, v in convert_monai_vit_state_dict(sd, patch_size).items()}

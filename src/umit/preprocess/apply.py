@@ -15,11 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from umit.data.meta import translate_affine
+from umit.data.plan import Plan
 from umit.errors import InputError
 from umit.preprocess.normalize import body_mask, normalize_channel
-from umit.data.plan import Plan
-from umit.preprocess.resample import foreground_bbox, reorient_to_ras, resample_factors, resample_image, resample_label, scale_affine, spacing_of
-from umit.data.meta import translate_affine
+from umit.preprocess.resample import (
+    foreground_bbox,
+    reorient_to_ras,
+    resample_factors,
+    resample_image,
+    resample_label,
+    scale_affine,
+    spacing_of,
+)
 
 
 def apply_plan(

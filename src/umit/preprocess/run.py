@@ -30,17 +30,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from umit.config import UmitConfig, save_config
-from umit.errors import GeometryError, InputError
-from umit.ingest.catalog import Catalog, SeriesRecord
-from umit.preprocess.apply import apply_plan
-from umit.preprocess.fingerprint import channel_names, compute_fingerprint, stable_seed
-from umit.preprocess.plan import apply_overrides, plan_from_fingerprint
-from umit.data.plan import SCHEMES
-from umit.data.plan import PLAN_NAME, Plan
-from umit.preprocess.resample import (
-    read_nifti,
-    same_geometry,
-)
+from umit.data.plan import PLAN_NAME, SCHEMES, Plan
 from umit.data.store import (
     CATALOG_KEYS,
     FAILURES_NAME,
@@ -52,6 +42,15 @@ from umit.data.store import (
     init_store,
     scan_complete,
     write_case,
+)
+from umit.errors import GeometryError, InputError
+from umit.ingest.catalog import Catalog, SeriesRecord
+from umit.preprocess.apply import apply_plan
+from umit.preprocess.fingerprint import channel_names, compute_fingerprint, stable_seed
+from umit.preprocess.plan import apply_overrides, plan_from_fingerprint
+from umit.preprocess.resample import (
+    read_nifti,
+    same_geometry,
 )
 from umit.utils.fileio import atomic_write_json, remove_stale_temps
 

@@ -38,7 +38,29 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from umit.config import UmitConfig
+from umit.data.cases import case_label, centred_input
+from umit.data.dataset import StoreCropDataset
+from umit.data.store import Store
 from umit.errors import InputError
+from umit.eval.report import (
+    Figure,
+    Section,
+    Table,
+    fmt,
+    fmt_ci,
+    new_figure,
+    render_png,
+    write_report,
+)
+from umit.eval.subgroup import ci_from_replicates
+from umit.metrics import binary_auc
+from umit.models import create_model
+from umit.ssl.mae import MAE3D
+from umit.ssl.pretrain import split_cases
+from umit.train.checkpoint import load_artifact, load_model
+from umit.train.dp import format_dp
+from umit.train.losses import dice_ce_loss
+from umit.utils.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +139,6 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 
 def _point_metrics(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float]) -> dict:
-    from umit.metrics import binary_auc
 
     y = np.r_[np.ones(members.size, int), np.zeros(nonmembers.size, int)]
     s = np.r_[members, nonmembers]
@@ -143,7 +164,6 @@ def attack_metrics(
 ) -> dict[str, Any]:
     """AUC, TPR at each FPR and advantage, each ``{value, ci_low, ci_high}`` (stratified
     percentile bootstrap), plus the ROC points and warnings about too few non-members."""
-    from umit.eval.subgroup import _ci
 
     m = np.asarray(member_scores, dtype=np.float64)
     n = np.asarray(nonmember_scores, dtype=np.float64)
@@ -158,7 +178,7 @@ def attack_metrics(
             reps[k].append(v)
     metrics = {}
     for k, v in point.items():
-        lo, hi, _ = _ci(np.asarray(reps[k]), ci)
+        lo, hi, _ = ci_from_replicates(np.asarray(reps[k]), ci)
         metrics[k] = {"value": float(v), "ci_low": lo, "ci_high": hi}
     y = np.r_[np.ones(m.size, int), np.zeros(n.size, int)]
     fpr, tpr, _ = roc_points(y, np.r_[m, n])
@@ -199,7 +219,6 @@ def segmentation_losses(
     model: torch.nn.Module, crops: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]
 ) -> np.ndarray:
     """DiceCE of each case averaged over its (image (C, d, h, w), label (1, d, h, w)) crops."""
-    from umit.train.losses import dice_ce_loss
 
     model.eval()
     device = next(model.parameters()).device
@@ -283,13 +302,8 @@ def find_duplicates(
 def load_audit_model(path: str | Path) -> tuple[str, torch.nn.Module, dict[str, Any]]:
     """``(kind, model, checkpoint)`` with kind ``classification`` / ``segmentation`` / ``mae``."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "model file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"not a readable UMIT checkpoint ({exc})") from exc
-    if ckpt.get("kind") == "encoder":
+    ckpt = load_artifact(path, expect=("model", "encoder", "train_state"))
+    if ckpt["kind"] == "encoder":
         run_ckpt = path.parent / "latest.pt"
         if not run_ckpt.is_file():
             raise InputError(
@@ -300,16 +314,12 @@ def load_audit_model(path: str | Path) -> tuple[str, torch.nn.Module, dict[str, 
         log.info("%s has no decoder: auditing the run checkpoint %s", path, run_ckpt)
         return load_audit_model(run_ckpt)
     if ckpt.get("model_name") == "mae3d":
-        from umit.models import create_model
-        from umit.ssl.mae import MAE3D
 
         args = dict(ckpt["model_args"])
         encoder = create_model(args.pop("encoder"), **dict(args.pop("encoder_args")))
         mae = MAE3D(encoder, **args)
         mae.load_state_dict(ckpt["model"], strict=True)
         return "mae", mae.eval(), ckpt
-    from umit.finetune.run import load_model
-
     model, ckpt = load_model(path)
     return str(ckpt["task"]), model, ckpt
 
@@ -323,7 +333,6 @@ def training_case_sets(kind: str, ckpt: Mapping[str, Any], store: Any) -> dict[s
                 None, "the checkpoint records no training cases (not a umit finetune best.pt?)"
             )
         return sets
-    from umit.ssl.pretrain import split_cases
 
     rc = ckpt.get("run_config") or {}
     exclude = list(rc.get("exclude_splits", ["test"]))
@@ -367,7 +376,6 @@ def case_losses(
     cfg: AuditConfig,
 ) -> np.ndarray:
     """Per-case loss of ``model`` on store cases, in the checkpoint's input geometry."""
-    from umit.finetune.run import case_label, centred_input
 
     rc = ckpt.get("run_config") or {}
     crop = tuple(rc.get("crop_size", (96, 96, 96)))
@@ -384,7 +392,6 @@ def case_losses(
         images = [centred_input(store, c, crop) for c in cases]
         return classification_losses(model, images, [lookup[v] for v in labels])
     if kind == "segmentation":
-        from umit.data.dataset import StoreCropDataset
 
         missing = [c for c in cases if not store.index[c].get("has_label")]
         if missing:
@@ -419,8 +426,6 @@ def case_losses(
 # ---------------------------------------------------------------------------------------------
 def run(cfg: AuditConfig) -> dict[str, Any]:
     """Score members and non-members, compute the attacks, find near-duplicates, write the report."""
-    from umit.data.store import Store
-    from umit.utils.fileio import atomic_write_json
 
     store = Store(cfg.data)
     kind, model, ckpt = load_audit_model(cfg.model)
@@ -500,9 +505,8 @@ def run(cfg: AuditConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def plot_roc(attacks: Mapping[str, Mapping[str, Any]]):
     """ROC of each attack, linear and log-log (low-FPR regime), with the chance line."""
-    from umit.eval.report import Figure, _new_figure, _render
 
-    fig = _new_figure(9.0, 4.0)
+    fig = new_figure(9.0, 4.0)
     axes = fig.subplots(1, 2)
     for name, a in attacks.items():
         fpr, tpr = np.asarray(a["roc"]["fpr"]), np.asarray(a["roc"]["tpr"])
@@ -522,11 +526,10 @@ def plot_roc(attacks: Mapping[str, Mapping[str, Any]]):
     axes[0].legend(loc="lower right", fontsize=8)
     axes[0].set_title("ROC")
     axes[1].set_title("ROC, log scale (low FPR)")
-    return Figure(png=_render(fig), caption="Membership-inference ROC", name="roc")
+    return Figure(png=render_png(fig), caption="Membership-inference ROC", name="roc")
 
 
 def write_audit_report(result: Mapping[str, Any], out: Path) -> dict[str, Any]:
-    from umit.eval.report import Section, Table, fmt, fmt_ci, write_report
 
     attacks = result["attacks"]
     keys = list(next(iter(attacks.values()))["metrics"])
@@ -553,7 +556,6 @@ def write_audit_report(result: Mapping[str, Any], out: Path) -> dict[str, Any]:
         + "."
     )
     if result.get("dp"):
-        from umit.train.dp import format_dp
 
         text += f" The model was trained with DP-SGD: {format_dp(result['dp'])}."
     dups = result["duplicates"]

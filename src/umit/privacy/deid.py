@@ -52,6 +52,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from umit import __version__
 from umit.config import UmitConfig
 from umit.errors import InputError
 from umit.ingest.deid import SECRET_NAME, load_or_create_secret, pseudonym
@@ -592,7 +593,6 @@ class Deidentifier:
 
     def _write_method(self, ds: Dataset, options: set[str]) -> None:
         ds.PatientIdentityRemoved = "YES"
-        from umit import __version__
 
         ds.DeidentificationMethod = [f"UMIT {__version__} deid", "PS3.15 E.1-1 Basic Profile"] + [
             o for o in sorted(options) if o != "clean-pixel-data"
@@ -797,7 +797,6 @@ def run(cfg: DeidConfig, progress: bool = True) -> DeidResult:
                 {"source_key": pseudonym(key, f"source:{rel_src}", 16), "reason": problem}
             )
     result.seconds = time.perf_counter() - start
-    from umit import __version__
 
     atomic_write_json(
         out / REPORT_NAME,

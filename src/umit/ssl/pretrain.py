@@ -20,9 +20,16 @@ import torch
 from pydantic import Field
 
 from umit.config import UmitConfig
-from umit.data.transforms import AugmentConfig
+from umit.data.dataset import StoreCropDataset
+from umit.data.store import Store
+from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
+from umit.models import create_model
+from umit.ssl.mae import MAE3D, mae_flops_per_sample
+from umit.train.checkpoint import save_artifact
 from umit.train.config import TrainConfig
+from umit.train.distributed import is_main
+from umit.train.loop import Trainer, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +128,6 @@ class MAETask:
     """Training-loop task around :class:`~umit.ssl.mae.MAE3D` (reports FLOPs and tokens)."""
 
     def __init__(self, mae: torch.nn.Module, crop_size: tuple[int, int, int]):
-        from umit.ssl.mae import mae_flops_per_sample
 
         self.mae = mae
         self._call: torch.nn.Module = mae
@@ -148,7 +154,6 @@ class MAETask:
 
 def build_validation(store_dir: Path, cases: list[str], cfg: PretrainConfig) -> list[torch.Tensor]:
     """Fixed validation crops (no augmentation), batched one crop per tensor."""
-    from umit.data.dataset import StoreCropDataset
 
     if not cases:
         return []
@@ -195,8 +200,6 @@ def make_eval_fn(mae: torch.nn.Module, val: list[torch.Tensor], device_of: Any):
 
 
 def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
-    from umit.models import create_model
-    from umit.ssl.mae import MAE3D
 
     encoder = create_model(cfg.model, img_size=cfg.crop_size, in_chans=in_chans, **cfg.model_args)
     m = cfg.mae
@@ -216,63 +219,21 @@ def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
 def save_encoder(
     mae: torch.nn.Module, path: Path, plan: Any, cfg: PretrainConfig, extra: dict | None = None
 ) -> Path:
-    """Write the encoder alone (plain data, ``weights_only``-loadable, atomic)."""
-    from umit.train.checkpoint import to_plain, versions
-    from umit.utils.fileio import atomic_path
-
-    enc = mae.encoder
-    payload = {
-        "kind": "encoder",
-        "model_name": getattr(enc, "model_name", None),
-        "model_args": to_plain(getattr(enc, "model_args", {}), "model_args"),
-        "state_dict": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
-        "plan": to_plain(plan, "plan"),
-        "run_config": to_plain(cfg, "run_config"),
-        "versions": versions(),
-        **(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_encoder(path: str | Path, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild an encoder from ``encoder.pt`` (or a training checkpoint of an MAE run)."""
-    from umit.models import create_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "encoder checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"not a readable UMIT checkpoint ({exc})") from exc
-    if ckpt.get("kind") == "encoder":
-        name, args, sd = ckpt["model_name"], dict(ckpt["model_args"]), ckpt["state_dict"]
-    elif ckpt.get("model_name") == "mae3d":  # a training checkpoint of the MAE wrapper
-        args = dict(ckpt["model_args"])
-        name, args = args["encoder"], dict(args["encoder_args"])
-        sd = {k[len("encoder.") :]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    else:
-        raise InputError(path, "holds neither an encoder nor an MAE training checkpoint")
-    args.update(overrides)
-    model = create_model(name, **args)
-    model.load_state_dict(sd, strict=True)
-    return model, ckpt
+    """Write the encoder alone as an ``encoder`` artifact (plain data, atomic)."""
+    return save_artifact(
+        path, "encoder", mae.encoder, plan=plan, run_config=cfg, extra=extra
+    )
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; returns a summary (first/last train and validation losses, paths)."""
-    from umit.data.dataset import StoreCropDataset
-    from umit.data.transforms import AugmentedDataset
-    from umit.data.store import Store
-    from umit.train.loop import Trainer
 
     store = Store(cfg.data)
     plan = store.plan
     in_chans = len(plan.channels)
     train_cases, val_cases = split_cases(store, cfg.exclude_splits, cfg.val_cases, cfg.train.seed)
     train_cfg = cfg.train.model_copy(update={"out_dir": cfg.out})
+    seed_everything(cfg.train.seed)  # before anything random is built: the same seed, the same run
     mae = build_mae(cfg, in_chans)
     crops = StoreCropDataset(
         cfg.data,
@@ -312,7 +273,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "last_val_loss": evals[-1].get("val_loss") if evals else None,
         "seconds": result.seconds,
     }
-    from umit.train.distributed import is_main
 
     if is_main():
         save_encoder(mae, cfg.out / ENCODER_FILE, plan, cfg, {"summary": summary})

@@ -16,6 +16,13 @@ import umit. Keys:
 - ``config``: the resolved config; ``plan``: the preprocessing plan (dict or None)
 - ``versions``: umit, torch, python; ``data_hash``: hash of the dataset manifest (or None)
 
+Every file umit writes is an *artifact* with a ``kind``: ``train_state`` (the loop's
+checkpoints, above), ``model`` (``best.pt`` of ``umit finetune``: weights, model name and
+arguments, plan, run config and an :class:`InferenceSpec`) or ``encoder`` (``encoder.pt`` of
+``umit pretrain``). :func:`save_artifact` writes the last two, :func:`load_artifact` reads all
+three (and MONAI weights, ``expect="monai"``), migrating older layouts, and names the file and
+what it holds when the kind is not the one asked for. It is the only ``torch.load`` in umit.
+
 Files: ``step_XXXXXX.pt`` (the last ``keep_last`` kept) and ``latest.pt`` (a hard link to the
 newest, or a copy where links are not possible). Each is written to a temporary name and renamed,
 so a killed run never leaves a half-written checkpoint under a real name.
@@ -40,13 +47,16 @@ from pydantic import BaseModel
 from torch import nn
 
 from umit import __version__
+from umit.config import UmitConfig
 from umit.errors import InputError
+from umit.models import create_model
+from umit.models.monai_compat import load_monai_checkpoint
 from umit.utils.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 FORMAT = "umit-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATEST_NAME = "latest.pt"
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "format_version", "model", "step")
@@ -238,36 +248,8 @@ def save_checkpoint(ckpt: Mapping[str, Any], out_dir: str | Path, keep_last: int
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
-    """Read a umit checkpoint with ``weights_only=True``.
-
-    Raises:
-        InputError: naming the file when it is missing, unreadable (truncated, corrupt, not a
-            torch file, holds pickled objects) or not a umit checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as exc:  # a damaged file can fail anywhere in the unpickler
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputError(
-            path,
-            f"cannot read checkpoint (truncated, corrupt or not plain data): "
-            f"{type(exc).__name__}: {first}",
-        ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise InputError(path, f"not a umit checkpoint (no format={FORMAT!r} entry)")
-    if int(ckpt["format_version"]) > FORMAT_VERSION:
-        raise InputError(
-            path,
-            f"checkpoint format version {ckpt['format_version']} is newer than this umit "
-            f"understands ({FORMAT_VERSION}); upgrade umit",
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise InputError(path, f"checkpoint lacks {missing}")
-    return ckpt
+    """Read a training checkpoint (``step_*.pt`` / ``latest.pt``): ``load_artifact(path, "train_state")``."""
+    return load_artifact(path, expect="train_state", map_location=map_location, mmap=mmap)
 
 
 def checkpoint_candidates(out_dir: str | Path) -> list[Path]:
@@ -288,3 +270,264 @@ def load_latest(
         except InputError as exc:
             log.warning("skipping checkpoint: %s", exc)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts: the one save/load pair for every file umit writes
+# ---------------------------------------------------------------------------------------------
+ARTIFACT_KINDS = ("train_state", "model", "encoder", "monai")
+_DESCRIBE = {
+    "train_state": "a training checkpoint (step_*.pt / latest.pt)",
+    "model": "a fine-tuned model (best.pt of umit finetune)",
+    "encoder": "a pretrained encoder (encoder.pt of umit pretrain)",
+    "monai": "a plain state dict (e.g. MONAI weights)",
+}
+
+
+class InferenceSpec(UmitConfig):
+    """What inference needs to run a fine-tuned model, stored in ``best.pt`` (``spec``).
+
+    ``umit evaluate``, ``umit predict``, ``umit audit`` and the demo read this, never the full
+    training config, so renaming a training option cannot make old model files unreadable.
+    """
+
+    task: str = "segmentation"
+    """``segmentation`` or ``classification``."""
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    """Sliding-window ROI (segmentation) or centred input size (classification), in voxels."""
+    overlap: float = 0.5
+    """Sliding-window overlap used in validation (``umit predict`` default)."""
+    sw_batch_size: int = 2
+    """Windows per forward pass."""
+    class_names: list[str] = []
+    """Classification: class names in output order."""
+    label_names: dict[str, int] = {}
+    """Segmentation: structure name -> label value."""
+    label_key: str = "target"
+    """Classification: the per-case label the model predicts."""
+    channels: list[str] = []
+    """Input channel names, in order (from the plan)."""
+    num_outputs: int | None = None
+    """Output channels / classes."""
+
+
+def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as exc:  # a damaged file can fail anywhere in the unpickler
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(
+            path,
+            f"cannot read checkpoint (truncated, corrupt or not plain data): "
+            f"{type(exc).__name__}: {first}",
+        ) from exc
+
+
+def _spec_from_run_config(art: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 1 ``best.pt`` had no spec: rebuild it from the fine-tuning config it carried."""
+    run = dict(art.get("run_config") or {})
+    plan = art.get("plan") or {}
+    spec: dict[str, Any] = {
+        "task": art.get("task") or run.get("task", "segmentation"),
+        "class_names": list(art.get("class_names") or []),
+        "label_names": dict(art.get("label_names") or {}),
+        "label_key": art.get("label_key") or run.get("label_key", "target"),
+        "channels": [c.get("name") for c in plan.get("channels", []) if isinstance(c, Mapping)],
+        "num_outputs": art.get("num_outputs"),
+    }
+    if "crop_size" in run:
+        spec["roi_size"] = tuple(int(s) for s in run["crop_size"])
+    if "sw_overlap" in run:
+        spec["overlap"] = float(run["sw_overlap"])
+    if "sw_batch_size" in run:
+        spec["sw_batch_size"] = int(run["sw_batch_size"])
+    return InferenceSpec.model_validate(spec).model_dump(mode="json")
+
+
+def migrate_artifact(obj: Any, path: Path) -> dict[str, Any]:
+    """Any layout umit has written -> the current one (``format_version`` :data:`FORMAT_VERSION`).
+
+    Version 1 files: ``best.pt`` / ``encoder.pt`` had ``kind`` but no ``format``; training
+    checkpoints had ``format`` but no ``kind``; ``best.pt`` had no inference spec.
+    """
+    if not isinstance(obj, dict):
+        raise InputError(path, f"not a umit checkpoint (holds a {type(obj).__name__})")
+    art = dict(obj)
+    if art.get("format") == FORMAT:
+        version = int(art.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise InputError(
+                path,
+                f"checkpoint format version {version} is newer than this umit understands "
+                f"({FORMAT_VERSION}); upgrade umit",
+            )
+        art.setdefault("kind", "train_state" if "model" in art and "step" in art else None)
+    elif art.get("kind") in ("model", "encoder") and "state_dict" in art:
+        art["format"] = FORMAT  # version 1 model / encoder file
+    elif (
+        art
+        and all(isinstance(v, torch.Tensor) for v in art.values())
+        or any(isinstance(art.get(k), Mapping) for k in ("state_dict", "model", "network_weights"))
+    ):
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "monai", "raw": art}
+    else:
+        raise InputError(path, f"not a umit checkpoint (no format={FORMAT!r} entry)")
+    if art["kind"] == "model" and not art.get("spec"):
+        art["spec"] = _spec_from_run_config(art)
+    art["format_version"] = FORMAT_VERSION
+    return art
+
+
+def load_artifact(
+    path: str | Path,
+    expect: str | tuple[str, ...] | None = None,
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
+) -> dict[str, Any]:
+    """Read any umit file (``weights_only``), migrated to the current layout.
+
+    Args:
+        path: the file.
+        expect: the kind(s) the caller can use (:data:`ARTIFACT_KINDS`); None accepts any.
+
+    Raises:
+        InputError: naming the file when it is missing, unreadable, not a umit file, or holds
+            another kind than ``expect`` (saying what it holds).
+    """
+    path = Path(path)
+    wanted = (expect,) if isinstance(expect, str) else expect
+    for kind in wanted or ():
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"unknown artifact kind {kind!r}; choose from {ARTIFACT_KINDS}")
+    if "://" in str(path):
+        raise InputError(path, "only local files are loaded; download the checkpoint first")
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    art = migrate_artifact(_torch_load(path, map_location, mmap), path)
+    if wanted and art["kind"] not in wanted:
+        what = " or ".join(_DESCRIBE[k] for k in wanted)
+        if art["kind"] == "monai":
+            raise InputError(
+                path, f"not a umit checkpoint: holds {_DESCRIBE['monai']}, expected {what}"
+            )
+        raise InputError(
+            path,
+            f"holds {_DESCRIBE.get(art['kind'], art['kind'])} ({art.get('model_name')}), "
+            f"expected {what}",
+        )
+    if art["kind"] == "train_state":
+        missing = [k for k in REQUIRED_KEYS if k not in art]
+        if missing:
+            raise InputError(path, f"checkpoint lacks {missing}")
+    elif art["kind"] in ("model", "encoder") and not art.get("model_name"):
+        raise InputError(path, f"{_DESCRIBE[art['kind']]} without a model name")
+    return art
+
+
+def save_artifact(
+    path: str | Path,
+    kind: str,
+    module: nn.Module,
+    *,
+    plan: Any = None,
+    run_config: Any = None,
+    spec: InferenceSpec | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``best.pt`` (``kind="model"``) or ``encoder.pt`` (``kind="encoder"``) atomically.
+
+    The module must carry ``model_name`` / ``model_args`` (every registered model does).
+    """
+    if kind not in ("model", "encoder"):
+        raise ValueError(f"save_artifact writes 'model' or 'encoder' files, not {kind!r}")
+    if kind == "model" and spec is None:
+        raise ValueError("a model file needs its InferenceSpec")
+    name, args = model_identity(module)
+    if name is None:
+        raise ValueError(f"{type(module).__name__} has no model_name: build it with create_model")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model_name": name,
+        "model_args": args or {},
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "plan": to_plain(plan, "plan"),
+        "run_config": to_plain(run_config, "run_config"),
+        "versions": versions(),
+        **to_plain(dict(extra or {}), "extra"),
+    }
+    if spec is not None:
+        payload["spec"] = spec.model_dump(mode="json")
+        payload["task"] = spec.task
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def update_artifact(path: str | Path, **fields: Any) -> Path:
+    """Rewrite an artifact with some top-level fields replaced (e.g. the DP report), atomically."""
+    path = Path(path)
+    art = load_artifact(path)
+    art.update(to_plain(fields, "fields"))
+    with atomic_path(path) as tmp:
+        torch.save(art, tmp)
+    return path
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a fine-tuned model (``best.pt``, or a training checkpoint of ``umit finetune``)."""
+
+    art = load_artifact(path, expect=("model", "train_state"))
+    sd = art["state_dict"] if art["kind"] == "model" else art["model"]
+    if not art.get("model_name"):
+        raise InputError(path, "holds no fine-tuned model (expected best.pt from umit finetune)")
+    if art["kind"] == "train_state":
+        run = dict(art.get("config") or {})
+        art.setdefault("run_config", run)
+        art["spec"] = _spec_from_run_config({**art, "task": run.get("task")})
+    model = create_model(art["model_name"], **dict(art["model_args"]))
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    art["task"] = art["spec"]["task"]
+    return model, art
+
+
+def encoder_state(art: Mapping[str, Any], path: Path) -> tuple[str, dict[str, Any], dict]:
+    """``(name, args, state_dict)`` of the encoder in an ``encoder.pt`` or an SSL training state.
+
+    A training checkpoint of an SSL wrapper (``model_args`` with ``encoder`` and
+    ``encoder_args``) holds the encoder under the ``encoder.`` prefix.
+    """
+    if art["kind"] == "encoder":
+        return art["model_name"], dict(art["model_args"]), art["state_dict"]
+    args = dict(art.get("model_args") or {})
+    if "encoder" not in args or "encoder_args" not in args:
+        raise InputError(
+            path,
+            f"holds a training checkpoint of {art.get('model_name')!r}, not of a pretraining "
+            "method (no encoder inside)",
+        )
+    sd = {k[len("encoder.") :]: v for k, v in art["model"].items() if k.startswith("encoder.")}
+    return str(args["encoder"]), dict(args["encoder_args"]), sd
+
+
+def load_encoder(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an encoder from ``encoder.pt`` (or a pretraining run's training checkpoint)."""
+
+    path = Path(path)
+    art = load_artifact(path, expect=("encoder", "train_state"))
+    name, args, sd = encoder_state(art, path)
+    args.update(overrides)
+    model = create_model(name, **args)
+    model.load_state_dict(sd, strict=True)
+    return model, art
+
+
+def load_monai_weights(model: nn.Module, path: str | Path, **kwargs: Any) -> Any:
+    """Load a MONAI ViT/UNETR/SwinUNETR checkpoint file into our encoder (key mapping in
+    :func:`umit.models.monai_compat.load_monai_checkpoint`)."""
+
+    art = load_artifact(path, expect="monai")
+    return load_monai_checkpoint(model, art["raw"], **kwargs)

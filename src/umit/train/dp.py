@@ -45,7 +45,10 @@ from torch import nn
 
 from umit.config import UmitConfig
 from umit.errors import InputError
+from umit.train import distributed as du
+from umit.train.checkpoint import update_artifact
 from umit.train.config import TrainConfig
+from umit.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,6 @@ def check_dp_model(model: nn.Module) -> None:
 
 def check_dp_train(cfg: TrainConfig) -> None:
     """Loop settings that DP-SGD cannot honour, refused up front with the reason."""
-    from umit.train import distributed as du
 
     problems = []
     if cfg.grad_accum_steps != 1:
@@ -308,7 +310,6 @@ class DPSGD:
         """AdamW (our groups and schedules) wrapped in Opacus ``DPOptimizer`` with the accountant."""
         from opacus.optimizers import DPOptimizer
 
-        from umit.train.optim import build_optimizer
 
         base = build_optimizer(module, self.train, self.layer_id_fn)
         opt = DPOptimizer(
@@ -360,12 +361,8 @@ class DPSGD:
 
 def stamp_report(path: str | Path, report: Mapping[str, Any]) -> None:
     """Replace the ``dp`` record of a saved model file (atomically)."""
-    from umit.utils.fileio import atomic_path
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["dp"] = dict(report)
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+    update_artifact(path, dp=dict(report))
 
 
 def format_dp(report: Mapping[str, Any] | None) -> str:

@@ -403,6 +403,7 @@ class Trainer:
         return {
             "format": ckpt_io.FORMAT,
             "format_version": ckpt_io.FORMAT_VERSION,
+            "kind": "train_state",
             "model": model_sd,
             "optimizer": ckpt_io.to_plain(optim_sd, "optimizer"),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,

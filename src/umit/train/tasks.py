@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from umit.train.losses import dice_ce_loss
+
 
 @runtime_checkable
 class Task(Protocol):
@@ -101,3 +103,48 @@ class RegressionTask(ModuleTask):
 
     def tokens_per_sample(self, batch: Any) -> float | None:
         return self._tokens
+
+
+class SegmentationTask(ModuleTask):
+    """DiceCE on crops ``{"image", "label"}``; deep supervision (a list of outputs, finest
+    first) weighted 1, 1/2, 1/4, ... and normalised, as nnU-Net does."""
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = self._call(batch["image"])
+        label = batch["label"]
+        if not isinstance(out, list | tuple):
+            return {"loss": dice_ce_loss(out, label)}
+        weights = [0.5**i for i in range(len(out))]
+        total = sum(weights)
+        loss = 0.0
+        for w, o in zip(weights, out, strict=True):
+            lab = (
+                label
+                if o.shape[2:] == label.shape[2:]
+                else F.interpolate(label.float(), size=o.shape[2:], mode="nearest").long()
+            )
+            loss = loss + (w / total) * dice_ce_loss(o, lab)
+        return {"loss": loss}
+
+
+class ClassificationTask(ModuleTask):
+    """Cross-entropy on a per-case label: ``targets`` maps ``batch["case_id"]`` to a class index."""
+
+    def __init__(self, model: nn.Module, targets: Mapping[str, int]):
+        super().__init__(model)
+        self.targets = dict(targets)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        y = torch.tensor([self.targets[c] for c in batch["case_id"]], device=batch["image"].device)
+        logits = self._call(batch["image"])
+        loss = F.cross_entropy(logits.float(), y)
+        acc = (logits.argmax(1) == y).float().mean().detach()
+        return {"loss": loss, "acc": acc}
