@@ -54,8 +54,8 @@ def _stage(name: str, t0: float) -> None:
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns a summary with the report path."""
-    from umit.cli.phantoms import PhantomsConfig
-    from umit.cli.phantoms import run as make_phantoms
+    from umit.data.phantoms.stage import PhantomsConfig
+    from umit.data.phantoms.stage import run as make_phantoms
     from umit.eval.data_efficiency import DataEfficiencyConfig
     from umit.eval.data_efficiency import run as data_efficiency
     from umit.ingest.catalog import CATALOG_NAME, Catalog
