@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=96)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from umit.cli.phantoms import PhantomsConfig
-    from umit.cli.phantoms import run as make_phantoms
+    from umit.data.phantoms.stage import PhantomsConfig
+    from umit.data.phantoms.stage import run as make_phantoms
 
     report: dict = {
         "machine": platform.node(),

@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import Field
 
-from umit.cli.phantoms import PhantomsConfig
-from umit.cli.phantoms import run as make_phantoms
 from umit.config import UmitConfig, save_config
+from umit.data.phantoms.stage import PhantomsConfig
+from umit.data.phantoms.stage import run as make_phantoms
 from umit.eval.data_efficiency import DataEfficiencyConfig, cell_dir
 from umit.eval.data_efficiency import run as data_efficiency
 from umit.eval.evaluate import EvaluateConfig
@@ -192,7 +192,6 @@ def write_demo_report(
 ) -> Path:
     """One HTML page: pipeline figures, comparison table and curve, subgroups, overlays."""
     import numpy as np
-
 
     sections = [
         Section(

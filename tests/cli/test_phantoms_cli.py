@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from umit.cli.main import main
-from umit.cli.phantoms import PhantomsConfig, run
 from umit.config import build_config
+from umit.data.phantoms.stage import PhantomsConfig, run
 from umit.errors import InputError
 
 

@@ -389,7 +389,7 @@ def test_ct_collection_layout_geometry_and_resume(tmp_path):
 
 
 def test_collection_seeds_do_not_share_subjects():
-    from umit.data.phantoms import _case_seed
+    from umit.data.phantoms.collection import _case_seed
 
     a = {_case_seed(0, "train", i) for i in range(50)}
     b = {_case_seed(1, "train", i) for i in range(50)}

@@ -17,6 +17,9 @@ from umit.cli.main import main as cli_main
 from umit.data import phantoms as P
 from umit.data.io import read_image, reorient, write_image
 from umit.data.meta import ImageMeta
+from umit.data.phantoms._common import _streams
+from umit.data.phantoms.mr import _T_NOSE, _mr_anatomy, _paint_mr
+from umit.data.phantoms.scanner import _Grid, _ras_grid_shape, _to_storage
 from umit.errors import InputError
 from umit.ingest.read import read_volume
 from umit.privacy.deface import deface, deface_file
@@ -29,12 +32,12 @@ SHAPE = (160, 192, 160)
 def _tissue(ph: P.Phantom, seed: int) -> np.ndarray:
     """The phantom's tissue-class map on its stored grid (nose/lips, eyes are classes there)."""
     proto = P.MR_SITES[ph.attributes.site]
-    _, rng_anat, _ = P._streams(seed, "mr")
-    p = P._mr_anatomy(rng_anat, ph.attributes)
+    _, rng_anat, _ = _streams(seed, "mr")
+    p = _mr_anatomy(rng_anat, ph.attributes)
     s = float(min(np.asarray(SHAPE) * np.asarray(P.MR_REFERENCE_SPACING))) / 2
-    g = P._Grid(P._ras_grid_shape(SHAPE, "mr", proto), proto.spacing, (s, s, s))
-    tissue = P._paint_mr(g, p)
-    _, stored, affine = P._to_storage({}, tissue, g.affine(proto.world_center), proto.orientation)
+    g = _Grid(_ras_grid_shape(SHAPE, "mr", proto), proto.spacing, (s, s, s))
+    tissue = _paint_mr(g, p)
+    _, stored, affine = _to_storage({}, tissue, g.affine(proto.world_center), proto.orientation)
     assert np.allclose(affine, ph.meta.affine)
     return stored
 
@@ -66,7 +69,7 @@ def test_phantom_brain_bit_identical(defaced_phantom):
 def test_phantom_face_removed(defaced_phantom):
     _, tissue, img, _, result = defaced_phantom
     # Measured on 18 phantoms (seeds 0-5 x 3 sites): 0.92-1.00 of nose + lip voxels removed.
-    features = tissue == P._T_NOSE
+    features = tissue == _T_NOSE
     assert result.removed[features].mean() >= 0.9
     assert np.all(result.image[result.removed] == result.fill_value)
     assert 0.05 < result.report["removed_head_fraction"] < 0.2  # the face, not half the head
@@ -110,7 +113,7 @@ def test_ct_head_brain_untouched():
     assert np.array_equal(result.image[brain], ct[brain])
     assert result.fill_value < -900  # air
     # The estimated CT brain is generous (1.1-1.3 x the true one): only 0.6-0.7 of the nose goes.
-    assert result.removed[tissue == P._T_NOSE].mean() > 0.5
+    assert result.removed[tissue == _T_NOSE].mean() > 0.5
 
 
 @pytest.mark.parametrize("seed, site", [(1, "site_a"), (4, "site_b")])
@@ -127,7 +130,7 @@ def test_estimated_brain_mask_spares_true_brain(seed, site):
     assert np.array_equal(result.image[result.brain], img[result.brain])
     brain = P.brain_mask(ph.label)
     assert np.array_equal(result.image[brain], img[brain])
-    assert result.removed[tissue == P._T_NOSE].mean() >= 0.9
+    assert result.removed[tissue == _T_NOSE].mean() >= 0.9
 
 
 def test_implausible_brain_estimate_refused():
