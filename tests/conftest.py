@@ -8,6 +8,7 @@ factories).
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,12 @@ def tiny_ct_store(tmp_path_factory) -> Path:
         )
     )
     return root / "prep"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on a shared machine OpenMP wake-ups cost more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from umit.config import UmitConfig, build_config, parse_overrides, save_config
+from umit.config import (
+    PRESETS_DIR,
+    UmitConfig,
+    build_config,
+    list_presets,
+    load_yaml,
+    parse_overrides,
+    resolve_config_file,
+    save_config,
+)
 from umit.errors import InputError
 
 
@@ -91,3 +100,37 @@ def test_settings_named_like_the_builder_parameters_pass_through():
 
     cfg = build_config(WithModel, None, ["config_file=b"], model="a")
     assert (cfg.model, cfg.config_file) == ("a", "b")
+
+
+# -- shipped presets ------------------------------------------------------------------------------
+def _preset_class(name: str):
+    from umit.eval.data_efficiency import DataEfficiencyConfig
+    from umit.ssl.pretrain import PretrainConfig
+
+    group = name.split("/")[1]
+    return {"pretrain": PretrainConfig, "experiments": DataEfficiencyConfig}[group]
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_shipped_preset_parses(name):
+    """Each YAML inside the package validates against its stage's config (paths filled in)."""
+    data = load_yaml(name)
+    cls = _preset_class(name)
+    required = {"data": "PREP"} if "data" in cls.model_fields else {}
+    cls.model_validate({**required, **data})
+
+
+def test_presets_ship_inside_the_package_and_resolve_by_name(tmp_path, monkeypatch):
+    import umit
+
+    assert len(list_presets()) >= 4
+    assert all((PRESETS_DIR / p.removeprefix("configs/")).is_file() for p in list_presets())
+    assert PRESETS_DIR.parent == Path(umit.__file__).parent  # package data, not the repo root
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the preset is found in the package
+    assert resolve_config_file("configs/pretrain/mae_vit3d_tiny.yaml").is_file()
+    assert resolve_config_file("pretrain/mae_vit3d_tiny.yaml").is_file()
+    (tmp_path / "configs/pretrain").mkdir(parents=True)
+    (tmp_path / "configs/pretrain/mae_vit3d_tiny.yaml").write_text("model: x\n")
+    assert load_yaml("configs/pretrain/mae_vit3d_tiny.yaml") == {"model": "x"}  # a local file wins
+    with pytest.raises(InputError, match="shipped presets: configs/"):
+        load_yaml("configs/pretrain/nope.yaml")

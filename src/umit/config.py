@@ -67,11 +67,39 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with a clear error naming the file."""
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+"""YAML presets shipped inside the package (``umit/configs/{pretrain,experiments}/*.yaml``)."""
+
+
+def list_presets() -> list[str]:
+    """Shipped presets as ``configs/<group>/<name>.yaml`` (the name ``--config`` accepts)."""
+    return sorted(
+        f"configs/{p.relative_to(PRESETS_DIR).as_posix()}" for p in PRESETS_DIR.rglob("*.yaml")
+    )
+
+
+def resolve_config_file(path: str | Path) -> Path:
+    """A config file path as given, else the shipped preset of that name.
+
+    ``configs/pretrain/mae_vit3d_tiny.yaml`` or ``pretrain/mae_vit3d_tiny.yaml`` finds the preset
+    in an installed wheel as well as in a checkout; a file of that name in the working
+    directory wins.
+    """
     path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
+    preset = PRESETS_DIR / rel
+    return preset if preset.is_file() else path
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (a file, or a shipped preset by name) with a clear error naming it."""
+    path = resolve_config_file(path)
     if not path.is_file():
-        raise InputError(path, "config file not found")
+        raise InputError(
+            path, f"config file not found (shipped presets: {', '.join(list_presets())})"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

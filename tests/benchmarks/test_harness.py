@@ -20,15 +20,7 @@ from benchmarks.harness import Case, Side, _peak_main, max_abs_diff, run_case  #
 
 from benchmarks import report, run  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_mae_case_writes_result_and_table(tmp_path):

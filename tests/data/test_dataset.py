@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from umit.data.dataset import ShardSampler, StoreCropDataset, shard_indices
+from umit.data.dataset import StoreCropDataset
 from umit.data.store import Store
 from umit.ingest.catalog import Catalog, SeriesRecord
 from umit.preprocess.run import PreprocessConfig, run
@@ -233,66 +233,3 @@ def test_a_96_cube_crop_reads_only_the_chunks_it_touches(tmp_path, monkeypatch):
         }
         assert sorted(images) == sorted(expected)
         assert len(labels) == len(expected) // 2
-
-
-# -- samplers ------------------------------------------------------------------------------------
-
-
-class _Sized:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-
-@pytest.mark.parametrize("n, world", [(10, 3), (12, 4), (5, 8), (7, 1)])
-@pytest.mark.parametrize("drop_last", [False, True])
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_shard_indices_match_torch_distributed_sampler(n, world, drop_last, shuffle):
-    for epoch in (0, 3):
-        for rank in range(world):
-            ref = DistributedSampler(
-                _Sized(n),
-                num_replicas=world,
-                rank=rank,
-                shuffle=shuffle,
-                seed=5,
-                drop_last=drop_last,
-            )
-            ref.set_epoch(epoch)
-            ours = ShardSampler(
-                n, rank=rank, world_size=world, shuffle=shuffle, seed=5, drop_last=drop_last
-            )
-            ours.set_epoch(epoch)
-            assert (
-                list(ours)
-                == list(ref)
-                == shard_indices(n, rank, world, 5, epoch, shuffle, drop_last)
-            )
-            assert len(ours) == len(ref)
-
-
-def test_shards_are_disjoint_equal_and_covering():
-    for n, world in [(12, 4), (13, 4), (3, 5)]:
-        shards = [shard_indices(n, r, world, seed=1, epoch=2) for r in range(world)]
-        assert len({len(s) for s in shards}) == 1
-        flat = [i for s in shards for i in s]
-        assert set(flat) == set(range(n))  # covering
-        assert len(flat) - len(set(flat)) == (-n) % world  # only the padding repeats
-        dropped = [
-            shard_indices(n, r, world, seed=1, epoch=2, drop_last=True) for r in range(world)
-        ]
-        flat = [i for s in dropped for i in s]
-        assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint
-    assert shard_indices(10, 0, 2, seed=1, epoch=0) != shard_indices(10, 0, 2, seed=1, epoch=1)
-
-
-def test_shard_sampler_works_uninitialized_and_checks_arguments():
-    sampler = ShardSampler(_Sized(9), seed=2)
-    assert (sampler.rank, sampler.world_size) == (0, 1)
-    assert sorted(sampler) == list(range(9)) and len(sampler) == 9
-    with pytest.raises(ValueError, match="rank"):
-        ShardSampler(9, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="rank"):
-        shard_indices(9, -1, 2)

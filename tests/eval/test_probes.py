@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from umit.eval.probes import ProbeConfig, centre_crop_or_pad, fit_probes, run
+from umit.data.cases import centre_crop_or_pad
+from umit.eval.probes import ProbeConfig, fit_probes, run
 from umit.train.checkpoint import load_encoder
 
 
@@ -57,7 +58,10 @@ def test_probe_runs_on_an_mae_training_checkpoint(tiny_ct_store, tmp_path):
 
     enc = create_model("vit3d_test_p16", img_size=(32, 32, 16), in_chans=1)
     mae = MAE3D(enc, decoder_dim=32, decoder_depth=1, decoder_heads=4)
-    ckpt = {
+    ckpt = {  # the layout the training loop wrote before artifacts had a kind (format version 1)
+        "format": "umit-checkpoint",
+        "format_version": 1,
+        "step": 10,
         "model_name": mae.model_name,
         "model_args": to_plain(mae.model_args, "model_args"),
         "model": mae.state_dict(),

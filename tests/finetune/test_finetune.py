@@ -15,8 +15,9 @@ from torch import nn
 
 from umit.data.store import Store
 from umit.errors import InputError
-from umit.finetune.run import FinetuneConfig, load_model, run, split_finetune_cases
+from umit.finetune.run import FinetuneConfig, run, split_finetune_cases
 from umit.models.registry import is_model, register_model
+from umit.train.checkpoint import load_model
 
 
 class _TinySeg(nn.Module):

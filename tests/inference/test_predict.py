@@ -19,8 +19,9 @@ from umit.data.meta import ImageMeta
 from umit.data.plan import ChannelPlan, Plan
 from umit.data.store import Store
 from umit.errors import InputError
-from umit.finetune.run import FinetuneConfig, predict_case_classification, save_model
+from umit.finetune.run import FinetuneConfig, save_model
 from umit.inference.predict import PredictConfig, find_inputs, run
+from umit.inference.segment import predict_case_classification
 from umit.ingest.read import read_volume
 from umit.models import create_model
 from umit.models.registry import register_model

@@ -11,13 +11,7 @@ from umit.models import ResNet3D, ResUNet3D, create_model
 SMALL_RESNET = {"widths": (8, 16, 32, 64), "stem_width": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a shared machine OpenMP wake-ups cost more than the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resunet_forward_backward_and_encoder_feature_api():

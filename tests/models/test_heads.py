@@ -28,13 +28,7 @@ TASK_MODELS = {
 ENCODER_PREFIXES = ("vit3d_", "swin3d_")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a shared machine OpenMP wake-ups cost more than the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainable(model: nn.Module) -> set[str]:

@@ -10,14 +10,7 @@ from umit.models import SwinTransformer3D, SwinUNETR, create_model
 from umit.models.monai_compat import swin3d_args_from_monai
 from umit.models.swin_unetr import convert_monai_swin_unetr_state_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a shared machine OpenMP wake-ups cost more than the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = {"depths": (1, 1, 1, 1), "window_size": 4}  # cheap windows for the tests

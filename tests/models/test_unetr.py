@@ -20,14 +20,7 @@ from umit.models.blocks import (
 from umit.models.monai_compat import vit3d_args_from_monai
 from umit.models.unetr import convert_monai_unetr_state_dict, default_skip_indices, unetr_levels
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a shared machine OpenMP wake-ups cost more than the work (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(m: nn.Module) -> int:

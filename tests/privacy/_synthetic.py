@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from umit.finetune.run import ClassificationTask
 from umit.privacy.audit import attack_metrics, classification_losses
 from umit.train.config import TrainConfig
 from umit.train.loop import Trainer
+from umit.train.tasks import ClassificationTask
 
 
 def make_cases(n: int, seed: int, prefix: str) -> tuple[list[str], torch.Tensor, list[int]]:

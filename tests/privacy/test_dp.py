@@ -9,9 +9,9 @@ from _synthetic import Items, audit, make_cases, mlp, train, train_cfg
 from torch import nn
 
 from umit.errors import InputError
-from umit.finetune.run import ClassificationTask
 from umit.models.registry import is_model, register_model
 from umit.train.dp import DPSGD, DPConfig
+from umit.train.tasks import ClassificationTask
 
 if not is_model("tiny_cls_for_dp"):
 
@@ -123,7 +123,8 @@ def test_settings_dp_cannot_honour_are_refused(tmp_path):
 def test_finetune_dp_spends_at_most_target_epsilon(tiny_ct_store, tmp_path, one_thread):
     from umit.eval.evaluate import EvaluateConfig
     from umit.eval.evaluate import run as evaluate
-    from umit.finetune.run import FinetuneConfig, load_model, run
+    from umit.finetune.run import FinetuneConfig, run
+    from umit.train.checkpoint import load_model
 
     cfg = FinetuneConfig.model_validate(
         {

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from umit.cli.main import main as cli_main
+from umit.config import PRESETS_DIR
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.ssl.pretrain import PretrainConfig, split_cases
@@ -71,14 +72,13 @@ def test_bad_encoder_files(tmp_path):
     with pytest.raises(InputError, match="cannot read checkpoint"):
         load_encoder(tmp_path / "junk.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(InputError, match="expected a pretrained encoder"):
+    with pytest.raises(InputError, match="not a umit checkpoint"):
         load_encoder(tmp_path / "other.pt")
 
 
 def test_presets_parse():
-    from pathlib import Path
 
-    presets = sorted((Path(__file__).resolve().parents[2] / "configs" / "pretrain").glob("*.yaml"))
+    presets = sorted((PRESETS_DIR / "pretrain").glob("*.yaml"))
     assert len(presets) >= 3
     for p in presets:
         cfg = PretrainConfig.model_validate({**yaml.safe_load(p.read_text()), "data": "x"})

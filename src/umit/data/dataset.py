@@ -10,19 +10,16 @@ its crop.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from umit.data.meta import translate_affine
 from umit.data.store import Store
-from umit.utils.distributed import rank as dist_rank
-from umit.utils.distributed import world_size as dist_world_size
 
 
 def _triple(size: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -153,100 +150,3 @@ class StoreCropDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         params = self.crop_params(index)
         return self.read_crop(params["case_id"], params["start"])
-
-
-# -- samplers --------------------------------------------------------------------------------------
-
-
-def shard_indices(
-    n: int,
-    rank: int,
-    world_size: int,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = False,
-) -> list[int]:
-    """This rank's slice of a permutation of ``range(n)`` shared by all ranks.
-
-    Same indices as ``torch.utils.data.DistributedSampler``: the permutation is seeded with
-    ``seed + epoch``; without ``drop_last`` it is padded by repeating its start to a multiple of
-    ``world_size``, with it truncated; rank r takes every ``world_size``-th index from r. All
-    ranks get the same count; with ``drop_last`` (or n divisible by world_size) the slices are
-    disjoint and, together, cover the (kept) indices.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if shuffle:
-        g = torch.Generator()
-        g.manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-    else:
-        order = list(range(n))
-    if drop_last and n % world_size:
-        total = (n // world_size) * world_size
-        order = order[:total]
-    else:
-        total = math.ceil(n / world_size) * world_size
-        pad = total - n
-        if pad and order:
-            order += (order * math.ceil(pad / len(order)))[:pad]
-    return order[rank:total:world_size]
-
-
-class ShardSampler(Sampler[int]):
-    """DistributedSampler-compatible sampler: each rank iterates its :func:`shard_indices`.
-
-    Rank and world size come from ``torch.distributed`` when it is initialized, else (0, 1), so
-    the same code runs in a unit test and under torchrun. Call :meth:`set_epoch` every epoch.
-
-    Args:
-        data: A sized dataset, or the number of items.
-        shuffle: Shuffle with the shared seeded permutation.
-        seed: Seed shared by all ranks.
-        drop_last: Drop the tail instead of padding to a multiple of the world size.
-        rank: Override the rank. world_size: Override the world size.
-    """
-
-    def __init__(
-        self,
-        data: Any,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ):
-        self.n = int(data) if isinstance(data, int | np.integer) else len(data)
-        self.rank = dist_rank() if rank is None else int(rank)
-        self.world_size = dist_world_size() if world_size is None else int(world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(
-                f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}"
-            )
-        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(
-            shard_indices(
-                self.n,
-                self.rank,
-                self.world_size,
-                self.seed,
-                self.epoch,
-                self.shuffle,
-                self.drop_last,
-            )
-        )
-
-    def __len__(self) -> int:
-        if self.drop_last and self.n % self.world_size:
-            return self.n // self.world_size
-        return math.ceil(self.n / self.world_size)

@@ -394,7 +394,9 @@ def plot_curves(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return Figure(render_png(fig), title or f"{ylabel} vs {xlabel}", title or f"{ylabel}-vs-{xlabel}")
+    return Figure(
+        render_png(fig), title or f"{ylabel} vs {xlabel}", title or f"{ylabel}-vs-{xlabel}"
+    )
 
 
 def _best_slice(ref: np.ndarray, pred: np.ndarray, axis: int) -> int:

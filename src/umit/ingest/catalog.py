@@ -159,7 +159,6 @@ class Catalog:
         """Open the catalog of an existing RAW folder, with a clear error if there is none."""
         path = Path(raw) / CATALOG_NAME
         if not path.is_file():
-
             raise InputError(
                 raw, f"no {CATALOG_NAME} here; run `umit ingest SRC --out {raw}` first"
             )
@@ -199,7 +198,6 @@ class Catalog:
                     (rec.case_id, rec.channel, rec.source_key),
                 ).fetchone()
                 if clash:
-
                     raise InputError(
                         rec.source,
                         f"case id {rec.case_id!r} channel {rec.channel} was already ingested from "

@@ -117,7 +117,6 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     secret = load_or_create_secret(out)
     result = IngestResult(out=out)
     with Catalog(out / CATALOG_NAME) as catalog:
-
         catalog.set_info("umit_version", __version__)
         items, discovery_failures = discover(cfg.src)
         result.found = len(items) + len(discovery_failures)

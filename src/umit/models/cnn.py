@@ -28,7 +28,7 @@ from torch import nn
 from umit.models.blocks import Conv3d, ConvNormAct, NormSpec, ResBlock, UpConv, get_norm_layer
 from umit.models.heads import load_encoder_state_dict
 from umit.models.registry import register_model
-from umit.models.vit3d import feature_take_indices
+from umit.models.vit3d import intermediates_plan
 
 __all__ = ["ResEncoder3D", "ResNet3D", "ResUNet3D"]
 
@@ -116,10 +116,9 @@ class ResEncoder3D(nn.Module):
         """Stage outputs (B, C_i, D/r_i, H/r_i, W/r_i) (timm ``indices`` semantics)."""
         if norm:
             raise ValueError("ResEncoder3D has no final norm (norm=True is not supported)")
-        if output_fmt != "NCDHW":
-            raise ValueError(f"ResEncoder3D only returns 'NCDHW' maps, got {output_fmt!r}")
-        take = feature_take_indices(len(self.stages), indices)
-        last = max(take) if intermediates_only else len(self.stages) - 1
+        take, last = intermediates_plan(
+            len(self.stages), indices, output_fmt, intermediates_only, formats=("NCDHW",)
+        )
         feats: dict[int, torch.Tensor] = {}
         x = self.stem(x)
         for i in range(last + 1):
@@ -420,10 +419,11 @@ class ResNet3D(nn.Module):
         intermediates_only: bool = True,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs ``layer1..layerN`` as (B, C, d, h, w) maps (timm ``indices``)."""
-        if norm or output_fmt != "NCDHW":
-            raise ValueError("ResNet3D returns 'NCDHW' maps without a final norm")
-        take = feature_take_indices(self.num_stages, indices)
-        last = max(take) if intermediates_only else self.num_stages - 1
+        if norm:
+            raise ValueError("ResNet3D has no final norm (norm=True is not supported)")
+        take, last = intermediates_plan(
+            self.num_stages, indices, output_fmt, intermediates_only, formats=("NCDHW",)
+        )
         x = self.maxpool(self.act(self.norm1(self.conv1(x))))
         feats = {}
         for i, stage in enumerate(self._stages()[: last + 1]):

@@ -413,3 +413,21 @@ def load_monai_checkpoint(
         )
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return MonaiLoadResult(missing, unexpected, sorted(dropped))
+
+
+def convert_monai_decoder_keys(
+    sd: Mapping[str, torch.Tensor], encoder_prefix: str
+) -> dict[str, torch.Tensor]:
+    """Decoder keys of a MONAI UNETR / SwinUNETR state dict -> ours (encoder keys skipped).
+
+    MONAI wraps each convolution in ``Convolution`` (``conv1.conv.weight`` -> ``conv1.weight``)
+    and each ``UnetrBasicBlock`` in ``.layer`` (``encoder1.layer.conv1`` -> ``encoder1.conv1``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        k = k.removeprefix("module.")
+        if k.startswith(encoder_prefix):
+            continue
+        k = re.sub(r"^(encoder\d+)\.layer\.", r"\1.", k)
+        out[re.sub(r"\.conv\.(weight|bias)$", r".\1", k)] = v
+    return out

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from umit.models.layers import DropPath, Mlp, PatchEmbed3d, to_3tuple
 from umit.models.registry import register_model
-from umit.models.vit3d import NormLayer, check_rate, feature_take_indices, resolve_norm_layer
+from umit.models.vit3d import NormLayer, check_rate, intermediates_plan, resolve_norm_layer
 
 __all__ = [
     "PatchMerging3D",
@@ -587,11 +587,10 @@ class SwinTransformer3D(nn.Module):
             output_fmt: ``"NCDHW"`` (B, C, d, h, w) or ``"NLC"`` (B, d·h·w, C).
             intermediates_only: when False return ``(forward_features(x), maps)``.
         """
-        if output_fmt not in ("NCDHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCDHW' or 'NLC', got {output_fmt!r}")
-        take = feature_take_indices(self.num_stages + 1, indices)
+        take, last = intermediates_plan(
+            self.num_stages + 1, indices, output_fmt, intermediates_only
+        )
         wanted = set(take)
-        last = max(take) if intermediates_only else self.num_stages
         feats: dict[int, torch.Tensor] = {}
         x = self._stem(x)
         for level in range(last + 1):

@@ -20,7 +20,6 @@ level 4 (16F, 1/32) ─ encoder10 (res) ┘
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from umit.models.blocks import NormSpec, OutBlock, ResBlock, UpBlock
 from umit.models.heads import build_encoder, check_encoder_api, load_encoder_state_dict
-from umit.models.monai_compat import convert_monai_swin_state_dict
+from umit.models.monai_compat import convert_monai_decoder_keys, convert_monai_swin_state_dict
 from umit.models.registry import register_model
 
 __all__ = ["SwinUNETR", "convert_monai_swin_unetr_state_dict"]
@@ -164,11 +163,7 @@ def convert_monai_swin_unetr_state_dict(
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     enc = convert_monai_swin_state_dict(sd, downsample=downsample)
     out = {f"encoder.{k}": v for k, v in enc.items()}
-    for k, v in sd.items():
-        if k.startswith("swinViT."):
-            continue
-        k = re.sub(r"^(encoder\d+)\.layer\.", r"\1.", k)
-        out[re.sub(r"\.conv\.(weight|bias)$", r".\1", k)] = v
+    out.update(convert_monai_decoder_keys(sd, "swinViT."))
     return out
 
 

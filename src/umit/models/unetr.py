@@ -27,7 +27,6 @@ MONAI.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from umit.models.blocks import NormSpec, OutBlock, PrUpBlock, UpBlock, make_conv_block
 from umit.models.heads import build_encoder, check_encoder_api, load_encoder_state_dict
-from umit.models.monai_compat import convert_monai_vit_state_dict
+from umit.models.monai_compat import convert_monai_decoder_keys, convert_monai_vit_state_dict
 from umit.models.registry import register_model
 
 __all__ = ["UNETR", "convert_monai_unetr_state_dict", "unetr_levels"]
@@ -224,11 +223,7 @@ def convert_monai_unetr_state_dict(
 
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     out = {f"encoder.{k}": v for k, v in convert_monai_vit_state_dict(sd, patch_size).items()}
-    for k, v in sd.items():
-        if k.startswith("vit."):
-            continue
-        k = re.sub(r"^(encoder\d+)\.layer\.", r"\1.", k)
-        out[re.sub(r"\.conv\.(weight|bias)$", r".\1", k)] = v
+    out.update(convert_monai_decoder_keys(sd, "vit."))
     return out
 
 

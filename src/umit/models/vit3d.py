@@ -79,6 +79,26 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None)
     return out
 
 
+def intermediates_plan(
+    num_features: int,
+    indices: int | Sequence[int] | None,
+    output_fmt: str,
+    intermediates_only: bool,
+    formats: Sequence[str] = ("NCDHW", "NLC"),
+) -> tuple[list[int], int]:
+    """The opening every ``forward_intermediates`` shares: check ``output_fmt``, normalise
+    ``indices`` and find the last level to run.
+
+    Returns:
+        ``(take, last)``: positions to return, in the order asked, and the deepest level that
+        must be computed (all of them when the final features are wanted too).
+    """
+    if output_fmt not in formats:
+        raise ValueError(f"output_fmt must be one of {tuple(formats)}, got {output_fmt!r}")
+    take = feature_take_indices(num_features, indices)
+    return take, (max(take) if intermediates_only else num_features - 1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
@@ -407,14 +427,11 @@ class ViT3D(nn.Module):
             intermediates_only: when False, also run the remaining blocks and return
                 ``(forward_features(x), intermediates)``.
         """
-        if output_fmt not in ("NCDHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCDHW' or 'NLC', got {output_fmt!r}")
-        take = feature_take_indices(len(self.blocks), indices)
+        take, last = intermediates_plan(len(self.blocks), indices, output_fmt, intermediates_only)
         wanted = set(take)
         B = x.shape[0]
         grid = self.grid_size(x.shape[2:])
         x = self._embed(x)
-        last = max(take) if intermediates_only else len(self.blocks) - 1
         feats: dict[int, torch.Tensor] = {}
         for i in range(last + 1):
             x = self._run_block(self.blocks[i], x)

@@ -314,7 +314,6 @@ def load_audit_model(path: str | Path) -> tuple[str, torch.nn.Module, dict[str, 
         log.info("%s has no decoder: auditing the run checkpoint %s", path, run_ckpt)
         return load_audit_model(run_ckpt)
     if ckpt.get("model_name") == "mae3d":
-
         args = dict(ckpt["model_args"])
         encoder = create_model(args.pop("encoder"), **dict(args.pop("encoder_args")))
         mae = MAE3D(encoder, **args)
@@ -392,7 +391,6 @@ def case_losses(
         images = [centred_input(store, c, crop) for c in cases]
         return classification_losses(model, images, [lookup[v] for v in labels])
     if kind == "segmentation":
-
         missing = [c for c in cases if not store.index[c].get("has_label")]
         if missing:
             raise InputError(
@@ -556,7 +554,6 @@ def write_audit_report(result: Mapping[str, Any], out: Path) -> dict[str, Any]:
         + "."
     )
     if result.get("dp"):
-
         text += f" The model was trained with DP-SGD: {format_dp(result['dp'])}."
     dups = result["duplicates"]
     dup_rows = [[p["train"], p["test"], fmt(p["ncc"])] for p in dups["pairs"][:50]]

@@ -220,9 +220,7 @@ def save_encoder(
     mae: torch.nn.Module, path: Path, plan: Any, cfg: PretrainConfig, extra: dict | None = None
 ) -> Path:
     """Write the encoder alone as an ``encoder`` artifact (plain data, atomic)."""
-    return save_artifact(
-        path, "encoder", mae.encoder, plan=plan, run_config=cfg, extra=extra
-    )
+    return save_artifact(path, "encoder", mae.encoder, plan=plan, run_config=cfg, extra=extra)
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:

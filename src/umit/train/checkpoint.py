@@ -394,13 +394,13 @@ def load_artifact(
         InputError: naming the file when it is missing, unreadable, not a umit file, or holds
             another kind than ``expect`` (saying what it holds).
     """
+    if "://" in str(path):
+        raise InputError(path, "only local files are loaded; download the checkpoint first")
     path = Path(path)
     wanted = (expect,) if isinstance(expect, str) else expect
     for kind in wanted or ():
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}; choose from {ARTIFACT_KINDS}")
-    if "://" in str(path):
-        raise InputError(path, "only local files are loaded; download the checkpoint first")
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     art = migrate_artifact(_torch_load(path, map_location, mmap), path)

@@ -310,7 +310,6 @@ class DPSGD:
         """AdamW (our groups and schedules) wrapped in Opacus ``DPOptimizer`` with the accountant."""
         from opacus.optimizers import DPOptimizer
 
-
         base = build_optimizer(module, self.train, self.layer_id_fn)
         opt = DPOptimizer(
             base,
