@@ -22,9 +22,10 @@ from pydantic import Field
 
 from umit.config import UmitConfig, save_config
 from umit.data.meta import ImageMeta
+from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
+from umit.deid.secret import load_or_create_secret, pseudonym, replace_uid
 from umit.errors import InputError
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
-from umit.ingest.deid import load_or_create_secret, pseudonym, safe_attributes
 from umit.ingest.formats import (
     IngestItem,
     LoadedCase,
@@ -366,8 +367,6 @@ def _write_case(
 
 
 def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
-    from umit.privacy.deid import replace_uid
-
     return {
         f"deid_{name}_uid": replace_uid(secret, uid)
         for name, uid in (("study", series.study_uid), ("series", series.series_uid))
@@ -375,16 +374,8 @@ def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
     }
 
 
-_COLUMN_ATTRS = {
-    "modality",
-    "body_part",
-    "manufacturer",
-    "model",
-    "site",
-    "sex",
-    "age_band",
-    "contrast",
-}
+_COLUMN_ATTRS = COLUMN_ATTRIBUTES
+"""Allowlisted attributes that are catalog columns (:mod:`umit.deid.allowlist`); others go to extra."""
 
 
 def _normalise_attributes(raw: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
