@@ -936,7 +936,9 @@ def load_series(
     median = float(np.median(steps))
     rel = np.abs(steps - median) / median
     deviation = float(rel.max())
-    desc = f" (series {series.description!r})" if series.description else ""
+    # SeriesNumber, not SeriesDescription: this message can land in the catalog's failure rows,
+    # and the Basic Profile removes SeriesDescription (umit.deid.allowlist).
+    desc = f" (series number {series.series_number})" if series.series_number is not None else ""
     if deviation > max_relative_spacing_deviation:
         ratio = steps / median
         whole = np.rint(ratio)
