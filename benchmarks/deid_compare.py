@@ -1,7 +1,7 @@
 """Side by side: ``umit deid`` and dicognito on the same DICOM files, judged two ways.
 
 Inputs: a planted-identifier series (every Table E.1-1 attribute filled, 3 files that reference
-each other, see :mod:`umit.privacy.deid_synth`), a burned-in secondary capture, and the real
+each other, see :mod:`umit.deid.synth`), a burned-in secondary capture, and the real
 series ``head_mr_dicom_sag_anon`` and ``monai_testing_data/CT_DICOM`` from ../shared/data.
 
 For each tool and input it reports:
@@ -33,40 +33,28 @@ from pathlib import Path
 
 import pydicom
 
-from umit.privacy.deid import DeidConfig, _sniff
-from umit.privacy.deid import run as umit_run
-from umit.privacy.deid_check import check_folder
-from umit.privacy.deid_profile import basic_profile
-from umit.privacy.deid_synth import IDENTITY_TOKENS, write_burned_in, write_planted_series
+from umit.deid.check import check_folder
+from umit.deid.engine import DeidConfig, _sniff
+from umit.deid.engine import run as umit_run
+from umit.deid.profile import basic_profile, identifying_keywords
+from umit.deid.synth import IDENTITY_TOKENS, write_burned_in, write_planted_series
 
 warnings.filterwarnings("ignore")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_IDENTIFYING = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "PhysiciansOfRecord",
-    "PerformingPhysicianName",
-    "OperatorsName",
-    "RequestingPhysician",
-    "RequestingService",
-    "StationName",
-    "StudyID",
-    "DeviceSerialNumber",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
+REAL_IDENTIFYING = tuple(
+    sorted(
+        kw
+        for kw in identifying_keywords()
+        if pydicom.datadict.dictionary_VR(kw) not in ("DA", "DT", "TM", "SQ")
+    )
 )
+"""What the Basic Profile removes or replaces (Table E.1-1); dates are judged separately and
+values an option keeps on purpose are not counted as survivors (see :func:`survivors`)."""
 
 
 def category(keyword: str) -> str:
     """Coarse category of an identifying attribute (the checker's vocabulary)."""
-    from umit.privacy.deid_check import _category
+    from umit.deid.check import _category
 
     entry = next((e for e in basic_profile().entries.values() if e.keyword == keyword), None)
     if keyword in ("private", "curve", "overlay"):

@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     if args.src is None or args.out is None:
         raise InputError(None, "give SRC and --out DST to de-identify, or --check DIR")
     from umit.config import build_config
-    from umit.privacy.deid import DeidConfig, run
+    from umit.deid.engine import DeidConfig, run
 
     rects = None
     if args.mask_rect:
@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def check_main(folder: str) -> int:
-    from umit.privacy.deid_check import check_folder
+    from umit.deid.check import check_folder
 
     report = check_folder(folder)
     for f in report.flagged:

@@ -40,8 +40,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from umit.data.meta import LPS_TO_RAS, ImageMeta
+from umit.deid.allowlist import READER_FIELDS
+from umit.deid.profile import burned_in_reason
 from umit.errors import GeometryError, InputError
-from umit.privacy.deid_profile import burned_in_reason
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +57,9 @@ POSITION_TOLERANCE_MM = 1e-2
 LOCALIZER_MAX_SLICES = 3
 """Stacks with fewer slices that look like localizers are dropped (and reported)."""
 
-EXTRA_FIELDS = (
-    "modality",
-    "body_part",
-    "manufacturer",
-    "model",
-    "sex",
-    "age_years",
-    "contrast",
-    "series_description",
-    "slice_thickness",
-    "kvp",
-    "magnetic_field_strength",
-    "scanning_sequence",
-    "sequence_variant",
-    "echo_time",
-    "repetition_time",
-    "inversion_time",
-    "photometric",
-    "transfer_syntax",
-)
-"""The only keys :func:`load_series` puts in ``ImageMeta.extra``: none identifies a person."""
+EXTRA_FIELDS: tuple[str, ...] = READER_FIELDS
+"""The only keys :func:`load_series` puts in ``ImageMeta.extra``: the reader fields of the
+allowlist derived from the Annex E profile (:mod:`umit.deid.allowlist`); none identifies a person."""
 
 _HEADER_DEFER_BYTES = 1024  # header reads skip (defer) values larger than this: pixel data
 
@@ -119,7 +102,7 @@ class DicomSeries:
     series_number: int | None = None
     burned_in: list[tuple[Path, str]] = field(default_factory=list, repr=False)
     """``(path, reason)`` of files that may carry burned-in text (see
-    :func:`umit.privacy.deid_profile.burned_in_reason`); ``umit ingest`` rejects or masks them."""
+    :func:`umit.deid.profile.burned_in_reason`); ``umit ingest`` rejects or masks them."""
 
     @property
     def key(self) -> str:
@@ -767,7 +750,7 @@ def _frames_multi(ds: Dataset, path: Path, n_frames: int) -> list[_Frame]:
 
 
 def _extra(ds: Dataset) -> dict[str, Any]:
-    """The non-identifying attributes listed in EXTRA_FIELDS (None where absent)."""
+    """The allowlisted attributes of EXTRA_FIELDS, in that order (None where absent)."""
 
     def text(keyword: str) -> str | None:
         value = ds.get(keyword)
@@ -780,31 +763,31 @@ def _extra(ds: Dataset) -> dict[str, Any]:
         return s or None
 
     sex = (text("PatientSex") or "").upper()
-    agent = text("ContrastBolusAgent")
     file_meta = getattr(ds, "file_meta", None)
     ts = getattr(file_meta, "TransferSyntaxUID", None) if file_meta is not None else None
-    extra = {
-        "modality": text("Modality"),
-        "body_part": (text("BodyPartExamined") or "").upper() or None,
-        "manufacturer": text("Manufacturer"),
-        "model": text("ManufacturerModelName"),
-        "sex": sex if sex in ("F", "M", "O") else None,
-        "age_years": parse_age(ds.get("PatientAge")),
-        "contrast": "yes" if agent else None,
-        "series_description": text("SeriesDescription"),
-        "slice_thickness": _float(ds.get("SliceThickness")),
-        "kvp": _float(ds.get("KVP")),
-        "magnetic_field_strength": _float(ds.get("MagneticFieldStrength")),
-        "scanning_sequence": text("ScanningSequence"),
-        "sequence_variant": text("SequenceVariant"),
-        "echo_time": _float(ds.get("EchoTime")),
-        "repetition_time": _float(ds.get("RepetitionTime")),
-        "inversion_time": _float(ds.get("InversionTime")),
-        "photometric": text("PhotometricInterpretation"),
-        "transfer_syntax": str(ts) if ts else None,
+    readers: dict[str, Callable[[], Any]] = {
+        "modality": lambda: text("Modality"),
+        "body_part": lambda: (text("BodyPartExamined") or "").upper() or None,
+        "manufacturer": lambda: text("Manufacturer"),
+        "model": lambda: text("ManufacturerModelName"),
+        "sex": lambda: sex if sex in ("F", "M", "O") else None,
+        "age_years": lambda: parse_age(ds.get("PatientAge")),
+        "contrast": lambda: "yes" if text("ContrastBolusAgent") else None,
+        "slice_thickness": lambda: _float(ds.get("SliceThickness")),
+        "kvp": lambda: _float(ds.get("KVP")),
+        "magnetic_field_strength": lambda: _float(ds.get("MagneticFieldStrength")),
+        "scanning_sequence": lambda: text("ScanningSequence"),
+        "sequence_variant": lambda: text("SequenceVariant"),
+        "echo_time": lambda: _float(ds.get("EchoTime")),
+        "repetition_time": lambda: _float(ds.get("RepetitionTime")),
+        "inversion_time": lambda: _float(ds.get("InversionTime")),
+        "photometric": lambda: text("PhotometricInterpretation"),
+        "transfer_syntax": lambda: str(ts) if ts else None,
     }
-    assert tuple(extra) == EXTRA_FIELDS
-    return extra
+    missing = set(EXTRA_FIELDS) - set(readers)
+    if missing:  # a new allowlist reader field needs a reader here
+        raise RuntimeError(f"no DICOM reader for allowlisted field(s) {sorted(missing)}")
+    return {name: readers[name]() for name in EXTRA_FIELDS}
 
 
 def _position_groups(d: np.ndarray) -> list[np.ndarray]:
@@ -953,7 +936,9 @@ def load_series(
     median = float(np.median(steps))
     rel = np.abs(steps - median) / median
     deviation = float(rel.max())
-    desc = f" (series {series.description!r})" if series.description else ""
+    # SeriesNumber, not SeriesDescription: this message can land in the catalog's failure rows,
+    # and the Basic Profile removes SeriesDescription (umit.deid.allowlist).
+    desc = f" (series number {series.series_number})" if series.series_number is not None else ""
     if deviation > max_relative_spacing_deviation:
         ratio = steps / median
         whole = np.rint(ratio)

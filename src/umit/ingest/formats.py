@@ -77,7 +77,7 @@ class LoadedCase:
     Attributes:
         channels: (channel name, 3D array, meta) per channel, all on one grid.
         label: (label array, meta) or None.
-        attributes: Subgroup/acquisition attributes (filtered by deid.safe_attributes later).
+        attributes: Subgroup/acquisition attributes (filtered by umit.deid.allowlist.safe_attributes later).
         subject_key: Raw subject identifier (e.g. PatientID); only ever stored as a pseudonym.
         split: "train"/"val"/"test" when the source defines one.
         target: Classification target (JSON-encodable) when the source has one.

@@ -24,9 +24,10 @@ from umit import __version__
 from umit.config import UmitConfig, save_config
 from umit.data.io import write_image
 from umit.data.meta import ImageMeta
+from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
+from umit.deid.secret import load_or_create_secret, pseudonym, replace_uid
 from umit.errors import InputError
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
-from umit.ingest.deid import load_or_create_secret, pseudonym, safe_attributes
 from umit.ingest.dicom import age_band
 from umit.ingest.formats import (
     IngestItem,
@@ -35,7 +36,6 @@ from umit.ingest.formats import (
     folder_items,
     medmnist_items,
 )
-from umit.privacy.deid import replace_uid
 from umit.utils.fileio import remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,6 @@ def _write_case(
 
 
 def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
-
     return {
         f"deid_{name}_uid": replace_uid(secret, uid)
         for name, uid in (("study", series.study_uid), ("series", series.series_uid))
@@ -375,16 +374,8 @@ def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
     }
 
 
-_COLUMN_ATTRS = {
-    "modality",
-    "body_part",
-    "manufacturer",
-    "model",
-    "site",
-    "sex",
-    "age_band",
-    "contrast",
-}
+_COLUMN_ATTRS = COLUMN_ATTRIBUTES
+"""Allowlisted attributes that are catalog columns (:mod:`umit.deid.allowlist`); others go to extra."""
 
 
 def _normalise_attributes(raw: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:

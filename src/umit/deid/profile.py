@@ -31,13 +31,13 @@ S, G  Clean Structured Content / Graphics (113104/113103; ``C``
 ====  ==================================================  ===================================
 
 Curves (groups 50xx) and overlays (60xx) are matched by group; private attributes (odd groups)
-are removed unless safelisted (see :mod:`umit.privacy.deid`).
+are removed unless safelisted (see :mod:`umit.deid.engine`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from pydicom.datadict import dictionary_keyword
 from pydicom.tag import BaseTag, Tag
@@ -647,6 +647,41 @@ def normalise_options(options: str | list[str] | tuple[str, ...] | None) -> froz
             raise ValueError(f"unknown de-identification option {raw!r}; known options: {known}")
         out.add(name)
     return frozenset(out)
+
+
+@cache
+def _by_keyword() -> dict[str, ProfileEntry]:
+    return {e.keyword: e for e in basic_profile().entries.values() if e.keyword}
+
+
+def entry_for(keyword: str) -> ProfileEntry | None:
+    """The Table E.1-1 row of a DICOM keyword, or None when the table does not list it."""
+    return _by_keyword().get(keyword)
+
+
+def profile_keeps(keyword: str, options: frozenset[str] = frozenset()) -> bool:
+    """True when the profile keeps the attribute's value under ``options``.
+
+    An attribute the table does not list is kept (:class:`~umit.deid.engine.Deidentifier` leaves
+    unlisted standard attributes alone); a listed one only when its action is ``K`` or ``C``
+    (kept after cleaning).
+    """
+    entry = entry_for(keyword)
+    return entry is None or entry.action(options) in ("K", "C")
+
+
+def identifying_keywords(options: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Keywords whose original value never survives the profile under ``options``.
+
+    The rows whose action is X, Z, D or U: removed, emptied, dummied or replaced. The one list of
+    "identifying attributes" for tests and benchmarks (e.g. which real-data placeholders must
+    not survive); rows kept or cleaned under ``options`` are not in it.
+    """
+    return frozenset(
+        e.keyword
+        for e in basic_profile().entries.values()
+        if e.keyword and e.action(options) in ("X", "Z", "D", "U")
+    )
 
 
 # --------------------------------------------------------------------------------------------

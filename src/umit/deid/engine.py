@@ -1,10 +1,10 @@
 """DICOM de-identification: PS3.15 Annex E Basic Profile on datasets and folders (``umit deid``).
 
-:class:`Deidentifier` applies Table E.1-1 (:mod:`umit.privacy.deid_profile`) to a pydicom dataset,
+:class:`Deidentifier` applies Table E.1-1 (:mod:`umit.deid.profile`) to a pydicom dataset,
 recursively through every sequence:
 
 * **UIDs** (action U, and every other non-registered UID) become ``2.25.<int>`` UIDs derived from
-  an HMAC of the original with the user's secret (:func:`replace_uid`): the same UID gives the
+  an HMAC of the original with the user's secret (:func:`umit.deid.secret.replace_uid`): the same UID gives the
   same replacement across files and runs, so series, studies and references (ReferencedSOP...,
   FrameOfReference) stay intact. Without the secret the mapping cannot be reversed or redone.
 * **Dates** are emptied/dummied by default. With ``retain-modified-dates`` every DA/DT value is
@@ -16,7 +16,7 @@ recursively through every sequence:
 * **Private attributes** are removed unless listed in a safelist of (creator, group, element
   byte); **curves and overlays** (groups 50xx/60xx) are removed.
 * **Burned-in text**: a file that may carry text in its pixels
-  (:func:`~umit.privacy.deid_profile.burned_in_reason`) is rejected (default) or masked: the top
+  (:func:`~umit.deid.profile.burned_in_reason`) is rejected (default) or masked: the top
   ``mask_band`` fraction of rows and/or given rectangles are set to the image minimum in every
   frame; then BurnedInAnnotation is set to NO and the Clean Pixel Data code is declared.
 * **Method**: PatientIdentityRemoved=YES, DeidentificationMethod, DeidentificationMethodCodeSequence
@@ -34,9 +34,7 @@ import datetime as _dt
 import io
 import logging
 import math
-import os
 import re
-import secrets as _secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,19 +52,25 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from umit import __version__
 from umit.config import UmitConfig
-from umit.errors import InputError
-from umit.ingest.deid import SECRET_NAME, load_or_create_secret, pseudonym
-from umit.privacy.deid_check import TEXT_PATTERNS
-from umit.privacy.deid_profile import (
+from umit.deid.check import TEXT_PATTERNS
+from umit.deid.profile import (
     CURVE_GROUPS,
     DUMMY_VALUES,
     OPTION_CODES,
     OVERLAY_GROUPS,
-    PSEUDONYM_PREFIX,
     basic_profile,
     burned_in_reason,
     normalise_options,
 )
+from umit.deid.secret import (
+    SECRET_NAME,
+    date_shift_days,
+    patient_pseudonym,
+    pseudonym,
+    replace_uid,
+    resolve_secret,
+)
+from umit.errors import InputError
 from umit.utils.fileio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,6 @@ log = logging.getLogger(__name__)
 PROFILE_NAME = "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (Table E.1-1)"
 AUDIT_DIR = "audit"
 REPORT_NAME = "deid_report.json"
-DATE_SHIFT_RANGE_DAYS = (1, 3650)
-"""Dates move back by a per-patient number of days in this range (never 0)."""
 TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 CLASS_UID_SUFFIXES = ("ClassUID", "TransferSyntaxUID", "CodingSchemeUID")
 """Keywords of UIDs that name a kind of thing, not an instance: never replaced."""
@@ -85,64 +87,6 @@ FILE_META_IDENTIFYING = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020
 
 class BurnedInError(InputError):
     """A file that may hold burned-in text was rejected by the burned-in policy."""
-
-
-# --------------------------------------------------------------------------------------------
-# Keyed replacements
-
-
-def replace_uid(secret: bytes, uid: str) -> str:
-    """Consistent replacement of ``uid``: a ``2.25.<int>`` UID from 128 bits of HMAC-SHA256.
-
-    The 128 bits are shaped as a version-8 (custom) UUID, as ``2.25`` UIDs are UUID-derived.
-    """
-    value = bytearray(bytes.fromhex(pseudonym(secret, f"uid:{uid.strip()}", 32)))
-    value[6] = (value[6] & 0x0F) | 0x80  # version 8
-    value[8] = (value[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return f"2.25.{int.from_bytes(value, 'big')}"
-
-
-def patient_pseudonym(secret: bytes, patient_key: str) -> str:
-    """``UMIT-<12 hex>``: the value PatientID/PatientName get; equals ingest's subject id."""
-    return f"{PSEUDONYM_PREFIX}{pseudonym(secret, patient_key)}"
-
-
-def date_shift_days(secret: bytes, patient_key: str) -> int:
-    """Days (negative) every date of this patient moves by; fixed by the secret and the key."""
-    lo, hi = DATE_SHIFT_RANGE_DAYS
-    return -(lo + int(pseudonym(secret, f"dateshift:{patient_key}", 8), 16) % (hi - lo + 1))
-
-
-def resolve_secret(secret: str | Path | None, out: str | Path) -> tuple[bytes, Path]:
-    """Load (or create, mode 0600) the pseudonymization key; returns ``(key, path)``.
-
-    ``secret`` may be a folder (its ``.umit_secret`` is used, as ``umit ingest`` does for RAW), a
-    key file (hex) or a file to create. Default: ``.umit_secret`` beside ``out`` (in its parent),
-    never inside it, so sharing ``out`` never shares the key.
-    """
-    out = Path(out).resolve()
-    path = Path(secret).resolve() if secret is not None else out.parent / SECRET_NAME
-    if path.is_dir():
-        path = path / SECRET_NAME
-    if path == out or out in path.parents:
-        raise InputError(path, f"the secret must not be stored inside the output folder {out}")
-    if path.name == SECRET_NAME:
-        return load_or_create_secret(path.parent), path
-    if path.is_file():
-        text = path.read_text().strip()
-        try:
-            key = bytes.fromhex(text)
-        except ValueError as exc:
-            raise InputError(path, "secret file must hold a hex key (as written by umit)") from exc
-        if len(key) < 16:
-            raise InputError(path, f"secret key has {len(key)} bytes; at least 16 are needed")
-        return key, path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = _secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex())
-    return key, path
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +118,7 @@ class DeidSettings:
 
     Attributes:
         options: Profile options (names from
-            :data:`~umit.privacy.deid_profile.OPTION_FLAGS`).
+            :data:`~umit.deid.profile.OPTION_FLAGS`).
         burned_in: ``reject`` (default) or ``mask`` files that may carry burned-in text.
         mask_band: Fraction of the image height, from the top, blanked by ``mask``.
         mask_rects: Extra rectangles ``(x0, y0, x1, y1)`` in pixels blanked by ``mask``.

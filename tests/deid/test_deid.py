@@ -14,26 +14,24 @@ import pytest
 from pydicom.datadict import dictionary_VR
 
 from umit.cli.main import main as cli_main
-from umit.privacy.deid import (
+from umit.deid.check import REPLACED_UID_RE, check_dataset, check_folder
+from umit.deid.engine import (
     AUDIT_DIR,
     REPORT_NAME,
     BurnedInError,
     DeidConfig,
     Deidentifier,
     DeidSettings,
-    date_shift_days,
-    patient_pseudonym,
-    replace_uid,
     run,
 )
-from umit.privacy.deid_check import REPLACED_UID_RE, check_dataset, check_folder
-from umit.privacy.deid_profile import (
+from umit.deid.profile import (
     DUMMY_VALUES,
     PSEUDONYM_PREFIX,
     basic_profile,
     normalise_options,
 )
-from umit.privacy.deid_synth import (
+from umit.deid.secret import date_shift_days, patient_pseudonym, replace_uid
+from umit.deid.synth import (
     FREE_TEXT_KEPT_WORDS,
     IDENTITY_TOKENS,
     PATIENT,

@@ -6,7 +6,7 @@ check asks what the file itself says and whether its content agrees:
 * **Profile rules.** The options the file declares in DeidentificationMethodCodeSequence (CID 7050
   codes; none declared = the strictest reading) select the Table E.1-1 action of every attribute,
   nested sequences included. An attribute whose action is X must hold no value; Z must be empty,
-  a dummy (:data:`~umit.privacy.deid_profile.DUMMY_VALUES`) or, for PatientID/PatientName, a
+  a dummy (:data:`~umit.deid.profile.DUMMY_VALUES`) or, for PatientID/PatientName, a
   pseudonym of the form ``UMIT-<12 hex>``; D must be empty or a dummy; U must be a ``2.25.<int>``
   UID (the form of a replaced UID; a UID with an organisation root is reported).
 * **Dates.** Every DA/DT value, listed in the table or not, must be empty or a dummy unless the
@@ -16,7 +16,7 @@ check asks what the file itself says and whether its content agrees:
   numbers.
 * **Private attributes, curves and overlays** must be gone (private ones may stay only when the
   file declares Retain Safe Private); **burned-in** pixels: BurnedInAnnotation=YES, or an object
-  of a burned-in-prone type (see :func:`~umit.privacy.deid_profile.burned_in_reason`) without the
+  of a burned-in-prone type (see :func:`~umit.deid.profile.burned_in_reason`) without the
   Clean Pixel Data code, is reported; **method**: PatientIdentityRemoved must be YES.
 
 Findings name the file, the attribute path and the category, never the value.
@@ -36,8 +36,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from umit.errors import InputError
-from umit.privacy.deid_profile import (
+from umit.deid.profile import (
     CODE_TO_OPTION,
     CURVE_GROUPS,
     DUMMY_VALUES,
@@ -48,6 +47,7 @@ from umit.privacy.deid_profile import (
     basic_profile,
     burned_in_reason,
 )
+from umit.errors import InputError
 
 TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 DATE_VRS = frozenset({"DA", "DT"})
