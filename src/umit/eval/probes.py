@@ -21,7 +21,10 @@ from pydantic import Field
 
 from umit.config import UmitConfig, save_config
 from umit.errors import InputError
+from umit.ssl.monitor import centre_crop_or_pad, fit_probes
 from umit.utils.fileio import atomic_write_json
+
+__all__ = ["ProbeConfig", "centre_crop_or_pad", "extract_features", "fit_probes", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +56,6 @@ class ProbeConfig(UmitConfig):
     """Volumes per forward pass."""
     seed: int = 0
     """Seed of the hold-out split and of the random-init baseline."""
-
-
-def centre_crop_or_pad(
-    volume: np.ndarray, size: tuple[int, int, int], pad_values: list[float]
-) -> np.ndarray:
-    """(C, X, Y, Z) -> (C, *size): centred crop, padding with each channel's background value."""
-    C = volume.shape[0]
-    out = np.empty((C, *size), dtype=np.float32)
-    for c in range(C):
-        out[c] = pad_values[c] if c < len(pad_values) else 0.0
-    src, dst = [], []
-    for n, s in zip(volume.shape[1:], size, strict=True):
-        if n >= s:
-            a = (n - s) // 2
-            src.append(slice(a, a + s))
-            dst.append(slice(0, s))
-        else:
-            a = (s - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(a, a + n))
-    out[(slice(None), *dst)] = volume[(slice(None), *src)]
-    return out
 
 
 @torch.no_grad()
@@ -113,41 +94,6 @@ def split_for_probe(
         ids, test_size=cfg.holdout_fraction, random_state=cfg.seed, stratify=stratify
     )
     return sorted(tr), sorted(te)
-
-
-def fit_probes(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int
-) -> dict[str, Any]:
-    """Linear (logistic regression) and kNN (cosine, distance-weighted) probe scores."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    classes = np.unique(y_train)
-    out: dict[str, Any] = {}
-    models = {
-        "linear": make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=0.1)),
-        "knn": KNeighborsClassifier(
-            n_neighbors=min(k, len(y_train)), metric="cosine", weights="distance"
-        ),
-    }
-    for name, model in models.items():
-        model.fit(x_train, y_train)
-        pred = model.predict(x_test)
-        res = {
-            "accuracy": float(accuracy_score(y_test, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
-        }
-        if len(np.unique(y_test)) > 1:
-            proba = model.predict_proba(x_test)
-            if len(classes) == 2:
-                res["auc"] = float(roc_auc_score(y_test, proba[:, 1]))
-            elif set(np.unique(y_test)) <= set(classes):
-                res["auc"] = float(roc_auc_score(y_test, proba, multi_class="ovr", labels=classes))
-        out[name] = res
-    return out
 
 
 def run(cfg: ProbeConfig) -> dict[str, Any]:
