@@ -102,3 +102,22 @@ def test_flops_counted():
     n_enc = sum(p.numel() for p in mae.encoder.blocks.parameters())
     # at least the encoder blocks' matmuls on the 2 visible tokens (+cls), forward and backward
     assert flops > 3 * 2 * n_enc * 2
+
+
+def test_patch4_block_masking_and_flat_baseline():
+    from umit.models import create_model
+    from umit.ssl.mae import MAE3D, patchify
+
+    torch.manual_seed(0)
+    enc = create_model("vit3d_test_p4", img_size=(16, 16, 16), in_chans=1)
+    assert enc.patch_size == (4, 4, 4) and enc.grid_size((16, 16, 16)) == (4, 4, 4)
+    x = torch.randn(2, 1, 16, 16, 16)
+    mae = MAE3D(enc, decoder_dim=16, decoder_depth=1, decoder_heads=2, masking="block")
+    out = mae(x)
+    # norm_pix_loss (unbiased variance): predicting each patch's mean (0) scores (n - 1) / n
+    assert float(out["flat_loss"]) == pytest.approx(63 / 64, abs=1e-4)
+    raw = MAE3D(enc, decoder_dim=16, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
+    m = raw.draw_mask(2, (4, 4, 4), "cpu", torch.Generator().manual_seed(0))
+    target = patchify(x, raw.patch)
+    flat_pred = target.mean(-1, keepdim=True).expand_as(target)
+    assert float(raw.flat_loss(x, m.mask)) == pytest.approx(float(raw.loss(x, flat_pred, m.mask)))

@@ -1,4 +1,5 @@
-"""``umit pretrain``: masked volume modeling (MAE-3D) on a preprocessed store; torchrun-ready."""
+"""``umit pretrain``: self-supervised pretraining (method=mae|simclr|genesis) on a preprocessed
+store; torchrun-ready."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from umit.cli.common import add_config_args
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="self-supervised MAE-3D pretraining of a ViT encoder on a preprocessed store "
+        help="self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis) of an encoder on a "
+        "preprocessed store "
         "(CPU or GPU, one or many processes with torchrun)",
         description=__doc__,
     )
@@ -33,9 +35,18 @@ def main(args: argparse.Namespace) -> int:
             f"{summary['seconds']:.0f} s; train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
         )
         if summary["initial_val_loss"] is not None and summary["last_val_loss"] is not None:
+            what = {"mae": "reconstruction", "simclr": "contrastive", "genesis": "restoration"}
+            base = (summary.get("last_eval") or {}).get("val_baseline_loss")
             print(
-                f"  validation reconstruction loss {summary['initial_val_loss']:.4f} -> "
+                f"  validation {what[summary['method']]} loss {summary['initial_val_loss']:.4f} -> "
                 f"{summary['last_val_loss']:.4f} ({summary['val_cases']} held-out cases)"
+                + (f"; trivial baseline {base:.4f}" if base is not None else "")
+            )
+        last = summary.get("last_eval") or {}
+        if "knn_acc" in last:
+            print(
+                f"  monitor: kNN acc {last['knn_acc']:.3f}, probe acc {last['probe_acc']:.3f}"
+                + (f", probe AUC {last['probe_auc']:.3f}" if "probe_auc" in last else "")
             )
         print(f"  encoder: {summary['encoder']}")
     return 0

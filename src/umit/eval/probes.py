@@ -24,8 +24,11 @@ from umit.data.cases import centre_crop_or_pad
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.models import create_model
+from umit.ssl.monitor import fit_probes
 from umit.train.checkpoint import load_encoder
 from umit.utils.fileio import atomic_write_json
+
+__all__ = ["ProbeConfig", "extract_features", "fit_probes", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -95,41 +98,6 @@ def split_for_probe(
         ids, test_size=cfg.holdout_fraction, random_state=cfg.seed, stratify=stratify
     )
     return sorted(tr), sorted(te)
-
-
-def fit_probes(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int
-) -> dict[str, Any]:
-    """Linear (logistic regression) and kNN (cosine, distance-weighted) probe scores."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    classes = np.unique(y_train)
-    out: dict[str, Any] = {}
-    models = {
-        "linear": make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=0.1)),
-        "knn": KNeighborsClassifier(
-            n_neighbors=min(k, len(y_train)), metric="cosine", weights="distance"
-        ),
-    }
-    for name, model in models.items():
-        model.fit(x_train, y_train)
-        pred = model.predict(x_test)
-        res = {
-            "accuracy": float(accuracy_score(y_test, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
-        }
-        if len(np.unique(y_test)) > 1:
-            proba = model.predict_proba(x_test)
-            if len(classes) == 2:
-                res["auc"] = float(roc_auc_score(y_test, proba[:, 1]))
-            elif set(np.unique(y_test)) <= set(classes):
-                res["auc"] = float(roc_auc_score(y_test, proba, multi_class="ovr", labels=classes))
-        out[name] = res
-    return out
 
 
 def run(cfg: ProbeConfig) -> dict[str, Any]:

@@ -456,6 +456,13 @@ class ResNet3D(nn.Module):
 
 
 @register_model
+def resnet3d_test(**kwargs: Any) -> ResNet3D:
+    """Tiny 3D ResNet for unit tests (basic blocks 1, 1, 1, 1, widths 8-16-32-32)."""
+    defaults = {"block": "basic", "layers": (1, 1, 1, 1), "widths": (8, 16, 32, 32)}
+    return ResNet3D(**{**defaults, "stem_width": 8, **kwargs})
+
+
+@register_model
 def resnet3d_18(**kwargs: Any) -> ResNet3D:
     """3D ResNet-18 (basic blocks 2, 2, 2, 2), group norm."""
     return ResNet3D(**{"block": "basic", "layers": (2, 2, 2, 2), **kwargs})

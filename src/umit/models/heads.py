@@ -395,3 +395,37 @@ def classifier(**kwargs: Any) -> ClassificationModel:
     """Encoder + pooled Linear head: ``create_model("classifier", encoder="vit3d_tiny_p16",
     pool="attn", num_classes=2, img_size=96, in_chans=1)``; Swin encoders pool their last stage."""
     return ClassificationModel(**kwargs)
+
+
+# ---------------------------------------------------------------------- feature helpers
+def pooled_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C_in, D, H, W) -> (B, F) pooled features of any encoder with the feature API.
+
+    ``forward_head(forward_features(x), pre_logits=True)`` where the encoder has it (ViT3D,
+    SwinTransformer3D, ResNet3D); otherwise (or when that is not pooled) the mean over patch
+    tokens (B, prefix + L, C) or over a feature map (B, C, d, h, w).
+    """
+    feats = encoder.forward_features(x)
+    head = getattr(encoder, "forward_head", None)
+    if callable(head):
+        pooled = head(feats, pre_logits=True)
+        if pooled.ndim == 2:
+            return pooled
+    if feats.ndim == 5:
+        return feats.mean(dim=(2, 3, 4))  # (B, C, d, h, w) -> (B, C)
+    if feats.ndim == 3:
+        return feats[:, int(getattr(encoder, "num_prefix_tokens", 0)) :].mean(dim=1)
+    raise ValueError(f"cannot pool features of shape {tuple(feats.shape)}")
+
+
+def feature_map(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C_in, D, H, W) -> the deepest feature map (B, C, d, h, w), via ``forward_intermediates``."""
+    return encoder.forward_intermediates(x, indices=1)[0]
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    """Width of :func:`pooled_features` / :func:`feature_map`."""
+    dim = getattr(encoder, "num_features", None)
+    if dim is None:
+        dim = encoder.feature_info[-1]["num_chs"]
+    return int(dim)

@@ -484,6 +484,24 @@ def vit3d_test_p8(**kwargs: Any) -> ViT3D:
 
 
 @register_model
+def vit3d_tiny_p4(**kwargs: Any) -> ViT3D:
+    """ViT-Ti (C=192, depth 12, 3 heads), patch 4: for small inputs (e.g. 32³ or 64³ crops)."""
+    return _create_vit3d({**_SIZES["tiny"], "patch_size": 4}, **kwargs)
+
+
+@register_model
+def vit3d_small_p4(**kwargs: Any) -> ViT3D:
+    """ViT-S (C=384, depth 12, 6 heads), patch 4: for small inputs."""
+    return _create_vit3d({**_SIZES["small"], "patch_size": 4}, **kwargs)
+
+
+@register_model
+def vit3d_test_p4(**kwargs: Any) -> ViT3D:
+    """Tiny ViT for unit tests (C=48, depth 2, 3 heads), patch 4."""
+    return _create_vit3d({**_SIZES["test"], "patch_size": 4}, **kwargs)
+
+
+@register_model
 def vit3d_tiny_p16(**kwargs: Any) -> ViT3D:
     """ViT-Ti (C=192, depth 12, 3 heads), patch 16."""
     return _create_vit3d({**_SIZES["tiny"], "patch_size": 16}, **kwargs)

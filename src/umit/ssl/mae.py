@@ -177,14 +177,25 @@ class MAE3D(nn.Module):
         x = self.decoder_norm(x)
         return self.decoder_pred(x[:, P:])  # (B, L, p³·C)
 
-    def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over masked patches (float32)."""
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> per-patch targets (B, L, p³·C), normalized with norm_pix_loss."""
         target = patchify(x, self.patch).float()
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
+        return target
+
+    def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over masked patches (float32)."""
+        per_patch = ((pred.float() - self.target(x)) ** 2).mean(dim=-1)  # (B, L)
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def flat_loss(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The loss of a flat-patch predictor (each masked patch -> its own mean): a trivial
+        baseline (about 1 with norm_pix_loss) that a learning model must beat."""
+        target = self.target(x)
+        per_patch = ((target - target.mean(dim=-1, keepdim=True)) ** 2).mean(dim=-1)  # (B, L)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(
@@ -201,6 +212,7 @@ class MAE3D(nn.Module):
         loss = self.loss(x, pred, m.mask)
         return {
             "loss": loss,
+            "flat_loss": self.flat_loss(x, m.mask).detach(),
             "mask_ratio": m.mask.mean().detach(),
             "pred": pred.detach(),
             "mask": m.mask,

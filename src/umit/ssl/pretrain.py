@@ -1,9 +1,11 @@
-"""``umit pretrain``: masked volume modeling (MAE-3D) on a preprocessed store.
+"""``umit pretrain``: self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis) on a store.
 
-Random 3D crops (optionally foreground-biased) with light augmentation feed MAE-3D around any
-registered ViT encoder; the training loop (:mod:`umit.train`) does schedules, precision,
+Random 3D crops (optionally foreground-biased) with light augmentation feed the chosen method
+(``method=mae|simclr|genesis``) around any registered encoder (MAE needs a ViT); the training loop (:mod:`umit.train`) does schedules, precision,
 accumulation, distribution, checkpoints and resume. A fixed validation set of crops and masks
-gives a reconstruction loss that is comparable across steps. At the end the encoder alone is
+gives a pretext loss that is comparable across steps, logged next to its trivial baseline
+(``flat_loss`` / ``chance_loss`` / ``baseline_loss``); with ``monitor_label`` a kNN and a
+linear-probe score of the frozen encoder on a fixed labeled subset are logged too. At the end the encoder alone is
 written as ``encoder.pt`` (plain data: weights, model name and args, the preprocessing plan), the
 file that ``umit probe`` and fine-tuning load.
 """
@@ -14,18 +16,22 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from umit.config import UmitConfig
+from umit.data.augment3d import ViewConfig
 from umit.data.dataset import StoreCropDataset
 from umit.data.store import Store
 from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
 from umit.models import create_model
+from umit.ssl.genesis import Genesis3D
 from umit.ssl.mae import MAE3D, mae_flops_per_sample
+from umit.ssl.monitor import build_monitor
+from umit.ssl.simclr import SimCLR3D
 from umit.train.checkpoint import save_artifact
 from umit.train.config import TrainConfig
 from umit.train.distributed import is_main
@@ -55,6 +61,43 @@ class MAEConfig(UmitConfig):
     """Predict per-patch normalized intensities (MAE's better default)."""
 
 
+class SimCLRConfig(UmitConfig):
+    """Settings of the SimCLR-3D wrapper."""
+
+    proj_dim: int = Field(default=128, ge=8)
+    """Projection output width."""
+    hidden: int | None = None
+    """Projection hidden width (default: the encoder's feature width)."""
+    temperature: float = Field(default=0.1, gt=0)
+    """NT-Xent temperature."""
+    views: ViewConfig = Field(default_factory=ViewConfig)
+    """Random view settings (``views.scale`` is the first view's crop volume fraction)."""
+    scale2: tuple[float, float] = (0.15, 0.5)
+    """Crop volume fraction of the second view (the smaller scale)."""
+    view_size: tuple[int, int, int] | None = None
+    """Spatial size of the views (default: ``crop_size``)."""
+
+
+class GenesisConfig(UmitConfig):
+    """Settings of the Models Genesis restoration wrapper."""
+
+    decoder_dim: int = Field(default=64, ge=8)
+    """Width of the first decoder stage (halved per upsampling)."""
+    shuffle_prob: float = Field(default=0.5, ge=0, le=1)
+    """Probability of local pixel shuffling."""
+    shuffle_blocks: int = Field(default=50, ge=0)
+    """Small boxes shuffled per volume."""
+    nonlinear_prob: float = Field(default=0.9, ge=0, le=1)
+    """Probability of the Bezier intensity map."""
+    paint_prob: float = Field(default=0.9, ge=0, le=1)
+    """Probability of in- or out-painting."""
+    inpaint_rate: float = Field(default=0.2, ge=0, le=1)
+    """Share of in-painting among paintings (the rest is out-painting)."""
+
+
+METHODS = ("mae", "simclr", "genesis")
+
+
 class PretrainConfig(UmitConfig):
     """Settings of ``umit pretrain``."""
 
@@ -78,8 +121,21 @@ class PretrainConfig(UmitConfig):
     """Cases held out for the validation reconstruction loss (0 = none)."""
     val_crops: int = Field(default=8, ge=1)
     """Fixed validation crops (with fixed masks) over the held-out cases."""
+    method: Literal["mae", "simclr", "genesis"] = "mae"
+    """Pretraining method: masked autoencoding (ViT only), contrastive views, or restoration."""
     mae: MAEConfig = Field(default_factory=MAEConfig)
     """MAE-3D wrapper settings."""
+    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
+    """SimCLR-3D wrapper settings."""
+    genesis: GenesisConfig = Field(default_factory=GenesisConfig)
+    """Models Genesis wrapper settings."""
+    monitor_label: str | None = None
+    """Per-case label of the store index (e.g. ``target``) for the online kNN / probe scores
+    every ``train.eval_every`` steps; None = off."""
+    monitor_cases: int = Field(default=64, ge=4)
+    """Labeled non-test cases (at most) embedded by the monitor."""
+    monitor_k: int = Field(default=10, ge=1)
+    """Neighbours of the monitor's kNN classifier."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     """Augmentation of the training crops."""
     train: TrainConfig = Field(
@@ -124,32 +180,39 @@ def data_hash(store: Any, cases: list[str]) -> str:
     ]
 
 
-class MAETask:
-    """Training-loop task around :class:`~umit.ssl.mae.MAE3D` (reports FLOPs and tokens)."""
+class PretrainTask:
+    """Training-loop task around a method wrapper: the loss and its scalar parts.
 
-    def __init__(self, mae: torch.nn.Module, crop_size: tuple[int, int, int]):
+    MAE also reports FLOPs and tokens per sample.
+    """
 
-        self.mae = mae
-        self._call: torch.nn.Module = mae
-        self._flops = mae_flops_per_sample(mae, crop_size)
-        grid = mae.encoder.grid_size(crop_size)
-        self._tokens = float(grid[0] * grid[1] * grid[2])
+    def __init__(self, module: torch.nn.Module, crop_size: tuple[int, int, int]):
+        self.module = module
+        self._call: torch.nn.Module = module
+        self._flops = self._tokens = None
+        if getattr(module, "model_name", None) == "mae3d":
+            self._flops = mae_flops_per_sample(module, crop_size)
+            grid = module.encoder.grid_size(crop_size)
+            self._tokens = float(grid[0] * grid[1] * grid[2])
 
     def trainable_module(self) -> torch.nn.Module:
-        return self.mae
+        return self.module
 
     def set_trainable_module(self, module: torch.nn.Module) -> None:
         self._call = module
 
     def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
         out = self._call(batch)
-        return {"loss": out["loss"]}
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
 
-    def flops_per_sample(self, batch: Any) -> float:
+    def flops_per_sample(self, batch: Any) -> float | None:
         return self._flops
 
-    def tokens_per_sample(self, batch: Any) -> float:
+    def tokens_per_sample(self, batch: Any) -> float | None:
         return self._tokens
+
+
+MAETask = PretrainTask  # the former name
 
 
 def build_validation(store_dir: Path, cases: list[str], cfg: PretrainConfig) -> list[torch.Tensor]:
@@ -169,32 +232,54 @@ def build_validation(store_dir: Path, cases: list[str], cfg: PretrainConfig) -> 
     return [ds[i]["image"].unsqueeze(0) for i in range(min(cfg.val_crops, len(ds)))]
 
 
-def make_eval_fn(mae: torch.nn.Module, val: list[torch.Tensor], device_of: Any):
-    """Validation reconstruction loss with the same masks at every evaluation."""
+def make_eval_fn(
+    module: torch.nn.Module, val: list[torch.Tensor], device_of: Any, monitor: Any = None
+):
+    """Validation pretext loss (same masks / views / corruptions at every evaluation), its
+    trivial baseline, and the monitor's kNN / probe scores."""
+
+    def mae_losses(x: torch.Tensor, i: int) -> tuple[float, float]:
+        g = torch.Generator(device="cpu").manual_seed(10_000 + i)
+        grid = tuple(module.encoder.grid_size(x.shape[2:]))
+        m = module.draw_mask(1, grid, "cpu", g)
+        m = type(m)(
+            keep=m.keep.to(x.device), mask=m.mask.to(x.device), restore=m.restore.to(x.device)
+        )
+        pred = module.forward_decoder(
+            module.encoder.forward_features(x, keep_indices=m.keep), m, grid
+        )
+        return float(module.loss(x, pred, m.mask)), float(module.flat_loss(x, m.mask))
 
     def evaluate(step: int) -> dict[str, float]:
-        if not val:
-            return {}
-        was_training = mae.training
-        mae.eval()
-        losses = []
+        out: dict[str, float] = {}
+        was_training = module.training
+        module.eval()
+        losses, baselines = [], []
         with torch.no_grad():
-            for i, x in enumerate(val):
-                g = torch.Generator(device="cpu").manual_seed(10_000 + i)
-                x = x.to(device_of())
-                m = mae.draw_mask(1, tuple(mae.encoder.grid_size(x.shape[2:])), "cpu", g)
-                m = type(m)(
-                    keep=m.keep.to(x.device),
-                    mask=m.mask.to(x.device),
-                    restore=m.restore.to(x.device),
-                )
-                grid = tuple(mae.encoder.grid_size(x.shape[2:]))
-                pred = mae.forward_decoder(
-                    mae.encoder.forward_features(x, keep_indices=m.keep), m, grid
-                )
-                losses.append(float(mae.loss(x, pred, m.mask)))
-        mae.train(was_training)
-        return {"val_loss": sum(losses) / len(losses)}
+            if isinstance(module, MAE3D):
+                for i, x in enumerate(val):
+                    loss, flat = mae_losses(x.to(device_of()), i)
+                    losses.append(loss)
+                    baselines.append(flat)
+            elif getattr(module, "model_name", None) == "simclr3d":
+                if len(val) >= 2:  # one batch of all crops: the negatives are the other crops
+                    g = torch.Generator(device="cpu").manual_seed(10_000)
+                    res = module(torch.cat(val).to(device_of()), generator=g)
+                    losses.append(float(res["loss"]))
+                    baselines.append(float(res["chance_loss"]))
+            else:
+                for i, x in enumerate(val):
+                    g = torch.Generator(device="cpu").manual_seed(10_000 + i)
+                    res = module(x.to(device_of()), generator=g)
+                    losses.append(float(res["loss"]))
+                    baselines.append(float(res["baseline_loss"]))
+        module.train(was_training)
+        if losses:
+            out["val_loss"] = sum(losses) / len(losses)
+            out["val_baseline_loss"] = sum(baselines) / len(baselines)
+        if monitor is not None:
+            out.update(monitor(step))
+        return out
 
     return evaluate
 
@@ -216,11 +301,46 @@ def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
     )
 
 
+def build_method(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
+    """The wrapper of ``cfg.method`` around a freshly built ``cfg.model`` encoder."""
+    if cfg.method == "mae":
+        return build_mae(cfg, in_chans)
+
+    args = {"img_size": cfg.crop_size, "in_chans": in_chans, "num_classes": 0, **cfg.model_args}
+    try:  # pooled features only: no classifier weights to train or save
+        encoder = create_model(cfg.model, **args)
+    except TypeError:  # an encoder without a classifier argument
+        del args["num_classes"]
+        encoder = create_model(cfg.model, **args)
+    if cfg.method == "simclr":
+        s = cfg.simclr
+        return SimCLR3D(
+            encoder,
+            proj_dim=s.proj_dim,
+            hidden=s.hidden,
+            temperature=s.temperature,
+            views=s.views,
+            scale2=s.scale2,
+            view_size=s.view_size,
+        )
+    if cfg.method == "genesis":
+        return Genesis3D(encoder, in_chans=in_chans, **cfg.genesis.model_dump())
+    raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+
+
 def save_encoder(
-    mae: torch.nn.Module, path: Path, plan: Any, cfg: PretrainConfig, extra: dict | None = None
+    module: torch.nn.Module, path: Path, plan: Any, cfg: PretrainConfig, extra: dict | None = None
 ) -> Path:
-    """Write the encoder alone as an ``encoder`` artifact (plain data, atomic)."""
-    return save_artifact(path, "encoder", mae.encoder, plan=plan, run_config=cfg, extra=extra)
+    """Write the encoder of any method wrapper alone as an ``encoder`` artifact, with the
+    method's name (plain data, atomic)."""
+    return save_artifact(
+        path,
+        "encoder",
+        module.encoder,
+        plan=plan,
+        run_config=cfg,
+        extra={"method": getattr(cfg, "method", "mae"), **(extra or {})},
+    )
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -231,8 +351,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     in_chans = len(plan.channels)
     train_cases, val_cases = split_cases(store, cfg.exclude_splits, cfg.val_cases, cfg.train.seed)
     train_cfg = cfg.train.model_copy(update={"out_dir": cfg.out})
-    seed_everything(cfg.train.seed)  # before anything random is built: the same seed, the same run
-    mae = build_mae(cfg, in_chans)
+    seed_everything(cfg.train.seed)  # same config + seed -> same initial weights
+    module = build_method(cfg, in_chans)
     crops = StoreCropDataset(
         cfg.data,
         cfg.crop_size,
@@ -244,9 +364,27 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     )
     dataset = AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
     val = build_validation(cfg.data, val_cases, cfg)
-    task = MAETask(mae, cfg.crop_size)
-    evaluate = make_eval_fn(mae, val, lambda: next(mae.parameters()).device)
-    initial_val = evaluate(0).get("val_loss") if cfg.train.resume in (None, "auto") else None
+    monitor = None
+    if cfg.monitor_label:
+        usable = [
+            c
+            for c in store.case_ids
+            if (store.index[c].get("split") or "train") not in cfg.exclude_splits
+        ]
+        monitor = build_monitor(
+            module.encoder,
+            store,
+            usable,
+            cfg.monitor_label,
+            cfg.monitor_cases,
+            cfg.crop_size,
+            cfg.train.seed,
+            cfg.monitor_k,
+        )
+    task = PretrainTask(module, cfg.crop_size)
+    evaluate = make_eval_fn(module, val, lambda: next(module.parameters()).device, monitor)
+    initial = evaluate(0) if cfg.train.resume in (None, "auto") else {}
+    initial_val = initial.get("val_loss")
     trainer = Trainer(
         task,
         dataset,
@@ -266,13 +404,16 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "steps": result.step,
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
+        "method": cfg.method,
         "initial_val_loss": initial_val,
+        "initial_eval": initial,
+        "last_eval": evals[-1] if evals else None,
         "first_val_loss": evals[0].get("val_loss") if evals else None,
         "last_val_loss": evals[-1].get("val_loss") if evals else None,
         "seconds": result.seconds,
     }
 
     if is_main():
-        save_encoder(mae, cfg.out / ENCODER_FILE, plan, cfg, {"summary": summary})
+        save_encoder(module, cfg.out / ENCODER_FILE, plan, cfg, {"summary": summary})
     summary["encoder"] = str(cfg.out / ENCODER_FILE)
     return summary
