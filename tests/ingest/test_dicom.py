@@ -337,7 +337,7 @@ def test_simpleitk_fallback_when_pydicom_cannot_decode(tmp_path, monkeypatch):
     def no_decoder(ds):
         raise NotImplementedError("no decoder for this transfer syntax")
 
-    monkeypatch.setattr(dicom, "_decode_pydicom", no_decoder)
+    monkeypatch.setattr(dicom.pixels, "_decode_pydicom", no_decoder)
     fallback, meta2 = load_series(series)  # SimpleITK applies the rescale itself
     np.testing.assert_array_equal(fallback, direct)
     np.testing.assert_array_equal(meta.affine, meta2.affine)
