@@ -38,3 +38,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def register_models():
+    """Register stand-in models for one test and remove them afterwards, so that
+    ``list_models()`` never depends on which tests ran before."""
+    from umit.models.registry import register_model, unregister_model
+
+    added: list[str] = []
+
+    def add(*fns):
+        for fn in fns:
+            register_model(fn)
+            added.append(fn.__name__)
+
+    yield add
+    for name in added:
+        unregister_model(name)

@@ -24,7 +24,6 @@ from umit.inference.predict import PredictConfig, find_inputs, run
 from umit.inference.segment import predict_case_classification
 from umit.ingest.read import read_volume
 from umit.models import create_model
-from umit.models.registry import register_model
 from umit.preprocess.normalize import normalize_channel
 from umit.preprocess.resample import reorient_to_ras, restore_original, spacing_of
 
@@ -46,9 +45,13 @@ class ThresholdSegmenter(nn.Module):
         return torch.cat([-d, d], dim=1)  # (B, 2, X, Y, Z): class 1 above the threshold
 
 
-@register_model
 def predict_test_threshold(**kwargs) -> ThresholdSegmenter:
     return ThresholdSegmenter(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_models(register_models):
+    register_models(predict_test_threshold)
 
 
 def ct_plan(spacing: tuple[float, float, float], crop: bool = True) -> Plan:

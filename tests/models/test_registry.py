@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import pytest
 import torch
 from torch import nn
@@ -80,8 +82,60 @@ def test_vit_param_counts_match_analytic(name):
         assert m.embed_dim == dim and len(m.blocks) == depth
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# Small sizes for the models that are not bare ViT/Swin encoders: every registered name must be
+# buildable here, so a new model without a size fails the sweep instead of going untested.
+SMALL_RESNET = {"widths": (8, 16, 32, 64), "stem_width": 8}
+TASK_MODEL_ARGS: dict[str, dict] = {
+    "unetr": {"encoder": "vit3d_test_p16", "out_channels": 3, "feature_size": 8},
+    "swin_unetr": {"encoder": "swin3d_test", "out_channels": 3, "feature_size": 12},
+    "classifier": {"encoder": "vit3d_test_p16", "num_classes": 3},
+    "resunet3d": {"out_channels": 3, "features": (4, 8, 16, 16), "deep_supervision": True},
+    "resnet3d_*": {"num_classes": 3, **SMALL_RESNET},
+}
+
+
+def _task_args(name: str) -> dict | None:
+    for pattern, args in TASK_MODEL_ARGS.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return args
+    return None
+
+
+def test_stand_in_models_do_not_leak_between_tests(register_models):
+    def leak_probe_model(**kwargs):
+        return nn.Identity()
+
+    before = list_models()
+    register_models(leak_probe_model)
+    assert is_model("leak_probe_model")
+    assert all(not n.endswith(("_for_tests", "_for_audit", "_for_dp")) for n in before)
+    assert "predict_test_threshold" not in before
+
+
+@pytest.mark.parametrize("name", list_models())
 def test_every_model_runs_forward_and_backward(name):
+    if name.startswith(("vit3d_", "swin3d_")):
+        _check_encoder(name)
+        return
+    args = _task_args(name)
+    assert args is not None, f"registered model {name!r} has no small size in TASK_MODEL_ARGS"
+    torch.manual_seed(0)
+    shape = (64, 64, 64) if name == "swin_unetr" else (32, 32, 32)  # Swin's bottleneck > 1 voxel
+    m = create_model(name, img_size=shape, in_chans=2, **args)
+    x = torch.randn(1, 2, *shape)
+    outs = m(x)
+    outs = (
+        list(outs) if isinstance(outs, list | tuple) else [outs]
+    )  # deep supervision: finest first
+    want = (1, 3, *shape) if "out_channels" in args else (1, 3)
+    assert tuple(outs[0].shape) == want and all(torch.isfinite(o).all() for o in outs)
+    sum(o.square().mean() for o in outs).backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert m.model_name == name
+
+
+def _check_encoder(name: str) -> None:
     with torch.device("meta"):
         full = create_model(name)
     # ViT: divisible by 16; Swin: patch grid (14, 14, 7) fits window 7 without padding

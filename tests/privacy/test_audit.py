@@ -12,7 +12,6 @@ from _synthetic import SmallConv, audit, make_cases, mlp, train
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
-from umit.models.registry import is_model, register_model
 from umit.privacy.audit import (
     attack_metrics,
     find_duplicates,
@@ -21,23 +20,26 @@ from umit.privacy.audit import (
     volume_signature,
 )
 
-if not is_model("tiny_cls_for_audit"):
 
-    @register_model
-    def tiny_cls_for_audit(in_chans=1, num_classes=2, img_size=None):
-        return nn.Sequential(
-            nn.Conv3d(in_chans, 8, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool3d(1),
-            nn.Flatten(),
-            nn.Linear(8, num_classes),
-        )
+def tiny_cls_for_audit(in_chans=1, num_classes=2, img_size=None):
+    return nn.Sequential(
+        nn.Conv3d(in_chans, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
 
-    @register_model
-    def tiny_seg_for_audit(in_chans=1, out_channels=2, img_size=None):
-        return nn.Sequential(
-            nn.Conv3d(in_chans, 8, 3, padding=1), nn.GELU(), nn.Conv3d(8, out_channels, 1)
-        )
+
+def tiny_seg_for_audit(in_chans=1, out_channels=2, img_size=None):
+    return nn.Sequential(
+        nn.Conv3d(in_chans, 8, 3, padding=1), nn.GELU(), nn.Conv3d(8, out_channels, 1)
+    )
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_models(register_models):
+    register_models(tiny_cls_for_audit, tiny_seg_for_audit)
 
 
 @pytest.fixture

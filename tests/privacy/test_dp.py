@@ -9,22 +9,24 @@ from _synthetic import Items, audit, make_cases, mlp, train, train_cfg
 from torch import nn
 
 from umit.errors import InputError
-from umit.models.registry import is_model, register_model
 from umit.train.dp import DPSGD, DPConfig
 from umit.train.tasks import ClassificationTask
 
-if not is_model("tiny_cls_for_dp"):
 
-    @register_model
-    def tiny_cls_for_dp(in_chans=1, num_classes=2, img_size=None):
-        return nn.Sequential(
-            nn.Conv3d(in_chans, 4, 3, stride=2, padding=1),
-            nn.GroupNorm(2, 4),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool3d(1),
-            nn.Flatten(),
-            nn.Linear(4, num_classes),
-        )
+def tiny_cls_for_dp(in_chans=1, num_classes=2, img_size=None):
+    return nn.Sequential(
+        nn.Conv3d(in_chans, 4, 3, stride=2, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, num_classes),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_models(register_models):
+    register_models(tiny_cls_for_dp)
 
 
 @pytest.fixture

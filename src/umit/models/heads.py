@@ -142,6 +142,7 @@ def load_encoder_state_dict(
         isinstance(pe, torch.Tensor)
         and isinstance(own, torch.Tensor)
         and pe.shape != own.shape
+        and pe.shape[-1] == own.shape[-1]  # another width is a mismatch, not another grid
         and hasattr(encoder, "pos_grid")
     ):
         if source_grid is None:

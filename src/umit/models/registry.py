@@ -40,6 +40,13 @@ def register_model(fn: F) -> F:
     return fn
 
 
+def unregister_model(name: str) -> None:
+    """Remove ``name`` (for stand-in models that tests or plugins register temporarily)."""
+    if name not in _MODEL_ENTRYPOINTS:
+        raise ValueError(f"unknown model {name!r}")
+    del _MODEL_ENTRYPOINTS[name]
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of registered models matching a shell-style ``pattern`` (e.g. ``"vit3d_*"``)."""
     return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))

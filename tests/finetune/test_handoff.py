@@ -1,0 +1,73 @@
+"""Pretrain -> fine-tune hand-off: ``encoder.pt`` of a tiny MAE run loads into the task models
+with every encoder tensor equal to the file's, strictly; a mismatched encoder is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from umit.errors import InputError
+from umit.finetune.run import FinetuneConfig, build_model
+from umit.ssl.pretrain import PretrainConfig
+from umit.ssl.pretrain import run as pretrain
+from umit.train.checkpoint import load_artifact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CROP = (32, 32, 16)
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tiny_ct_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mae")
+    cfg = PretrainConfig.model_validate(
+        {
+            "data": tiny_ct_store,
+            "out": out,
+            "model": "vit3d_test_p16",
+            "crop_size": CROP,
+            "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4},
+            "val_cases": 2,
+            "val_crops": 2,
+            "train": {"total_steps": 3, "warmup_steps": 1, "batch_size": 2, "progress": False},
+        }
+    )
+    return pretrain(cfg)["encoder"]
+
+
+@pytest.mark.parametrize(
+    "model, args, outputs",
+    [
+        ("unetr", {"encoder": "vit3d_test_p16", "feature_size": 8}, 3),
+        ("classifier", {"encoder": "vit3d_test_p16", "pool": "mean"}, 2),
+    ],
+)
+def test_encoder_pt_loads_into_task_models_tensor_for_tensor(
+    encoder_file, tiny_ct_store, tmp_path, model, args, outputs
+):
+    art = load_artifact(encoder_file, expect="encoder")
+    task = "segmentation" if model == "unetr" else "classification"
+    cfg = FinetuneConfig(
+        data=tiny_ct_store, out=tmp_path, task=task, model=model, model_args=args,
+        crop_size=CROP, pretrained=encoder_file,
+    )  # fmt: skip
+    net = build_model(cfg, in_chans=1, num_outputs=outputs)
+    own = net.encoder.state_dict()
+    assert set(own) == set(art["state_dict"])
+    for k, v in art["state_dict"].items():
+        assert torch.equal(own[k], v), k
+    scratch = build_model(cfg.model_copy(update={"pretrained": None}), 1, outputs)
+    assert not all(torch.equal(scratch.encoder.state_dict()[k], v) for k, v in own.items())
+
+
+def test_a_mismatched_encoder_is_refused_naming_the_file(encoder_file, tiny_ct_store, tmp_path):
+    cfg = FinetuneConfig(
+        data=tiny_ct_store, out=tmp_path, task="classification", model="classifier",
+        model_args={"encoder": "vit3d_tiny_p16"}, crop_size=CROP, pretrained=encoder_file,
+    )  # fmt: skip
+    with pytest.raises(
+        InputError,
+        match=r"(?s)encoder\.pt: encoder weights do not fit ViT3D.*Missing key.*blocks\.2.*size mismatch",
+    ):
+        build_model(cfg, in_chans=1, num_outputs=2)
+    with pytest.raises(InputError, match="holds a pretrained encoder"):
+        load_artifact(encoder_file, expect="model")
