@@ -262,3 +262,21 @@ def test_finetune_learns_a_trivially_learnable_task(sphere_store, tmp_path):
     assert s["selection"] in ("best_val", "last")
     e = evaluate(EvaluateConfig(model=tmp_path / "run" / "best.pt", data=sphere_store, n_boot=10))
     assert e["n_cases"] == 2 and e["result"]["overall"]["dice"]["value"] > 0.9
+
+
+def test_model_selection_rule_never_selects_on_more_labels_than_the_budget(tiny_ct_store):
+    from umit.finetune.run import selection_rule
+
+    cfg = _seg_cfg(tiny_ct_store, "x")
+    assert selection_rule(cfg, n_train=5, n_val=2) == "best_val"
+    assert selection_rule(cfg, n_train=2, n_val=5) == "last"  # the val set would be extra labels
+    assert selection_rule(cfg, n_train=5, n_val=0) == "last"
+    forced = cfg.model_copy(update={"select": "best_val"})
+    assert selection_rule(forced, n_train=2, n_val=5) == "best_val"
+
+
+def test_layer_decay_on_a_model_without_blocks_is_an_error(tiny_ct_store, tmp_path):
+    from umit.finetune.run import layer_id_fn_for
+
+    with pytest.raises(InputError, match="layer_decay < 1 needs a model with encoder blocks"):
+        layer_id_fn_for(_TinySeg())

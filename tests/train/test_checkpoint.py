@@ -131,3 +131,68 @@ def test_rng_state_round_trip():
     ck.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+# -- artifacts: one loader, every kind, old layouts migrated ------------------------------------
+def _v1_best_pt(path, model, plan=None):
+    """``best.pt`` exactly as main at f4fec19 wrote it (``finetune.run.save_model``): a ``kind``
+    but no ``format``, and no inference spec (ROI and overlap only inside ``run_config``)."""
+    from umit.train.checkpoint import to_plain, versions
+
+    payload = {
+        "kind": "model",
+        "task": "classification",
+        "model_name": model.model_name,
+        "model_args": to_plain(model.model_args, "model_args"),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "plan": plan,
+        "run_config": {"task": "classification", "crop_size": [32, 32, 16], "sw_overlap": 0.25,
+                       "label_key": "target", "renamed_later": 1},
+        "versions": versions(),
+        "cases": {"train": ["a"], "val": [], "unlabeled": [], "test": []},
+        "class_names": ["0", "1"],
+        "label_names": None,
+        "label_key": "target",
+        "num_outputs": 2,
+    }  # fmt: skip
+    torch.save(payload, path)
+    return path
+
+
+def test_a_version_1_model_file_migrates_to_an_inference_spec(tmp_path):
+    from umit.models import create_model
+    from umit.train.checkpoint import InferenceSpec, load_artifact, load_model
+
+    net = create_model("classifier", encoder="vit3d_test_p16", img_size=(32, 32, 16), num_classes=2)
+    path = _v1_best_pt(tmp_path / "best.pt", net)
+    art = load_artifact(path, expect="model")
+    assert art["format_version"] == ck.FORMAT_VERSION and art["kind"] == "model"
+    spec = InferenceSpec.model_validate(art["spec"])
+    assert spec.roi_size == (32, 32, 16) and spec.overlap == 0.25
+    assert spec.class_names == ["0", "1"] and spec.task == "classification"
+    model, art = load_model(path)
+    for k, v in net.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    with pytest.raises(
+        InputError, match="holds a fine-tuned model .*expected a pretrained encoder"
+    ):
+        load_artifact(path, expect="encoder")
+
+
+def test_save_artifact_round_trips_and_refuses_what_it_cannot_describe(tmp_path):
+    from umit.models import create_model
+    from umit.train.checkpoint import InferenceSpec, load_artifact, save_artifact
+
+    enc = create_model("vit3d_test_p16", img_size=(32, 32, 16))
+    path = save_artifact(tmp_path / "encoder.pt", "encoder", enc, extra={"method": "mae"})
+    art = load_artifact(path, expect="encoder")
+    assert art["method"] == "mae" and art["model_name"] == "vit3d_test_p16"
+    assert torch.load(path, weights_only=True)["format_version"] == ck.FORMAT_VERSION  # plain data
+    with pytest.raises(ValueError, match="needs its InferenceSpec"):
+        save_artifact(tmp_path / "m.pt", "model", enc)
+    with pytest.raises(ValueError, match="writes 'model' or 'encoder'"):
+        save_artifact(tmp_path / "m.pt", "train_state", enc, spec=InferenceSpec())
+    with pytest.raises(ValueError, match="no model_name"):
+        save_artifact(tmp_path / "m.pt", "encoder", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown artifact kind"):
+        load_artifact(path, expect="weights")
