@@ -274,6 +274,8 @@ def compare(cfg: DataEfficiencyConfig, budgets: list[Budget], metric: str) -> li
             target = ba.size * comp.b_budget_factor
             if comp.b_budget_factor == 1:
                 bb: Budget | None = ba
+            elif ba.key == "all" and comp.b_budget_factor > 1:
+                continue  # no larger budget than all labels
             else:
                 pool = max(b.size for b in budgets)
                 want = "all" if target >= pool else None
@@ -367,6 +369,8 @@ def markdown_table(table: dict, fractions: list[float] | list[str], metric: str)
             row.append(
                 "-"
                 if c is None
+                else f"- ({c['n_labeled']}, n=0)"
+                if not c["n"]
                 else f"{c['mean']:.3f} ± {c['std']:.3f} ({c['n_labeled']}, n={c['n']})"
             )
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
@@ -454,20 +458,27 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
         )
         for arm in table
     }
-    fig = plot_curves(
-        xs,
-        runs or series,
-        xlabel="labeled training cases"
-        if cfg.counts is not None
-        else "labeled fraction of training cases",
-        ylabel=metric,
-        title="Label efficiency",
-        log_x=True,
+    finite = any(np.isfinite(v).any() for v in runs.values())
+    figs = (  # nothing to draw (e.g. an AUC undefined on a one-class test set): table only
+        [
+            plot_curves(
+                xs,
+                runs or series,
+                xlabel="labeled training cases"
+                if cfg.counts is not None
+                else "labeled fraction of training cases",
+                ylabel=metric,
+                title="Label efficiency",
+                log_x=True,
+            )
+        ]
+        if finite
+        else []
     )
     paths = write_report(
         cfg.out,
         "UMIT label-efficiency experiment",
-        [Section(title="Test metric vs label budget", text=md, figures=[fig])],
+        [Section(title="Test metric vs label budget", text=md, figures=figs)],
     )
     return {
         "out": str(cfg.out),

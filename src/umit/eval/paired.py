@@ -124,16 +124,21 @@ def paired_difference(
     only test cases present in every (arm, seed) table.
     """
     seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return {"diff": None, "ci_low": None, "ci_high": None, "excludes_zero": False, "n_seeds": 0}
     ids = None
     for table in [*(a[s] for s in seeds), *(b[s] for s in seeds)]:
         these = {str(r["case_id"]) for r in table}
         ids = these if ids is None else ids & these
     case_ids = sorted(ids or [])
     n = len(case_ids)
-    if n == 0:
-        raise ValueError("the two arms share no test cases")
+    if not seeds or n == 0:  # nothing paired to compare
+        return {
+            "diff": None,
+            "ci_low": None,
+            "ci_high": None,
+            "excludes_zero": False,
+            "n_seeds": len(seeds),
+            "n_cases": n,
+        }
     arr_a = [CaseArrays(a[s], case_ids, metric) for s in seeds]
     arr_b = [CaseArrays(b[s], case_ids, metric) for s in seeds]
     full = np.arange(n)[None, :]
