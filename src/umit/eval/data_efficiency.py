@@ -1,10 +1,18 @@
-"""``umit data-efficiency``: label-fraction curves, pretrained vs scratch vs CNN baseline.
+"""``umit data-efficiency``: label-budget curves, pretrained vs scratch vs CNN baseline.
 
-For every label fraction x seed x arm, fine-tune on a seeded, stratified subset of the training
-labels (nested across fractions), evaluate on the fixed test split, and record the result in
-``cells/<arm>/f<fraction>_s<seed>/result.json``. Finished cells are not recomputed, so a killed
-experiment resumes. The table (mean ± std over seeds) and the plot of metric versus labeled
-fraction go to ``table.md``, ``results.json`` and ``report.html``.
+For every label budget x seed x arm, fine-tune on a seeded, stratified subset of the training
+labels (nested across budgets), evaluate on the fixed test split, and record the result in
+``cells/<arm>/<budget>_s<seed>/result.json``. A budget is a fraction of the training cases
+(``fractions``, folder ``f0.1``) or a count of cases (``counts``, folder ``n24``; a count at least
+the size of the pool is ``all``). Finished cells are not recomputed, so a killed experiment
+resumes. ``steps_per_budget`` fixes one schedule per budget for every arm.
+
+Optional extras: ``floors`` (classification: logistic regression on the foreground voxel count and
+a linear probe on random-init features, on the same labeled subsets; :mod:`umit.eval.floors`) and
+``comparisons`` (paired differences a - b of the headline metric per budget, optionally against
+``b`` at ``b_budget_factor`` times the budget, with a hierarchical bootstrap CI over test cases
+and seeds; :mod:`umit.eval.paired`). The table (mean ± std over seeds), the comparisons and the
+plot of metric versus budget go to ``table.md``, ``results.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +30,12 @@ from pydantic import Field
 from umit.config import UmitConfig, deep_merge, save_config
 from umit.data.store import Store
 from umit.errors import InputError
-from umit.eval.evaluate import EvaluateConfig
+from umit.eval.evaluate import EvaluateConfig, _rows_to_csv
 from umit.eval.evaluate import run as evaluate
+from umit.eval.floors import FLOOR_PROBE, FLOOR_VOXELS, floor_rows
+from umit.eval.paired import full_metric, paired_difference, read_per_case
 from umit.eval.report import Section, plot_curves, write_report
-from umit.finetune.run import FinetuneConfig
+from umit.finetune.run import FinetuneConfig, split_finetune_cases
 from umit.finetune.run import run as finetune
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
@@ -42,6 +53,29 @@ class ArmConfig(UmitConfig):
     """Encoder checkpoint to start from (None: from scratch)."""
     finetune: dict[str, Any] = Field(default_factory=dict)
     """Arm-specific fine-tuning overrides (e.g. a different learning rate)."""
+
+
+class ComparisonConfig(UmitConfig):
+    """Arm ``a`` at budget n against arm ``b`` at ``b_budget_factor`` x n (same seeds)."""
+
+    a: str
+    """The arm expected to be better (e.g. a pretrained one)."""
+    b: str
+    """The reference arm (e.g. scratch, or a floor)."""
+    b_budget_factor: float = Field(default=1.0, gt=0)
+    """``b`` is taken at this multiple of ``a``'s budget (2: pretrained at n vs scratch at 2n)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One label budget: table column ``key``, cell folder prefix ``folder``."""
+
+    key: str
+    folder: str
+    fraction: float | None = None
+    count: int | None = None
+    size: int = 0
+    """Labeled cases it asks for (the whole pool for ``all``)."""
 
 
 class DataEfficiencyConfig(UmitConfig):
@@ -66,25 +100,75 @@ class DataEfficiencyConfig(UmitConfig):
     segmentation; accuracy and balanced_accuracy for classification)."""
     n_boot: int = Field(default=200, ge=1)
     """Bootstrap replicates of each cell's test evaluation."""
+    counts: list[int] | None = None
+    """Label budgets as numbers of labeled training cases (replaces ``fractions``); a count at
+    least the size of the training pool means all labels (column ``all``)."""
+    steps_per_budget: dict[str, int] | None = None
+    """Fixed fine-tuning steps per budget for every arm, keyed by the budget's column name
+    (``n24``, ``all``, or a fraction such as ``0.1``); overrides ``train.total_steps`` (also an
+    arm's). Budgets not listed keep the shared ``finetune.train.total_steps``."""
+    comparisons: list[ComparisonConfig] = Field(default_factory=list)
+    """Paired differences a - b of the headline metric with a hierarchical bootstrap CI."""
+    floors: bool = False
+    """Classification: add the voxel-count and random-init linear-probe floors."""
+    floor_encoder_arm: str | None = None
+    """Arm whose architecture the random-init probe uses (default: the first arm)."""
+    n_boot_paired: int = Field(default=2000, ge=10)
+    """Bootstrap replicates of each paired comparison."""
 
 
-def cell_dir(out: Path, arm: str, fraction: float, seed: int) -> Path:
-    return out / "cells" / arm / f"f{fraction:g}_s{seed}"
+def _as_budget(fraction: float | Budget) -> Budget:
+    if isinstance(fraction, Budget):
+        return fraction
+    return Budget(key=f"{fraction:g}", folder=f"f{fraction:g}", fraction=fraction)
 
 
-def run_cell(
-    cfg: DataEfficiencyConfig, arm_name: str, arm: ArmConfig, fraction: float, seed: int
-) -> dict[str, Any]:
-    """Fine-tune and evaluate one cell (skipped when its result exists)."""
+def cell_dir(out: Path, arm: str, budget: float | Budget, seed: int) -> Path:
+    return out / "cells" / arm / f"{_as_budget(budget).folder}_s{seed}"
 
-    folder = cell_dir(cfg.out, arm_name, fraction, seed)
-    done = folder / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+
+def pool_size(cfg: DataEfficiencyConfig, store: Store) -> int:
+    """Training cases a budget draws from (after the validation hold-out)."""
+    settings = dict(cfg.finetune)
+    settings.pop("train", None)
+    ft = FinetuneConfig.model_validate({**settings, "data": cfg.data, "label_seed": 0})
+    return len(split_finetune_cases(store, ft)["train"])
+
+
+def make_budgets(cfg: DataEfficiencyConfig, pool: int) -> list[Budget]:
+    """The budgets in order: counts (``n<k>`` / ``all``) when given, else fractions."""
+    if cfg.counts is None:
+        return [
+            Budget(key=f"{f:g}", folder=f"f{f:g}", fraction=f, size=max(1, round(f * pool)))
+            for f in cfg.fractions
+        ]
+    out: list[Budget] = []
+    for k in sorted(set(cfg.counts)):
+        if k < 1:
+            raise InputError(None, f"label counts must be >= 1, got {k}")
+        b = (
+            Budget("all", "all", size=pool)
+            if k >= pool
+            else Budget(f"n{k}", f"n{k}", count=k, size=k)
+        )
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def cell_finetune_config(
+    cfg: DataEfficiencyConfig, arm: ArmConfig, budget: Budget, seed: int, folder: Path
+) -> FinetuneConfig:
+    """The fine-tuning settings of one cell: shared, arm overrides, budget schedule, seed."""
     settings = deep_merge(cfg.finetune, arm.finetune)  # an arm may override single train keys
     train = dict(settings.pop("train", {}))
     train["seed"] = seed
-    ft = FinetuneConfig.model_validate(
+    steps = (cfg.steps_per_budget or {}).get(budget.key)
+    if steps is not None:  # the same fixed schedule for every arm at this budget
+        train["total_steps"] = int(steps)
+        if int(train.get("warmup_steps", 0)) > steps:
+            train["warmup_steps"] = int(steps)
+    return FinetuneConfig.model_validate(
         {
             **settings,
             "data": cfg.data,
@@ -92,11 +176,29 @@ def run_cell(
             "model": arm.model,
             "model_args": arm.model_args,
             "pretrained": arm.pretrained,
-            "label_fraction": fraction,
+            "label_fraction": budget.fraction,
+            "label_count": budget.count,
             "label_seed": seed,
             "train": {**train, "resume": "auto"},
         }
     )
+
+
+def run_cell(
+    cfg: DataEfficiencyConfig,
+    arm_name: str,
+    arm: ArmConfig,
+    budget: float | Budget,
+    seed: int,
+) -> dict[str, Any]:
+    """Fine-tune and evaluate one cell (skipped when its result exists)."""
+
+    budget = _as_budget(budget)
+    folder = cell_dir(cfg.out, arm_name, budget, seed)
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    ft = cell_finetune_config(cfg, arm, budget, seed, folder)
     t0 = time.perf_counter()
     fsum = finetune(ft)
     esum = evaluate(
@@ -107,8 +209,11 @@ def run_cell(
     overall = {k: v["value"] for k, v in esum["result"]["overall"].items()}
     result = {
         "arm": arm_name,
-        "fraction": fraction,
+        "budget": budget.key,
+        "fraction": budget.fraction,
+        "count": budget.count,
         "seed": seed,
+        "steps": ft.train.total_steps,
         "n_labeled": fsum["n_train"],
         "n_test": esum["n_cases"],
         "test": overall,
@@ -119,12 +224,116 @@ def run_cell(
     return result
 
 
+def _budget_key(r: dict[str, Any]) -> str:
+    return r.get("budget") or f"{r['fraction']:g}"
+
+
+def run_floor_cells(
+    cfg: DataEfficiencyConfig, budget: Budget, seed: int, C: float = 0.1
+) -> list[dict[str, Any]]:
+    """Both floors for one budget and seed (skipped when their results exist)."""
+    names = [FLOOR_VOXELS, FLOOR_PROBE]
+    folders = {n: cell_dir(cfg.out, n, budget, seed) for n in names}
+    if all((f / "result.json").is_file() for f in folders.values()):
+        return [json.loads((folders[n] / "result.json").read_text()) for n in names]
+    arm_name = cfg.floor_encoder_arm or next(iter(cfg.arms))
+    if arm_name not in cfg.arms:
+        raise InputError(None, f"floor_encoder_arm {arm_name!r} is not an arm")
+    arm = cfg.arms[arm_name].model_copy(update={"pretrained": None})
+    ft = cell_finetune_config(cfg, arm, budget, seed, folders[FLOOR_PROBE])
+    t0 = time.perf_counter()
+    rows = floor_rows(ft, seed, C=C)
+    n_train = len(split_finetune_cases(Store(cfg.data), ft)["train"])
+    out = []
+    for name in names:
+        folder = folders[name]
+        atomic_write_text(folder / "eval" / "per_case.csv", _rows_to_csv(rows[name]))
+        test = {m: full_metric(rows[name], m) for m in ("auc", "accuracy")}
+        result = {
+            "arm": name,
+            "budget": budget.key,
+            "fraction": budget.fraction,
+            "count": budget.count,
+            "seed": seed,
+            "n_labeled": n_train,
+            "n_test": len(rows[name]),
+            "test": {k: (v if v == v else None) for k, v in test.items()},
+            "encoder_arm": arm_name if name == FLOOR_PROBE else None,
+            "seconds": time.perf_counter() - t0,
+        }
+        atomic_write_json(folder / "result.json", result)
+        out.append(result)
+    return out
+
+
+def compare(cfg: DataEfficiencyConfig, budgets: list[Budget], metric: str) -> list[dict[str, Any]]:
+    """Every configured comparison at every budget where both cells exist."""
+    out = []
+    for comp in cfg.comparisons:
+        for ba in budgets:
+            target = ba.size * comp.b_budget_factor
+            if comp.b_budget_factor == 1:
+                bb: Budget | None = ba
+            elif ba.key == "all" and comp.b_budget_factor > 1:
+                continue  # no larger budget than all labels
+            else:
+                pool = max(b.size for b in budgets)
+                want = "all" if target >= pool else None
+                bb = next(
+                    (
+                        b
+                        for b in budgets
+                        if (b.key == want) or (want is None and b.size == round(target))
+                    ),
+                    None,
+                )
+            if bb is None:
+                continue
+            tables = {}
+            for side, arm, budget in (("a", comp.a, ba), ("b", comp.b, bb)):
+                tables[side] = {}
+                for s in cfg.seeds:
+                    p = cell_dir(cfg.out, arm, budget, s) / "eval" / "per_case.csv"
+                    if p.is_file():
+                        tables[side][s] = read_per_case(p)
+            if not tables["a"] or not tables["b"]:
+                continue
+            res = paired_difference(
+                tables["a"], tables["b"], metric, n_boot=cfg.n_boot_paired, seed=0
+            )
+            out.append({"a": comp.a, "b": comp.b, "a_budget": ba.key, "b_budget": bb.key, **res})
+    return out
+
+
+def comparisons_markdown(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = [
+        f"Paired differences a - b of test {metric} (mean over paired seeds; 95% CI: "
+        "hierarchical bootstrap over test cases and seeds)",
+        "",
+        "| a | budget a | b | budget b | a | b | a - b (95% CI) | CI excludes 0 | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for r in rows:
+        ci = "-" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        diff = "-" if r["diff"] is None else f"{r['diff']:+.3f}"
+        lines.append(
+            f"| {r['a']} | {r['a_budget']} | {r['b']} | {r['b_budget']} | {f(r.get('a_mean'))} "
+            f"| {f(r.get('b_mean'))} | {diff} {ci} | {'yes' if r['excludes_zero'] else 'no'} "
+            f"| {r['n_seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summarize(results: list[dict[str, Any]], metric: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{arm: {fraction: {mean, std, n, n_labeled}}} of the headline metric over seeds."""
+    """{arm: {budget: {mean, std, n, n_labeled}}} of the headline metric over seeds."""
     table: dict[str, dict[str, dict[str, float]]] = {}
     for r in results:
         cell = table.setdefault(r["arm"], {}).setdefault(
-            f"{r['fraction']:g}", {"values": [], "n_labeled": r["n_labeled"]}
+            _budget_key(r), {"values": [], "n_labeled": r["n_labeled"]}
         )
         v = r["test"].get(metric)
         if v is not None and v == v:
@@ -144,21 +353,24 @@ def _has_values(table: dict) -> bool:
     return any(c["n"] for cells in table.values() for c in cells.values())
 
 
-def markdown_table(table: dict, fractions: list[float], metric: str) -> str:
-    head = "| arm | " + " | ".join(f"{f:g}" for f in fractions) + " |"
+def markdown_table(table: dict, fractions: list[float] | list[str], metric: str) -> str:
+    keys = [k if isinstance(k, str) else f"{k:g}" for k in fractions]
+    head = "| arm | " + " | ".join(keys) + " |"
     lines = [
         f"Test {metric} (mean ± std over seeds; labeled training cases in brackets)",
         "",
         head,
-        "|---" * (len(fractions) + 1) + "|",
+        "|---" * (len(keys) + 1) + "|",
     ]
     for arm, cells in table.items():
         row = []
-        for f in fractions:
-            c = cells.get(f"{f:g}")
+        for k in keys:
+            c = cells.get(k)
             row.append(
                 "-"
                 if c is None
+                else f"- ({c['n_labeled']}, n=0)"
+                if not c["n"]
                 else f"{c['mean']:.3f} ± {c['std']:.3f} ({c['n_labeled']}, n={c['n']})"
             )
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
@@ -170,34 +382,60 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
 
     if not cfg.arms:
         raise InputError(None, "data-efficiency needs at least one arm (arms.<name>.model=...)")
+    reserved = {FLOOR_VOXELS, FLOOR_PROBE} & set(cfg.arms)
+    if reserved:
+        raise InputError(None, f"arm names {sorted(reserved)} are reserved for the floors")
     store = Store(cfg.data)
     if not any(store.index[c].get("split") == "test" for c in store.case_ids):
         raise InputError(cfg.data, "the store has no 'test' split to evaluate on")
+    task = (cfg.finetune or {}).get("task", "segmentation")
+    names = set(cfg.arms) | ({FLOOR_VOXELS, FLOOR_PROBE} if cfg.floors else set())
+    for comp in cfg.comparisons:
+        for arm in (comp.a, comp.b):
+            if arm not in names:
+                raise InputError(None, f"comparison arm {arm!r} is neither an arm nor a floor")
+    budgets = make_budgets(cfg, pool_size(cfg, store) if cfg.counts is not None else 0)
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out)
     results = []
-    cells = [(a, f, s) for f in cfg.fractions for s in cfg.seeds for a in cfg.arms]
-    for i, (arm, fraction, seed) in enumerate(cells):
-        log.info("cell %d/%d: %s, fraction %g, seed %d", i + 1, len(cells), arm, fraction, seed)
-        results.append(run_cell(cfg, arm, cfg.arms[arm], fraction, seed))
-    task = (cfg.finetune or {}).get("task", "segmentation")
+    cells = [(a, b, s) for b in budgets for s in cfg.seeds for a in cfg.arms]
+    for i, (arm, budget, seed) in enumerate(cells):
+        log.info("cell %d/%d: %s, budget %s, seed %d", i + 1, len(cells), arm, budget.key, seed)
+        results.append(run_cell(cfg, arm, cfg.arms[arm], budget, seed))
+    if cfg.floors and task == "classification":
+        for budget in budgets:
+            for seed in cfg.seeds:
+                results.extend(run_floor_cells(cfg, budget, seed))
+    elif cfg.floors:
+        log.warning("floors are defined for classification only; skipped for %s", task)
     metric = cfg.metric or ("dice" if task == "segmentation" else "auc")
     table = summarize(results, metric)
     extra = cfg.extra_metrics
     if extra is None:
         extra = ["hd95", "nsd"] if task == "segmentation" else ["accuracy", "balanced_accuracy"]
     tables = {m: summarize(results, m) for m in [metric, *extra] if m != metric}
+    keys = [b.key for b in budgets]
+    comparisons = compare(cfg, budgets, metric)
     md = "\n".join(
-        [markdown_table(table, cfg.fractions, metric)]
-        + [markdown_table(t, cfg.fractions, m) for m, t in tables.items() if _has_values(t)]
+        [markdown_table(table, keys, metric)]
+        + [markdown_table(t, keys, m) for m, t in tables.items() if _has_values(t)]
+        + ([comparisons_markdown(comparisons, metric)] if comparisons else [])
     )
     atomic_write_json(
         cfg.out / "results.json",
-        {"metric": metric, "table": table, "other_tables": tables, "cells": results},
+        {
+            "metric": metric,
+            "budgets": [b.__dict__ for b in budgets],
+            "table": table,
+            "other_tables": tables,
+            "comparisons": comparisons,
+            "cells": results,
+        },
     )
     atomic_write_text(cfg.out / "table.md", md)
+    xs = [float(b.fraction) if cfg.counts is None else float(b.size) for b in budgets]
     series = {
-        arm: np.array([[cells.get(f"{f:g}", {}).get("mean", np.nan) for f in cfg.fractions]])
+        arm: np.array([[cells.get(k, {}).get("mean", np.nan) for k in keys]])
         for arm, cells in table.items()
     }
     runs = {
@@ -208,34 +446,45 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
                         (
                             r["test"].get(metric, np.nan)
                             for r in results
-                            if r["arm"] == arm and r["fraction"] == f and r["seed"] == s
+                            if r["arm"] == arm and _budget_key(r) == k and r["seed"] == s
                         ),
                         np.nan,
                     )
-                    for f in cfg.fractions
+                    for k in keys
                 ]
                 for s in cfg.seeds
-            ]
+            ],
+            dtype=float,
         )
         for arm in table
     }
-    fig = plot_curves(
-        cfg.fractions,
-        runs or series,
-        xlabel="labeled fraction of training cases",
-        ylabel=metric,
-        title="Label efficiency",
-        log_x=True,
+    finite = any(np.isfinite(v).any() for v in runs.values())
+    figs = (  # nothing to draw (e.g. an AUC undefined on a one-class test set): table only
+        [
+            plot_curves(
+                xs,
+                runs or series,
+                xlabel="labeled training cases"
+                if cfg.counts is not None
+                else "labeled fraction of training cases",
+                ylabel=metric,
+                title="Label efficiency",
+                log_x=True,
+            )
+        ]
+        if finite
+        else []
     )
     paths = write_report(
         cfg.out,
-        "UMIT label-fraction experiment",
-        [Section(title="Test metric vs labeled fraction", text=md, figures=[fig])],
+        "UMIT label-efficiency experiment",
+        [Section(title="Test metric vs label budget", text=md, figures=figs)],
     )
     return {
         "out": str(cfg.out),
         "metric": metric,
         "table": table,
+        "comparisons": comparisons,
         "markdown": md,
         "report": str(paths["html"]),
     }

@@ -1,0 +1,102 @@
+"""Floors of a classification label-efficiency experiment: what no fine-tuning at all reaches.
+
+Two rows computed on exactly the labeled subset a fine-tuned arm gets (same budget, same seed):
+
+* ``floor_voxel_count``: logistic regression on one feature, the number of foreground voxels
+  (channel 0 above the channel's pad/background value) of the store image;
+* ``floor_random_probe``: a linear probe (standardized features, ``LogisticRegression(C=0.1)`` as
+  in :func:`umit.ssl.monitor.fit_probes`) on the pooled features of a randomly initialised encoder
+  (the architecture of one arm, seeded like the fine-tuning run).
+
+Both are scored on the test split and written like a fine-tuned cell (``eval/per_case.csv`` and
+``result.json``) so tables and paired comparisons treat them as arms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from umit.data.cases import case_label, centred_input
+from umit.data.store import Store
+from umit.finetune.run import FinetuneConfig, build_model, class_names, split_finetune_cases
+from umit.models.heads import pooled_features
+
+FLOOR_VOXELS = "floor_voxel_count"
+FLOOR_PROBE = "floor_random_probe"
+
+
+def foreground_voxels(store: Store, case_id: str) -> float:
+    """Voxels of channel 0 above the channel's pad (background) value."""
+    case = store.case(case_id)
+    img = np.asarray(case.read()[0], np.float32)
+    pad = float(case.pad_values[0]) if case.pad_values else 0.0
+    return float((img > pad + 1e-6).sum())
+
+
+@torch.no_grad()
+def random_features(
+    ft: FinetuneConfig, store: Store, cases: list[str], n_classes: int, seed: int
+) -> np.ndarray:
+    """(N, F) pooled features of the arm's model at random initialisation (seeded)."""
+    first = store.case(cases[0])
+    torch.manual_seed(seed)
+    model = build_model(ft, int(first.read().shape[0]), n_classes)
+    model.eval()
+    feats = []
+    size = tuple(ft.crop_size)
+    for i in range(0, len(cases), 8):
+        x = torch.stack([centred_input(store, c, size) for c in cases[i : i + 8]])
+        feats.append(pooled_features(model, x).float().numpy())
+    return np.concatenate(feats)
+
+
+def _fit_score(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, C: float) -> np.ndarray:
+    """Class probabilities on the test cases from a standardized logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_classes = int(y_tr.max()) + 1 if y_tr.size else 0
+    if len(np.unique(y_tr)) < 2:  # a single labeled class: predict it with certainty
+        proba = np.zeros((len(x_te), max(n_classes, 2)))
+        proba[:, int(y_tr[0])] = 1.0
+        return proba
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=C))
+    model.fit(x_tr, y_tr)
+    proba = np.zeros((len(x_te), max(n_classes, 2)))
+    proba[:, model.classes_] = model.predict_proba(x_te)
+    return proba
+
+
+def floor_rows(ft: FinetuneConfig, seed: int, C: float = 0.1) -> dict[str, list[dict]]:
+    """Per-case test rows (case_id, label, score, pred) of both floors for one budget and seed.
+
+    ``ft`` is the fine-tuning config of the cell (its label subset and architecture are used).
+    """
+    store = Store(ft.data)
+    cases = split_finetune_cases(store, ft)
+    train = cases["train"]
+    names = class_names(store, train, ft.label_key)
+    test = [c for c in cases["test"] if str(case_label(store.index[c], ft.label_key)) in set(names)]
+    y_tr = np.array([names.index(str(case_label(store.index[c], ft.label_key))) for c in train])
+    y_te = np.array([names.index(str(case_label(store.index[c], ft.label_key))) for c in test])
+    vox_tr = np.array([[foreground_voxels(store, c)] for c in train])
+    vox_te = np.array([[foreground_voxels(store, c)] for c in test])
+    f = random_features(ft, store, train + test, max(len(names), 2), seed)
+    probas = {
+        FLOOR_VOXELS: _fit_score(vox_tr, y_tr, vox_te, C=1.0),
+        FLOOR_PROBE: _fit_score(f[: len(train)], y_tr, f[len(train) :], C=C),
+    }
+    out = {}
+    for name, proba in probas.items():
+        out[name] = [
+            {
+                "case_id": c,
+                "label": int(y),
+                "score": float(p[1]) if proba.shape[1] == 2 else [float(v) for v in p],
+                "pred": names[int(np.argmax(p))] if int(np.argmax(p)) < len(names) else "",
+            }
+            for c, y, p in zip(test, y_te, proba, strict=True)
+        ]
+    return out

@@ -1,0 +1,181 @@
+"""``umit data-efficiency`` with label counts, a schedule per budget, floors and paired comparisons."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch.nn as nn
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from umit.data.store import Store
+from umit.eval.data_efficiency import DataEfficiencyConfig, cell_dir, make_budgets, pool_size
+from umit.eval.data_efficiency import run as data_efficiency
+from umit.eval.evaluate import _rows_to_csv
+from umit.finetune.run import FinetuneConfig, split_finetune_cases
+from umit.models import is_model, register_model
+
+
+class _TinyFeatCls(nn.Module):
+    """A conv classifier with the feature API (forward_features / forward_head)."""
+
+    def __init__(self, in_chans=1, num_classes=2, img_size=None, width=4):
+        super().__init__()
+        self.conv = nn.Conv3d(in_chans, width, 3, stride=2, padding=1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward_features(self, x):
+        return self.conv(x).relu()
+
+    def forward_head(self, x, pre_logits=False):
+        x = x.mean(dim=(2, 3, 4))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+if not is_model("tiny_feat_cls_for_tests"):
+
+    @register_model
+    def tiny_feat_cls_for_tests(**kw):
+        return _TinyFeatCls(**kw)
+
+
+def _cfg(store, out, **kw) -> DataEfficiencyConfig:
+    return DataEfficiencyConfig.model_validate(
+        {
+            "data": store,
+            "out": out,
+            "counts": [2, 4, 100],
+            "seeds": [0, 1],
+            "n_boot": 5,
+            "n_boot_paired": 50,
+            "steps_per_budget": {"n2": 1, "n4": 2},
+            "arms": {
+                "pre": {"model": "tiny_feat_cls_for_tests", "finetune": {"train": {"lr": 1e-2}}},
+                "scratch": {
+                    "model": "tiny_feat_cls_for_tests",
+                    "finetune": {"train": {"total_steps": 9}},  # the budget schedule wins
+                },
+            },
+            "finetune": {
+                "task": "classification",
+                "label_key": "sex",
+                "crop_size": [16, 16, 16],
+                "val_fraction": 0.25,
+                "select": "last",
+                "train": {"total_steps": 3, "batch_size": 2, "eval_every": 2, "progress": False},
+            },
+            **kw,
+        }
+    )
+
+
+def test_count_budgets_are_nested_per_seed(tiny_ct_store, tmp_path):
+    cfg = _cfg(tiny_ct_store, tmp_path / "de")
+    store = Store(tiny_ct_store)
+    pool = pool_size(cfg, store)
+    budgets = make_budgets(cfg, pool)
+    assert [b.key for b in budgets] == ["n2", "n4", "all"] and budgets[-1].size == pool
+    base = cfg.finetune | {"data": tiny_ct_store}
+    base.pop("train")
+    for seed in (0, 1):
+        small, large = (
+            set(
+                split_finetune_cases(
+                    store,
+                    FinetuneConfig.model_validate({**base, "label_count": k, "label_seed": seed}),
+                )["train"]
+            )
+            for k in (2, 4)
+        )
+        assert len(small) == 2 and len(large) == 4 and small <= large
+
+
+def _fake_cells(cfg: DataEfficiencyConfig, budgets, shift: float) -> None:
+    """Finished cells of both arms (so nothing is fine-tuned): 'pre' = 'scratch' with its
+    positives' scores shifted up, on 60 synthetic test cases."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    for b in budgets:
+        for seed in cfg.seeds:
+            base = rng.random(60)
+            for arm, scores in (("scratch", base), ("pre", base + shift * y)):
+                rows = [
+                    {"case_id": f"s{i:02d}", "label": int(t), "score": float(v)}
+                    for i, (t, v) in enumerate(zip(y, scores, strict=True))
+                ]
+                folder = cell_dir(cfg.out, arm, b, seed)
+                (folder / "eval").mkdir(parents=True)
+                (folder / "eval" / "per_case.csv").write_text(_rows_to_csv(rows))
+                test = {"auc": roc_auc_score(y, scores), "accuracy": 0.5}
+                result = {"arm": arm, "budget": b.key, "fraction": None, "count": b.count}
+                result |= {"seed": seed, "n_labeled": b.size, "n_test": 60, "test": test}
+                (folder / "result.json").write_text(json.dumps(result))
+
+
+def test_floors_and_paired_comparisons(tiny_ct_store, tmp_path, one_thread):
+    cfg = _cfg(
+        tiny_ct_store,
+        tmp_path / "de",
+        floors=True,
+        floor_encoder_arm="scratch",
+        comparisons=[
+            {"a": "pre", "b": "scratch"},
+            {"a": "pre", "b": "scratch", "b_budget_factor": 2},
+            {"a": "pre", "b": "floor_random_probe"},
+        ],
+    )
+    budgets = make_budgets(cfg, pool_size(cfg, Store(tiny_ct_store)))
+    _fake_cells(cfg, budgets, shift=0.5)
+    s = data_efficiency(cfg)
+    table = s["table"]
+    assert set(table) == {"pre", "scratch", "floor_voxel_count", "floor_random_probe"}
+    assert set(table["floor_voxel_count"]) == {"n2", "n4", "all"}
+    assert table["floor_voxel_count"]["n4"]["n_labeled"] == 4
+    assert table["floor_random_probe"]["n2"]["n"] in (0, 2)  # AUC undefined on one-class tests
+    comps = {(c["a"], c["b"], c["a_budget"], c["b_budget"]): c for c in s["comparisons"]}
+    assert set(comps) >= {
+        ("pre", "scratch", "n2", "n2"),
+        ("pre", "scratch", "n2", "n4"),
+        ("pre", "scratch", "n4", "all"),
+        ("pre", "scratch", "all", "all"),
+    }
+    assert len(s["comparisons"]) == 3 + 2 + 3  # the 2n comparison has no partner at all labels
+    same = comps[("pre", "scratch", "n2", "n2")]
+    assert same["n_seeds"] == 2 and same["n_cases"] == 60
+    assert same["diff"] > 0 and same["excludes_zero"]  # a known gain, well outside the noise
+    assert comps[("pre", "floor_random_probe", "n2", "n2")]["n_cases"] == 0  # no shared cases
+    floor_rows = (tmp_path / "de/cells/floor_voxel_count/n2_s0/eval/per_case.csv").read_text()
+    assert floor_rows.startswith("case_id,label,score,pred")
+    md = (tmp_path / "de/table.md").read_text()
+    assert "| arm | n2 | n4 | all |" in md and "floor_random_probe" in md
+    assert "Paired differences" in md and "| pre | n2 | scratch | n4 |" in md
+    res = json.loads((tmp_path / "de/results.json").read_text())
+    assert res["comparisons"] and [b["key"] for b in res["budgets"]] == ["n2", "n4", "all"]
+    assert (tmp_path / "de/report.html").is_file()
+
+
+def test_count_budgets_share_one_schedule_per_budget(tiny_ct_store, tmp_path, one_thread):
+    cfg = _cfg(tiny_ct_store, tmp_path / "de", counts=[2, 100], seeds=[0])
+    cfg = cfg.model_copy(update={"arms": {"scratch": cfg.arms["scratch"]}})
+    s = data_efficiency(cfg)
+    assert set(s["table"]["scratch"]) == {"n2", "all"}
+    assert s["table"]["scratch"]["n2"]["n_labeled"] == 2
+    resolved = yaml.safe_load((tmp_path / "de/cells/scratch/n2_s0/run/config.yaml").read_text())
+    assert resolved["train"]["total_steps"] == 1 and resolved["label_count"] == 2
+    all_cfg = yaml.safe_load((tmp_path / "de/cells/scratch/all_s0/run/config.yaml").read_text())
+    assert all_cfg["label_count"] is None and all_cfg["train"]["total_steps"] == 9
+    result = json.loads((tmp_path / "de/cells/scratch/n2_s0/result.json").read_text())
+    assert result["budget"] == "n2" and result["steps"] == 1
+
+
+def test_unknown_comparison_arm_is_refused(tiny_ct_store, tmp_path):
+    from umit.errors import InputError
+
+    cfg = _cfg(tiny_ct_store, tmp_path / "de", comparisons=[{"a": "pre", "b": "floor_voxel_count"}])
+    with pytest.raises(InputError, match="neither an arm nor a floor"):
+        data_efficiency(cfg)
