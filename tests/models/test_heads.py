@@ -186,3 +186,18 @@ def test_load_encoder_state_dict_strips_prefix_and_resamples_position_table():
     with pytest.raises(ValueError, match="pass source_grid"):
         load_encoder_state_dict(dst, flat.state_dict())
     load_encoder_state_dict(dst, flat.state_dict(), source_grid=(2, 2, 1))
+
+
+def test_classifier_over_a_cnn_encoder_pools_its_feature_map():
+    """``classifier`` takes a CNN encoder too (so a pretrained ResNet encoder fine-tunes through
+    the same ``model.encoder`` path); mean pooling equals the spatial mean of the last map."""
+    from umit.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model(
+        "classifier", encoder="resnet3d_test", img_size=(16, 16, 16), num_classes=3, pool="mean"
+    ).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    fmap = m.encoder.forward_features(x)  # (B, C, d, h, w)
+    want = m.head(fmap.mean(dim=(2, 3, 4)))
+    torch.testing.assert_close(m(x), want)

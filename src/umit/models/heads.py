@@ -377,7 +377,12 @@ class ClassificationModel(nn.Module):
         return self.encoder.forward_features(x)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pools tokens (B, prefix + L, C) -> (B, C), then dropout and the Linear."""
+        """Pools tokens (B, prefix + L, C) -> (B, C), then dropout and the Linear.
+
+        A CNN encoder's feature map (B, C, d, h, w) is read as tokens (B, d·h·w, C) first.
+        """
+        if tokens.ndim == 5:
+            tokens = tokens.flatten(2).transpose(1, 2)  # (B, C, d, h, w) -> (B, L, C)
         if self.pool_type == "cls":
             x = tokens[:, 0]
         elif self.pool_type == "mean":
