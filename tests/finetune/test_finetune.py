@@ -193,3 +193,10 @@ def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
     assert resolved["train"]["lr"] == 1e-3 and resolved["train"]["total_steps"] == 2
     table_md = (tmp_path / "de/table.md").read_text()
     assert "Test dice" in table_md and "Test hd95" in table_md and "Test nsd" in table_md
+
+
+def test_segmentation_finetune_does_not_flip_by_default(tmp_path):
+    # mirroring keeps label values, so flips teach "lung_left" on the right side (lateralized labels)
+    from umit.finetune.run import FinetuneConfig
+
+    assert FinetuneConfig(data=tmp_path).augment.flip_prob == 0.0
