@@ -280,3 +280,10 @@ def test_layer_decay_on_a_model_without_blocks_is_an_error(tiny_ct_store, tmp_pa
 
     with pytest.raises(InputError, match="layer_decay < 1 needs a model with encoder blocks"):
         layer_id_fn_for(_TinySeg())
+
+
+def test_segmentation_finetune_does_not_flip_by_default(tmp_path):
+    # mirroring keeps label values, so flips teach "lung_left" on the right side (lateralized labels)
+    from umit.finetune.run import FinetuneConfig
+
+    assert FinetuneConfig(data=tmp_path).augment.flip_prob == 0.0

@@ -88,8 +88,12 @@ class FinetuneConfig(UmitConfig):
     """Sliding-window overlap for validation."""
     sw_batch_size: int = Field(default=2, ge=1)
     """Windows per forward pass in validation."""
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    """Augmentation of training crops."""
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(flip_prob=0.0))
+    """Augmentation of training crops. No flips by default: mirroring an image and its label map
+    together keeps the label values, so a left-right flip turns the left lung/kidney into a
+    right-sided "lung_left"/"kidney_left" and flips along y or z break the anatomical position
+    prior; on lateralized label sets that is a contradictory target (set ``flip_prob`` only for
+    symmetric labels)."""
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             total_steps=500, batch_size=2, lr=3e-4, warmup_steps=50, eval_every=100
