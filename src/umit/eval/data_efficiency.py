@@ -53,6 +53,9 @@ class ArmConfig(UmitConfig):
     """Encoder checkpoint to start from (None: from scratch)."""
     finetune: dict[str, Any] = Field(default_factory=dict)
     """Arm-specific fine-tuning overrides (e.g. a different learning rate)."""
+    seeds: list[int] | None = None
+    """A subset of the experiment's seeds for this arm (a costly arm on fewer seeds); paired
+    comparisons use the seeds both arms have."""
 
 
 class ComparisonConfig(UmitConfig):
@@ -91,6 +94,9 @@ class DataEfficiencyConfig(UmitConfig):
     """Seeds (label subset, initialization, data order)."""
     arms: dict[str, ArmConfig] = Field(default_factory=dict)
     """Compared models, e.g. pretrained / scratch / cnn."""
+    only_arms: list[str] | None = None
+    """Run only these arms' cells now (e.g. two processes splitting the arms); the tables cover
+    the cells this call ran or found finished. A later call without it tabulates everything."""
     finetune: dict[str, Any] = Field(default_factory=dict)
     """Fine-tuning settings shared by all arms (FinetuneConfig fields)."""
     metric: str | None = None
@@ -398,7 +404,18 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out)
     results = []
-    cells = [(a, b, s) for b in budgets for s in cfg.seeds for a in cfg.arms]
+    if cfg.only_arms is not None:
+        unknown = sorted(set(cfg.only_arms) - set(cfg.arms))
+        if unknown:
+            raise InputError(None, f"only_arms names unknown arms {unknown}; arms: {sorted(cfg.arms)}")
+    cells = [
+        (a, b, s)
+        for b in budgets
+        for s in cfg.seeds
+        for a, arm in cfg.arms.items()
+        if (arm.seeds is None or s in arm.seeds)
+        and (cfg.only_arms is None or a in cfg.only_arms)
+    ]
     for i, (arm, budget, seed) in enumerate(cells):
         log.info("cell %d/%d: %s, budget %s, seed %d", i + 1, len(cells), arm, budget.key, seed)
         results.append(run_cell(cfg, arm, cfg.arms[arm], budget, seed))
