@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from umit.config import UmitConfig, save_config
@@ -194,7 +195,6 @@ def write_demo_report(
     cfg: DemoConfig, out: Path, catalog: dict, pre: Any, pt: dict, de: dict
 ) -> Path:
     """One HTML page: pipeline figures, comparison table and curve, subgroups, overlays."""
-    import numpy as np
 
     sections = [
         Section(

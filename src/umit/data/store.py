@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+import zarr.codecs as zc
+from zarr.storage import LocalStore
 
 from umit.data.meta import ImageMeta
 from umit.data.plan import PLAN_NAME, Plan
@@ -80,7 +83,6 @@ def cases_dir(prep_dir: str | Path) -> Path:
 
 
 def compressors_for(plan: Plan) -> Any:
-    import zarr.codecs as zc
 
     level = plan.compression_level
     if plan.compression == "blosc-zstd":
@@ -94,7 +96,6 @@ def compressors_for(plan: Plan) -> Any:
 
 def init_store(prep_dir: str | Path) -> Path:
     """Create ``store.zarr`` (root + ``cases`` group) if needed; delete stale ``.tmp-*`` case groups."""
-    import zarr
 
     root = store_root(prep_dir)
     if not (root / "zarr.json").is_file():
@@ -171,7 +172,6 @@ def write_case(
         locations: class -> (M, 3) int voxel coordinates.
         attrs: Case attributes; ``complete: true`` is added last.
     """
-    import zarr
 
     check_case_id(case_id)
     folder = cases_dir(prep_dir)
@@ -237,7 +237,6 @@ class StoreCase:
     """
 
     def __init__(self, zstore: Any, case_id: str, source: str):
-        import zarr
 
         self.case_id = case_id
         self._source = source
@@ -399,8 +398,6 @@ class Store:
 
     def _open(self) -> Any:
         if self._zstore is None or self._pid != os.getpid():
-            from zarr.storage import LocalStore
-
             self._zstore = LocalStore(str(store_root(self.prep_dir)), read_only=True)
             self._pid = os.getpid()
             self._cases.clear()

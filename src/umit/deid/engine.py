@@ -49,6 +49,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from tqdm import tqdm
 
 from umit import __version__
 from umit.config import UmitConfig
@@ -702,7 +703,6 @@ def run(cfg: DeidConfig, progress: bool = True) -> DeidResult:
     out.mkdir(parents=True, exist_ok=True)
     result = DeidResult(out=out, secret_path=key_path)
     paths = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-    from tqdm import tqdm
 
     report_failures = []
     for path in tqdm(paths, desc="deid", unit="file", disable=not progress):

@@ -407,14 +407,15 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     if cfg.only_arms is not None:
         unknown = sorted(set(cfg.only_arms) - set(cfg.arms))
         if unknown:
-            raise InputError(None, f"only_arms names unknown arms {unknown}; arms: {sorted(cfg.arms)}")
+            raise InputError(
+                None, f"only_arms names unknown arms {unknown}; arms: {sorted(cfg.arms)}"
+            )
     cells = [
         (a, b, s)
         for b in budgets
         for s in cfg.seeds
         for a, arm in cfg.arms.items()
-        if (arm.seeds is None or s in arm.seeds)
-        and (cfg.only_arms is None or a in cfg.only_arms)
+        if (arm.seeds is None or s in arm.seeds) and (cfg.only_arms is None or a in cfg.only_arms)
     ]
     for i, (arm, budget, seed) in enumerate(cells):
         log.info("cell %d/%d: %s, budget %s, seed %d", i + 1, len(cells), arm, budget.key, seed)

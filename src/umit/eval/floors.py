@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from umit.data.cases import case_label, centred_input
 from umit.data.store import Store
@@ -53,9 +56,6 @@ def random_features(
 
 def _fit_score(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, C: float) -> np.ndarray:
     """Class probabilities on the test cases from a standardized logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     n_classes = int(y_tr.max()) + 1 if y_tr.size else 0
     if len(np.unique(y_tr)) < 2:  # a single labeled class: predict it with certainty

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
 # headline metric -> per-case column it averages (metrics not listed here are pooled or a column)
 MEAN_COLUMNS = {"dice": "dice_mean", "hd95": "hd95_mean", "nsd": "nsd_mean"}
@@ -97,7 +98,6 @@ def _auc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
         K = s.shape[-1]
         per = np.stack([_auc_rows((y == k).astype(int), s[..., k]) for k in range(K)], axis=1)
         return _nanmean(per, axis=1)
-    from scipy.stats import rankdata
 
     ranks = rankdata(s, axis=1)
     pos = y == 1

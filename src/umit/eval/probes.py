@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
+from sklearn.model_selection import train_test_split
 
 from umit.config import UmitConfig, save_config
 from umit.data.cases import centre_crop_or_pad
@@ -88,7 +89,6 @@ def split_for_probe(
     test = [c for c in labels if splits.get(c) == cfg.eval_split]
     if train and test:
         return sorted(train), sorted(test)
-    from sklearn.model_selection import train_test_split
 
     ids = sorted(labels)
     y = [str(labels[c]) for c in ids]

@@ -268,7 +268,9 @@ def render_png(fig) -> bytes:
 
 def new_figure(width: float, height: float):
     try:
-        from matplotlib.figure import Figure as MplFigure
+        from matplotlib.figure import (
+            Figure as MplFigure,  # optional heavy: matplotlib only when a figure is drawn
+        )
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency of reports
         raise ImportError("plots need matplotlib: pip install matplotlib") from exc
     return MplFigure(figsize=(width, height))

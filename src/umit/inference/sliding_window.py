@@ -48,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 Mode = Literal["gaussian", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -344,8 +345,6 @@ class SlidingWindowInferer:
 
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=batch * len(windows), desc="sliding window", unit="win")
         try:
             for b in range(batch):

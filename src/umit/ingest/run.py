@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
+from tqdm import tqdm
 
 from umit import __version__
 from umit.config import UmitConfig, save_config
@@ -171,7 +172,6 @@ def _process(
     result: IngestResult,
     progress: bool,
 ) -> None:
-    from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="ingest", unit="item", disable=not progress)
 

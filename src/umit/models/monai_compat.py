@@ -86,7 +86,7 @@ _VIT_SIGNATURES = (
     "patch_embedding.patch_embeddings.1.weight",
 )
 _SWIN_SIGNATURES = ("patch_embed.proj.weight",)
-_CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "network", "net")
+MONAI_CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "network", "net")
 
 
 class MonaiLoadResult(NamedTuple):
@@ -331,11 +331,11 @@ def _read_state_dict(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     for _ in range(2):  # {"state_dict": {...}} or {"model": {...}} (possibly nested once more)
         if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next(
-                (obj[k] for k in _CHECKPOINT_KEYS if isinstance(obj.get(k), Mapping)), None
+                (obj[k] for k in MONAI_CHECKPOINT_KEYS if isinstance(obj.get(k), Mapping)), None
             )
             if inner is None:
                 raise ValueError(
-                    f"not a state dict and none of {_CHECKPOINT_KEYS} holds one; keys: {list(obj)[:10]}"
+                    f"not a state dict and none of {MONAI_CHECKPOINT_KEYS} holds one; keys: {list(obj)[:10]}"
                 )
             obj = inner
     if not isinstance(obj, Mapping):

@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_
+from scipy import ndimage
 
 from umit.errors import GeometryError, InputError
 
@@ -169,7 +170,6 @@ def _cubic_axis(a: np.ndarray, axis: int, s: float, n_new: int) -> np.ndarray:
     axis (edge-pad, prefilter, 4-tap B-spline evaluation); done axis by axis it equals scipy's 3D
     result and runs much faster, because each pass gathers 4 slabs instead of 64 points per voxel.
     """
-    from scipy import ndimage
 
     widths = [(0, 0)] * a.ndim
     widths[axis] = (_SPLINE_PAD, _SPLINE_PAD)

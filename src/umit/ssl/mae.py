@@ -253,7 +253,7 @@ def encoder_state_dict(mae: MAE3D) -> dict[str, torch.Tensor]:
 
 def mae_flops_per_sample(mae: MAE3D, shape: tuple[int, ...]) -> float:
     """Training FLOPs (forward + backward ≈ 3x forward) of one sample of spatial ``shape``."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # only when FLOPs are counted
 
     x = torch.zeros(1, mae.in_chans, *shape, device=next(mae.parameters()).device)
     was_training = mae.training

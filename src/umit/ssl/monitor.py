@@ -16,6 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from umit.data.cases import centre_crop_or_pad
 from umit.models.heads import pooled_features
@@ -29,11 +35,6 @@ def fit_probes(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int
 ) -> dict[str, Any]:
     """Linear (logistic regression) and kNN (cosine, distance-weighted) probe scores."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     classes = np.unique(y_train)
     out: dict[str, Any] = {}
@@ -81,7 +82,6 @@ class Monitor:
         seed: int = 0,
         batch_size: int = 8,
     ):
-        from sklearn.model_selection import train_test_split
 
         self.encoder = encoder
         self.volumes = torch.from_numpy(np.ascontiguousarray(volumes, dtype=np.float32))

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -155,7 +156,6 @@ def split_cases(
     store: Any, exclude_splits: list[str], val_cases: int, seed: int
 ) -> tuple[list[str], list[str]]:
     """Training and validation case ids: excluded splits removed, a seeded validation hold-out."""
-    import numpy as np
 
     usable = [
         c for c in store.case_ids if (store.index[c].get("split") or "train") not in exclude_splits

@@ -173,11 +173,16 @@ def gather_train_state(
     ``model`` is the unwrapped module (FSDP2 modules are sharded in place). Under FSDP only
     rank 0 receives the tensors; the other ranks get empty dicts.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (  # distributed: only when saving
+        StateDictOptions,
+        get_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,  # distributed: only when saving
+        )
 
         return get_model_state_dict(model, options=options), None
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
@@ -191,7 +196,7 @@ def restore_train_state(
     optim_sd: dict[str, Any] | None,
 ) -> None:
     """Load full state dicts into a (possibly FSDP-sharded) model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
+    from torch.distributed.checkpoint.state_dict import (  # distributed: only on resume
         StateDictOptions,
         set_model_state_dict,
         set_state_dict,

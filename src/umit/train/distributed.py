@@ -9,6 +9,7 @@ when the launcher's environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RAN
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Mapping
@@ -69,8 +70,6 @@ def init_from_env(backend: str | None = None, timeout_s: float | None = None) ->
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://"}
     if timeout_s is not None:
-        import datetime
-
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     if use_cuda:
         # Binding the group to the device lets NCCL connect eagerly and avoids barrier guesses.
@@ -177,12 +176,12 @@ def wrap_model(model: nn.Module, strategy: Strategy = "auto", **fsdp_kwargs: Any
     if resolved == "none":
         return model
     if resolved == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.nn.parallel import DistributedDataParallel as DDP  # only under DDP
 
         param = next(model.parameters())
         device_ids = [param.device.index] if param.device.type == "cuda" else None
         return DDP(model, device_ids=device_ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # only under FSDP
 
     # fully_shard keeps each rank's own slice of its local tensors: start from rank 0's values,
     # as DDP does, so ranks that initialized differently still train one model.

@@ -162,7 +162,7 @@ class DPTask:
         if not self.params:
             raise InputError(None, "DP-SGD: the model has no trainable parameters")
         if mode == "hooks":
-            from opacus import GradSampleModule
+            from opacus import GradSampleModule  # optional: Opacus (--dp)
 
             setter = getattr(task, "set_trainable_module", None)
             if not callable(setter):
@@ -235,8 +235,8 @@ class DPSGD:
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ):
         try:
-            from opacus.accountants import create_accountant
-            from opacus.accountants.utils import get_noise_multiplier
+            from opacus.accountants import create_accountant  # optional: Opacus (--dp)
+            from opacus.accountants.utils import get_noise_multiplier  # optional: Opacus
         except ImportError as exc:
             raise InputError(
                 None, "DP-SGD needs Opacus: pip install 'umit[privacy]' (opacus>=1.5)"
@@ -290,7 +290,7 @@ class DPSGD:
     def loader(self, epoch: int, start_batch: int) -> Iterator[Any]:
         """Poisson batches of ``epoch`` (``1 / q`` of them) from ``start_batch`` on; a loader
         factory for :class:`~umit.train.loop.Trainer`, seeded by ``(train.seed, epoch)``."""
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # optional: Opacus
 
         gen = torch.Generator()
         gen.manual_seed(
@@ -308,7 +308,7 @@ class DPSGD:
     # -- optimizer -------------------------------------------------------------------------
     def optimizer_factory(self, module: nn.Module) -> torch.optim.Optimizer:
         """AdamW (our groups and schedules) wrapped in Opacus ``DPOptimizer`` with the accountant."""
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers import DPOptimizer  # optional: Opacus (--dp)
 
         base = build_optimizer(module, self.train, self.layer_id_fn)
         opt = DPOptimizer(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -178,7 +179,6 @@ def _batch_len(batch: Any, default: int) -> int:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
-    import random
 
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - the global RNG is the one to seed
@@ -308,7 +308,9 @@ class Trainer:
     def _make_scaler(self) -> torch.amp.GradScaler:
         enabled = self.cfg.precision == "fp16"
         if enabled and self.strategy == "fsdp":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            from torch.distributed.fsdp.sharded_grad_scaler import (
+                ShardedGradScaler,  # only under FSDP + fp16
+            )
 
             return ShardedGradScaler(self.device.type)
         return torch.amp.GradScaler(self.device.type, enabled=enabled)

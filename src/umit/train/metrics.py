@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from umit.train import distributed as du
 from umit.utils.fileio import atomic_write_text
@@ -201,7 +202,7 @@ class MetricsWriter:
 def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
     try:
         import tensorboard  # noqa: F401  (SummaryWriter needs the package, not tensorflow)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
     except ImportError:
         log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
         return None
@@ -222,8 +223,6 @@ class ProgressBar:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self._bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(
                 total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True
             )

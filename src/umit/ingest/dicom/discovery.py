@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from tqdm import tqdm
 
 from umit.deid.profile import burned_in_reason
 from umit.errors import InputError
@@ -189,8 +190,6 @@ def discover_series(
     groups: dict[str, list[_Header]] = defaultdict(list)
     iterator: Iterable[Path] = paths
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(paths, desc=f"scanning {root.name or root}", unit="file")
     for path in iterator:
         if exclude is not None and exclude(path):

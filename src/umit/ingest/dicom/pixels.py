@@ -25,7 +25,7 @@ def _decode_pydicom(ds: Dataset) -> np.ndarray:
 
 def _decode_sitk(path: Path) -> np.ndarray:
     """Pixels through SimpleITK/GDCM, which applies the rescale itself."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # heavy, only for the pixel codecs pydicom lacks
 
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")

@@ -150,10 +150,10 @@ def depth_check(
 
 def save_depth_png(path: str | Path, maps: dict[str, np.ndarray], title: str = "") -> Path:
     """Before/after anterior depth maps (matplotlib, Agg), written atomically."""
-    import matplotlib
+    import matplotlib  # optional heavy: only for the PNG
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use('Agg')
 
     path = Path(path)
     ext = maps["extent"]
