@@ -287,3 +287,15 @@ def test_segmentation_finetune_does_not_flip_by_default(tmp_path):
     from umit.finetune.run import FinetuneConfig
 
     assert FinetuneConfig(data=tmp_path).augment.flip_prob == 0.0
+
+
+def test_epoch_schedules_scale_with_the_label_budget(tiny_ct_store):
+    from umit.finetune.run import scheduled_train_config
+
+    cfg = _seg_cfg(tiny_ct_store, "x").model_copy(update={"epochs": 10.0, "warmup_fraction": 0.1})
+    small, large = scheduled_train_config(cfg, 24), scheduled_train_config(cfg, 240)
+    assert (small.total_steps, small.warmup_steps) == (120, 12)  # 12 batches of 2 x 10 epochs
+    assert (large.total_steps, large.warmup_steps) == (1200, 120)
+    assert scheduled_train_config(cfg, 2).total_steps == cfg.min_steps  # the floor
+    plain = _seg_cfg(tiny_ct_store, "x")
+    assert scheduled_train_config(plain, 24) is plain.train  # no epochs: the configured steps

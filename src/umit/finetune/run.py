@@ -11,6 +11,7 @@ freezing (linear probe / last blocks), layer-wise LR decay, and a seeded stratif
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +101,13 @@ class FinetuneConfig(UmitConfig):
         )
     )
     """Training loop settings; ``out_dir`` is set to ``out``."""
+    epochs: float | None = Field(default=None, gt=0)
+    """Schedule length in passes over the labeled crops (``len(dataset) / batch_size`` steps
+    each) instead of ``train.total_steps``, so the schedule scales with the label budget."""
+    min_steps: int = Field(default=50, ge=1)
+    """Fewest steps an ``epochs`` schedule runs (tiny label sets)."""
+    warmup_fraction: float | None = Field(default=None, ge=0, lt=1)
+    """Warmup as a fraction of the schedule (instead of ``train.warmup_steps``)."""
     partial_load: bool = False
     """Load a pretrained encoder even when some keys are missing/unexpected (logged by name)."""
     select: Literal["auto", "last", "best_val"] = "auto"
@@ -335,6 +343,22 @@ def save_model(
     )
 
 
+def scheduled_train_config(cfg: FinetuneConfig, n_samples: int) -> TrainConfig:
+    """``cfg.train`` with ``total_steps`` / ``warmup_steps`` from ``epochs`` /
+    ``warmup_fraction`` when set (one epoch = ``n_samples`` crops in batches of ``batch_size``)."""
+    update: dict[str, int] = {}
+    total = cfg.train.total_steps
+    if cfg.epochs is not None:
+        per_epoch = max(1, math.ceil(n_samples / cfg.train.batch_size))
+        total = max(cfg.min_steps, math.ceil(cfg.epochs * per_epoch))
+        update["total_steps"] = total
+    if cfg.warmup_fraction is not None:
+        update["warmup_steps"] = int(cfg.warmup_fraction * total)
+    elif cfg.train.warmup_steps > total:
+        update["warmup_steps"] = total // 10
+    return cfg.train.model_copy(update=update) if update else cfg.train
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +413,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             with_label=True,
         )
     dataset = AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
+    train_cfg = scheduled_train_config(cfg, len(dataset))
     task = (
         SegmentationTask(model)
         if cfg.task == "segmentation"
@@ -410,7 +435,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     dp = None
     if cfg.dp.enabled:  # DP-SGD: Poisson batches, per-sample clipping + noise, an accountant
         dp = DPSGD(
-            cfg.dp, task, dataset, cfg.train, num_units=len(set(train_cases)), layer_id_fn=layer_ids
+            cfg.dp, task, dataset, train_cfg, num_units=len(set(train_cases)), layer_id_fn=layer_ids
         )
         extra["dp"] = dp.report()
 
@@ -434,7 +459,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     trainer = Trainer(
         dp.task if dp else task,
         dp.loader if dp else dataset,
-        cfg.train.model_copy(update={"out_dir": cfg.out}),
+        train_cfg.model_copy(update={"out_dir": cfg.out}),
         eval_fn=evaluate if cases["val"] else None,
         plan=plan,
         layer_id_fn=layer_ids,

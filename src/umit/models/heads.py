@@ -355,7 +355,11 @@ class ClassificationModel(nn.Module):
         )
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        # Zero head: every seed starts from the same (uniform) prediction, so a fine-tune's
+        # outcome does not hinge on which way a random head pointed in a feature space that
+        # one direction (e.g. object size) dominates; the first step moves it along the
+        # gradient, and the encoder learns from the second on.
+        nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def load_encoder_state_dict(
