@@ -15,7 +15,6 @@ from umit.eval.data_efficiency import DataEfficiencyConfig, cell_dir, make_budge
 from umit.eval.data_efficiency import run as data_efficiency
 from umit.eval.evaluate import _rows_to_csv
 from umit.finetune.run import FinetuneConfig, split_finetune_cases
-from umit.models import is_model, register_model
 
 
 class _TinyFeatCls(nn.Module):
@@ -37,11 +36,13 @@ class _TinyFeatCls(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-if not is_model("tiny_feat_cls_for_tests"):
+def tiny_feat_cls_for_tests(**kw):
+    return _TinyFeatCls(**kw)
 
-    @register_model
-    def tiny_feat_cls_for_tests(**kw):
-        return _TinyFeatCls(**kw)
+
+@pytest.fixture(autouse=True)
+def _stand_in_models(register_models):
+    register_models(tiny_feat_cls_for_tests)
 
 
 def _cfg(store, out, **kw) -> DataEfficiencyConfig:
@@ -179,3 +180,16 @@ def test_unknown_comparison_arm_is_refused(tiny_ct_store, tmp_path):
     cfg = _cfg(tiny_ct_store, tmp_path / "de", comparisons=[{"a": "pre", "b": "floor_voxel_count"}])
     with pytest.raises(InputError, match="neither an arm nor a floor"):
         data_efficiency(cfg)
+
+
+def test_arm_seeds_and_only_arms_pick_the_cells(tiny_ct_store, tmp_path, one_thread):
+    """An arm on a subset of the seeds runs only those; ``only_arms`` runs only those arms."""
+    cfg = _cfg(tiny_ct_store, tmp_path / "exp", counts=[2], steps_per_budget={"n2": 1})
+    cfg.arms["scratch"].seeds = [1]
+    res = data_efficiency(cfg.model_copy(update={"only_arms": ["scratch"], "comparisons": []}))
+    cells = sorted(p.parent.name for p in (tmp_path / "exp" / "cells").rglob("result.json"))
+    arms = sorted({p.parent.parent.name for p in (tmp_path / "exp" / "cells").rglob("result.json")})
+    assert arms == ["scratch"] and cells == ["n2_s1"]
+    assert set(res["table"]) == {"scratch"}
+    with pytest.raises(Exception, match="only_arms names unknown arms"):
+        data_efficiency(cfg.model_copy(update={"only_arms": ["nope"], "comparisons": []}))
