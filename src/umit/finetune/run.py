@@ -83,6 +83,10 @@ class FinetuneConfig(UmitConfig):
     """Otherwise, this fraction of the training cases is held out for validation (before subsetting)."""
     exclude_splits: list[str] = Field(default_factory=lambda: ["test"])
     """Splits never used in fine-tuning (the test set)."""
+    ce_weight: float = Field(default=1.0, ge=0)
+    """Segmentation: weight of the cross-entropy term of the Dice + CE loss (Dice has weight 1).
+    Cross-entropy is averaged over voxels, so it favours large structures; a small weight lets
+    small organs (a few hundred voxels) emerge within a short fine-tuning budget."""
     class_balanced: bool = False
     """Classification: oversample minority classes to equal frequency."""
     sw_overlap: float = Field(default=0.5, ge=0, lt=1)
@@ -415,7 +419,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     dataset = AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
     train_cfg = scheduled_train_config(cfg, len(dataset))
     task = (
-        SegmentationTask(model)
+        SegmentationTask(model, ce_weight=cfg.ce_weight)
         if cfg.task == "segmentation"
         else ClassificationTask(model, targets)
     )

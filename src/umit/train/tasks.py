@@ -107,7 +107,12 @@ class RegressionTask(ModuleTask):
 
 class SegmentationTask(ModuleTask):
     """DiceCE on crops ``{"image", "label"}``; deep supervision (a list of outputs, finest
-    first) weighted 1, 1/2, 1/4, ... and normalised, as nnU-Net does."""
+    first) weighted 1, 1/2, 1/4, ... and normalised, as nnU-Net does. ``ce_weight`` scales the
+    cross-entropy term (the Dice term has weight 1)."""
+
+    def __init__(self, module: nn.Module, ce_weight: float = 1.0):
+        super().__init__(module)
+        self.ce_weight = float(ce_weight)
 
     @property
     def model(self) -> nn.Module:
@@ -117,7 +122,7 @@ class SegmentationTask(ModuleTask):
         out = self._call(batch["image"])
         label = batch["label"]
         if not isinstance(out, list | tuple):
-            return {"loss": dice_ce_loss(out, label)}
+            return {"loss": dice_ce_loss(out, label, ce_weight=self.ce_weight)}
         weights = [0.5**i for i in range(len(out))]
         total = sum(weights)
         loss = 0.0
@@ -127,7 +132,7 @@ class SegmentationTask(ModuleTask):
                 if o.shape[2:] == label.shape[2:]
                 else F.interpolate(label.float(), size=o.shape[2:], mode="nearest").long()
             )
-            loss = loss + (w / total) * dice_ce_loss(o, lab)
+            loss = loss + (w / total) * dice_ce_loss(o, lab, ce_weight=self.ce_weight)
         return {"loss": loss}
 
 
