@@ -11,17 +11,23 @@ from umit.finetune.subsets import select_labeled
 from umit.train.losses import dice_ce_loss, soft_dice_loss
 
 
-@pytest.mark.parametrize("include_background", [True, False])
-def test_dice_ce_matches_monai(include_background):
+@pytest.mark.parametrize(
+    "include_background, ce_weight", [(True, 1.0), (False, 1.0), (False, 0.03)]
+)
+def test_dice_ce_matches_monai(include_background, ce_weight):
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 6, 5, 4)
     target = torch.randint(0, 4, (2, 1, 6, 5, 4))
     ref = DiceCELoss(
-        to_onehot_y=True, softmax=True, include_background=include_background, batch=False
+        to_onehot_y=True,
+        softmax=True,
+        include_background=include_background,
+        batch=False,
+        lambda_ce=ce_weight,
     )
-    ours = dice_ce_loss(logits, target, include_background=include_background)
+    ours = dice_ce_loss(logits, target, include_background=include_background, ce_weight=ce_weight)
     assert ours.item() == pytest.approx(ref(logits, target).item(), rel=1e-5)
 
 
