@@ -193,3 +193,21 @@ def test_arm_seeds_and_only_arms_pick_the_cells(tiny_ct_store, tmp_path, one_thr
     assert set(res["table"]) == {"scratch"}
     with pytest.raises(Exception, match="only_arms names unknown arms"):
         data_efficiency(cfg.model_copy(update={"only_arms": ["nope"], "comparisons": []}))
+
+
+def test_random_feature_floor_is_not_a_constant(tiny_ct_store):
+    """A random ResNet's last stage is one constant for every input (zero-initialised residual
+    branches); the floor's features (every stage, spatially pooled) must vary across cases."""
+    from umit.eval.floors import random_features
+
+    ft = FinetuneConfig(
+        data=tiny_ct_store, task="classification", label_key="sex", model="classifier",
+        model_args={"encoder": "resnet3d_test", "encoder_args": {"norm": "batch"}},
+        crop_size=(32, 32, 16),
+    )  # fmt: skip
+    store = Store(tiny_ct_store)
+    cases = store.case_ids[:6]
+    f = random_features(ft, store, cases, 2, seed=0, calibrate=cases)
+    assert f.shape[0] == 6 and f.std(axis=0).max() > 1e-3
+    last = f[:, -32:]  # resnet3d_test's last stage (32 channels)
+    assert last.std(axis=0).max() < 1e-6  # the degenerate part, kept as documented

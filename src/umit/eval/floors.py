@@ -23,7 +23,6 @@ from sklearn.preprocessing import StandardScaler
 from umit.data.cases import case_label, centred_input
 from umit.data.store import Store
 from umit.finetune.run import FinetuneConfig, build_model, class_names, split_finetune_cases
-from umit.models.heads import pooled_features
 
 FLOOR_VOXELS = "floor_voxel_count"
 FLOOR_PROBE = "floor_random_probe"
@@ -39,19 +38,51 @@ def foreground_voxels(store: Store, case_id: str) -> float:
 
 @torch.no_grad()
 def random_features(
-    ft: FinetuneConfig, store: Store, cases: list[str], n_classes: int, seed: int
+    ft: FinetuneConfig,
+    store: Store,
+    cases: list[str],
+    n_classes: int,
+    seed: int,
+    calibrate: list[str] | None = None,
 ) -> np.ndarray:
-    """(N, F) pooled features of the arm's model at random initialisation (seeded)."""
+    """(N, F) pooled features of the arm's model at random initialisation (seeded).
+
+    Features are :func:`multiscale_features` of the encoder; BatchNorm layers first get running
+    statistics of the ``calibrate`` images (training-pool images, no labels, never test) rather
+    than the initial mean 0 / variance 1.
+    """
     first = store.case(cases[0])
     torch.manual_seed(seed)
     model = build_model(ft, int(first.read().shape[0]), n_classes)
-    model.eval()
-    feats = []
     size = tuple(ft.crop_size)
-    for i in range(0, len(cases), 8):
-        x = torch.stack([centred_input(store, c, size) for c in cases[i : i + 8]])
-        feats.append(pooled_features(model, x).float().numpy())
-    return np.concatenate(feats)
+
+    def batches(ids: list[str]):
+        for i in range(0, len(ids), 16):
+            yield torch.stack([centred_input(store, c, size) for c in ids[i : i + 16]])
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms and calibrate:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over all calibration batches
+        model.train()
+        with torch.no_grad():
+            for x in batches(calibrate):
+                model(x)
+    model.eval()
+    encoder = getattr(model, "encoder", model)
+    with torch.no_grad():
+        return np.concatenate([multiscale_features(encoder, x).numpy() for x in batches(cases)])
+
+
+def multiscale_features(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, sum C_i) spatial means of every level of ``forward_intermediates`` (ViT blocks, CNN
+    stages), concatenated: a random-feature floor from the last level alone is degenerate for
+    a ResNet, whose zero-initialised residual branches make its last stage the same constant
+    for every input (measured: feature std across AdrenalMNIST3D cases 0 at stage 4, 0.01-0.03
+    at stages 1-3)."""
+    maps = encoder.forward_intermediates(x)  # [(B, C_i, d_i, h_i, w_i)]
+    return torch.cat([m.float().flatten(2).mean(dim=2) for m in maps], dim=1)
 
 
 def _fit_score(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, C: float) -> np.ndarray:
@@ -83,7 +114,8 @@ def floor_rows(ft: FinetuneConfig, seed: int, C: float = 0.1) -> dict[str, list[
     y_te = np.array([names.index(str(case_label(store.index[c], ft.label_key))) for c in test])
     vox_tr = np.array([[foreground_voxels(store, c)] for c in train])
     vox_te = np.array([[foreground_voxels(store, c)] for c in test])
-    f = random_features(ft, store, train + test, max(len(names), 2), seed)
+    pool = sorted(set(train) | set(cases["unlabeled"]))[:256]
+    f = random_features(ft, store, train + test, max(len(names), 2), seed, calibrate=pool)
     probas = {
         FLOOR_VOXELS: _fit_score(vox_tr, y_tr, vox_te, C=1.0),
         FLOOR_PROBE: _fit_score(f[: len(train)], y_tr, f[len(train) :], C=C),
