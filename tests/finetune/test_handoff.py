@@ -71,3 +71,23 @@ def test_a_mismatched_encoder_is_refused_naming_the_file(encoder_file, tiny_ct_s
         build_model(cfg, in_chans=1, num_outputs=2)
     with pytest.raises(InputError, match="holds a pretrained encoder"):
         load_artifact(encoder_file, expect="model")
+
+
+def test_a_headless_cnn_encoder_loads_into_the_classifier(tiny_ct_store, tmp_path):
+    """SimCLR / Genesis save CNN encoders without a head; the classifier builds its encoder
+    headless too, so the strict load matches key for key."""
+    from umit.models import create_model
+    from umit.train.checkpoint import save_artifact
+
+    torch.manual_seed(1)
+    enc = create_model("resnet3d_test", img_size=CROP, num_classes=0, norm="batch")
+    path = save_artifact(tmp_path / "encoder.pt", "encoder", enc)
+    cfg = FinetuneConfig(
+        data=tiny_ct_store, out=tmp_path, task="classification", model="classifier",
+        model_args={"encoder": "resnet3d_test", "encoder_args": {"norm": "batch"}},
+        crop_size=CROP, pretrained=path,
+    )  # fmt: skip
+    net = build_model(cfg, in_chans=1, num_outputs=2)
+    assert set(net.encoder.state_dict()) == set(enc.state_dict())
+    for k, v in enc.state_dict().items():
+        assert torch.equal(net.encoder.state_dict()[k], v), k

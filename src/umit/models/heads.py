@@ -65,6 +65,7 @@ def build_encoder(
             args["in_chans"] = in_chans
         if img_size is not None:
             args["img_size"] = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
+        args.setdefault("num_classes", 0)  # a headless encoder, as pretraining saves it
         module = create_model(encoder, **args)
     elif isinstance(encoder, nn.Module):
         if encoder_args:
