@@ -81,6 +81,8 @@ def multiscale_features(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     a ResNet, whose zero-initialised residual branches make its last stage the same constant
     for every input (measured: feature std across AdrenalMNIST3D cases 0 at stage 4, 0.01-0.03
     at stages 1-3)."""
+    if not callable(getattr(encoder, "forward_intermediates", None)):
+        return pooled_features(encoder, x).float()  # a model without levels: its pooled output
     maps = encoder.forward_intermediates(x)  # [(B, C_i, d_i, h_i, w_i)]
     return torch.cat([m.float().flatten(2).mean(dim=2) for m in maps], dim=1)
 
