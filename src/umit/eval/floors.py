@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from umit.data.cases import case_label, centred_input
 from umit.data.store import Store
 from umit.finetune.run import FinetuneConfig, build_model, class_names, split_finetune_cases
+from umit.models.heads import pooled_features
 
 FLOOR_VOXELS = "floor_voxel_count"
 FLOOR_PROBE = "floor_random_probe"
