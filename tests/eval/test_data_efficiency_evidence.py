@@ -191,6 +191,11 @@ def test_arm_seeds_and_only_arms_pick_the_cells(tiny_ct_store, tmp_path, one_thr
     arms = sorted({p.parent.parent.name for p in (tmp_path / "exp" / "cells").rglob("result.json")})
     assert arms == ["scratch"] and cells == ["n2_s1"]
     assert set(res["table"]) == {"scratch"}
+    # tabulate_only runs nothing and tabulates what is there
+    res = data_efficiency(
+        cfg.model_copy(update={"tabulate_only": True, "comparisons": [], "only_arms": None})
+    )
+    assert set(res["table"]) == {"scratch"} and set(res["table"]["scratch"]) == {"n2"}
     with pytest.raises(Exception, match="only_arms names unknown arms"):
         data_efficiency(cfg.model_copy(update={"only_arms": ["nope"], "comparisons": []}))
 

@@ -94,6 +94,9 @@ class DataEfficiencyConfig(UmitConfig):
     """Seeds (label subset, initialization, data order)."""
     arms: dict[str, ArmConfig] = Field(default_factory=dict)
     """Compared models, e.g. pretrained / scratch / cnn."""
+    tabulate_only: bool = False
+    """Run nothing: tabulate the cells (and floors) already finished, e.g. while some still
+    run in other processes or when a budget of time ran out; missing cells are left out."""
     only_arms: list[str] | None = None
     """Run only these arms' cells now (e.g. two processes splitting the arms); the tables cover
     the cells this call ran or found finished. A later call without it tabulates everything."""
@@ -419,10 +422,21 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     ]
     for i, (arm, budget, seed) in enumerate(cells):
         log.info("cell %d/%d: %s, budget %s, seed %d", i + 1, len(cells), arm, budget.key, seed)
+        if (
+            cfg.tabulate_only
+            and not (cell_dir(cfg.out, arm, budget, seed) / "result.json").is_file()
+        ):
+            continue
         results.append(run_cell(cfg, arm, cfg.arms[arm], budget, seed))
     if cfg.floors and task == "classification":
         for budget in budgets:
             for seed in cfg.seeds:
+                done = [
+                    cell_dir(cfg.out, n, budget, seed) / "result.json"
+                    for n in (FLOOR_VOXELS, FLOOR_PROBE)
+                ]
+                if cfg.tabulate_only and not all(d.is_file() for d in done):
+                    continue
                 results.extend(run_floor_cells(cfg, budget, seed))
     elif cfg.floors:
         log.warning("floors are defined for classification only; skipped for %s", task)
