@@ -42,15 +42,6 @@ def _stand_in_models(register_models):
     register_models(tiny_cls_for_audit, tiny_seg_for_audit)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train much faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_roc_points_and_tpr_at_fpr_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)

@@ -29,14 +29,6 @@ def _stand_in_models(register_models):
     register_models(tiny_cls_for_dp)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _engine(model, tmp_path, n=4, batch_size=2, **dp):
     ids, x, y = make_cases(n, 0, "c")
     task = ClassificationTask(model, dict(zip(ids, y, strict=True)))
