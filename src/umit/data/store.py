@@ -83,7 +83,6 @@ def cases_dir(prep_dir: str | Path) -> Path:
 
 
 def compressors_for(plan: Plan) -> Any:
-
     level = plan.compression_level
     if plan.compression == "blosc-zstd":
         return [zc.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
@@ -237,7 +236,6 @@ class StoreCase:
     """
 
     def __init__(self, zstore: Any, case_id: str, source: str):
-
         self.case_id = case_id
         self._source = source
         try:

@@ -298,7 +298,6 @@ def _case_from_files(images: list[Path], n_channels: int, per_channel_files: boo
 
 
 def _load_collection(item: IngestItem) -> LoadedCase:
-
     p = item.payload
     names: list[str] = p["channels"]
     chans: list[tuple[str, np.ndarray, ImageMeta]] = []
@@ -422,7 +421,6 @@ def _file_format(path: Path) -> str:
 
 
 def _load_file(item: IngestItem) -> LoadedCase:
-
     array, meta = read_image(item.payload["image"])
     label = read_image(item.payload["label"]) if item.payload["label"] else None
     name = meta.modality if meta.modality != "unknown" else "image"
@@ -430,7 +428,6 @@ def _load_file(item: IngestItem) -> LoadedCase:
 
 
 def _load_dicom(item: IngestItem) -> LoadedCase:
-
     series = item.payload["series"]
     array, meta = load_series(series)
     attrs = dict(meta.extra)

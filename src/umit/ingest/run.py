@@ -172,7 +172,6 @@ def _process(
     result: IngestResult,
     progress: bool,
 ) -> None:
-
     bar = tqdm(total=len(todo), desc="ingest", unit="item", disable=not progress)
 
     def commit(item: IngestItem, outcome: list[SeriesRecord] | str) -> None:
@@ -301,7 +300,6 @@ def validate_label(
 def _write_case(
     item: IngestItem, case: LoadedCase, cfg: IngestConfig, secret: bytes
 ) -> list[SeriesRecord]:
-
     if not case.channels:
         raise InputError(item.source, "no image data")
     ref_array, ref_meta = case.channels[0][1], case.channels[0][2]

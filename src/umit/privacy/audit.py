@@ -139,7 +139,6 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 
 def _point_metrics(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float]) -> dict:
-
     y = np.r_[np.ones(members.size, int), np.zeros(nonmembers.size, int)]
     s = np.r_[members, nonmembers]
     fpr, tpr, _ = roc_points(y, s)
@@ -528,7 +527,6 @@ def plot_roc(attacks: Mapping[str, Mapping[str, Any]]):
 
 
 def write_audit_report(result: Mapping[str, Any], out: Path) -> dict[str, Any]:
-
     attacks = result["attacks"]
     keys = list(next(iter(attacks.values()))["metrics"])
     rows = []

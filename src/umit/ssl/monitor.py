@@ -82,7 +82,6 @@ class Monitor:
         seed: int = 0,
         batch_size: int = 8,
     ):
-
         self.encoder = encoder
         self.volumes = torch.from_numpy(np.ascontiguousarray(volumes, dtype=np.float32))
         self.labels = np.asarray(labels).astype(str)

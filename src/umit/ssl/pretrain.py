@@ -285,7 +285,6 @@ def make_eval_fn(
 
 
 def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
-
     encoder = create_model(cfg.model, img_size=cfg.crop_size, in_chans=in_chans, **cfg.model_args)
     m = cfg.mae
     return MAE3D(
