@@ -216,3 +216,21 @@ def test_random_feature_floor_is_not_a_constant(tiny_ct_store):
     assert f.shape[0] == 6 and f.std(axis=0).max() > 1e-3
     last = f[:, -32:]  # resnet3d_test's last stage (32 channels)
     assert last.std(axis=0).max() < 1e-6  # the degenerate part, kept as documented
+
+
+def test_cells_in_two_worker_processes_give_the_same_results(tiny_ct_store, tmp_path, one_thread):
+    """``workers=2`` runs cells in spawned single-thread processes; every cell is seeded, so the
+    table equals a one-process run's, number for number."""
+    arm = {
+        "model": "classifier",
+        "model_args": {"encoder": "resnet3d_test", "encoder_args": {"norm": "batch"}},
+    }
+    base = _cfg(tiny_ct_store, tmp_path / "one", counts=[2, 4], arms={"a": arm, "b": arm})
+    data_efficiency(base)
+    data_efficiency(base.model_copy(update={"out": tmp_path / "two", "workers": 2}))
+
+    def cells(name):
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        return {(c["arm"], c["budget"], c["seed"]): c["test"] for c in res["cells"]}
+
+    assert len(cells("one")) == 8 and cells("one") == cells("two")

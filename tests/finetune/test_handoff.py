@@ -91,3 +91,75 @@ def test_a_headless_cnn_encoder_loads_into_the_classifier(tiny_ct_store, tmp_pat
     assert set(net.encoder.state_dict()) == set(enc.state_dict())
     for k, v in enc.state_dict().items():
         assert torch.equal(net.encoder.state_dict()[k], v), k
+
+
+@pytest.fixture(scope="module")
+def network_run(tiny_ct_store, tmp_path_factory):
+    """A 3-step whole-UNETR restoration pretraining (``scope=network``)."""
+    out = tmp_path_factory.mktemp("genesis_net")
+    cfg = PretrainConfig.model_validate(
+        {
+            "data": tiny_ct_store,
+            "out": out,
+            "method": "genesis",
+            "scope": "network",
+            "model": "unetr",
+            "model_args": UNETR_ARGS,
+            "crop_size": CROP,
+            "genesis": {"shuffle_blocks": 5},
+            "val_cases": 2,
+            "val_crops": 2,
+            "train": {"total_steps": 3, "warmup_steps": 1, "batch_size": 2, "progress": False},
+        }
+    )
+    return pretrain(cfg)
+
+
+UNETR_ARGS = {"encoder": "vit3d_test_p16", "feature_size": 8}
+
+
+def test_network_pt_loads_everything_but_the_output_layer(network_run, tiny_ct_store, tmp_path):
+    art = load_artifact(network_run["network"], expect="network")
+    assert art["model_name"] == "unetr" and art["model_args"]["out_channels"] == 1
+    enc = load_artifact(network_run["encoder"], expect="encoder")  # written beside it
+    cfg = FinetuneConfig(
+        data=tiny_ct_store, out=tmp_path, model="unetr", model_args=UNETR_ARGS,
+        crop_size=CROP, pretrained=network_run["network"],
+    )  # fmt: skip
+    net = build_model(cfg, in_chans=1, num_outputs=3)
+    own = net.state_dict()
+    fresh = {k for k, v in art["state_dict"].items() if v.shape != own[k].shape}
+    assert fresh and all(k.startswith("out.") for k in fresh)  # only the 1x1x1 output conv
+    for k, v in art["state_dict"].items():
+        if k not in fresh:
+            assert torch.equal(own[k], v), k
+    for k, v in enc["state_dict"].items():
+        assert torch.equal(own[f"encoder.{k}"], v), k
+
+
+def test_a_mismatched_network_is_refused_naming_the_file(network_run, tiny_ct_store, tmp_path):
+    base = {"data": tiny_ct_store, "out": tmp_path, "crop_size": CROP}
+    wider = FinetuneConfig(
+        **base, model="unetr", model_args={**UNETR_ARGS, "feature_size": 16},
+        pretrained=network_run["network"],
+    )  # fmt: skip
+    with pytest.raises(InputError, match=r"network\.pt: network weights do not fit UNETR.*shape"):
+        build_model(wider, in_chans=1, num_outputs=3)
+    net = build_model(wider.model_copy(update={"partial_load": True}), in_chans=1, num_outputs=3)
+    enc = load_artifact(network_run["encoder"], expect="encoder")["state_dict"]
+    assert all(torch.equal(net.encoder.state_dict()[k], v) for k, v in enc.items())
+    other = FinetuneConfig(
+        **base, model="resunet3d", model_args={"features": [8, 16]},
+        pretrained=network_run["network"],
+    )  # fmt: skip
+    with pytest.raises(InputError, match="holds a pretrained 'unetr' network; the model is"):
+        build_model(other, in_chans=1, num_outputs=3)
+
+
+def test_scope_network_needs_a_restoration_method(tiny_ct_store, tmp_path):
+    cfg = PretrainConfig.model_validate(
+        {"data": tiny_ct_store, "out": tmp_path, "method": "mae", "scope": "network",
+         "model": "unetr", "model_args": UNETR_ARGS, "crop_size": CROP}
+    )  # fmt: skip
+    with pytest.raises(InputError, match="scope=network .* needs method=genesis"):
+        pretrain(cfg)

@@ -60,3 +60,32 @@ def test_genesis_restoration_learns(name, kwargs):
         assert float(out["baseline_loss"]) > 0
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("unetr", {"encoder": "vit3d_test_p8", "feature_size": 8, "img_size": (16, 16, 16)}),
+        ("resunet3d", {"features": [8, 16], "deep_supervision": True}),
+    ],
+)
+def test_whole_network_restoration_trains_decoder_and_encoder(name, kwargs):
+    torch.manual_seed(0)
+    net = create_model(name, in_chans=1, out_channels=1, **kwargs)
+    model = Genesis3D(net, network=True, shuffle_blocks=5)
+    assert model.encoder is net.encoder  # the network's own encoder, not a copy
+    assert all(k.startswith("network.") for k in model.state_dict())  # no duplicate tensors
+    x = torch.randn(2, 1, 16, 16, 16)
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".encoder." in n)
+    assert any(
+        g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".encoder." not in n
+    )
+
+
+def test_whole_network_must_output_the_input_channels():
+    net = create_model("resunet3d", in_chans=1, out_channels=3, features=[8, 16])
+    with pytest.raises(ValueError, match="out_channels=3"):
+        Genesis3D(net, network=True)

@@ -29,11 +29,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nUMIT demo finished in {s['seconds']:.0f} s")
     print(f"  data      {c['cases']} CT phantoms, sites {c['by_site']}, sex {c['by_sex']}")
     p = s["pretrain"]
-    print(
-        f"  pretrain  MAE val reconstruction loss {p['initial_val_loss']:.4f} -> {p['last_val_loss']:.4f}"
-    )
+    first, last = p.get("initial_val_loss"), p.get("last_val_loss")
+    if first is not None and last is not None:
+        print(f"  pretrain  MAE val reconstruction loss {first:.4f} -> {last:.4f}")
     for arm, cells in s["table"].items():
-        parts = ", ".join(f"{f} of labels: Dice {v['mean']:.3f}" for f, v in cells.items())
+        parts = ", ".join(f"{v['n_labeled']} labeled: Dice {v['mean']:.3f}" for v in cells.values())
         print(f"  {arm:<18} {parts}")
     print(f"  report    {s['report']}")
     return 1 if s["ingest_failed"] or s["preprocess_failed"] else 0

@@ -32,7 +32,13 @@ from umit.inference.segment import predict_case_classification, predict_case_seg
 from umit.metrics import classification_metrics, segmentation_metrics
 from umit.models import create_model
 from umit.models.heads import freeze_encoder, layer_id_fn, load_encoder_state_dict
-from umit.train.checkpoint import InferenceSpec, load_encoder, save_artifact
+from umit.train.checkpoint import (
+    InferenceSpec,
+    load_artifact,
+    load_encoder,
+    load_network_weights,
+    save_artifact,
+)
 from umit.train.config import TrainConfig
 from umit.train.distributed import is_main, unwrap
 from umit.train.dp import DPSGD, DPConfig, stamp_report
@@ -58,7 +64,9 @@ class FinetuneConfig(UmitConfig):
     model_args: dict[str, Any] = Field(default_factory=lambda: {"encoder": "vit3d_tiny_p16"})
     """Keyword arguments of the model (e.g. encoder name, feature_size, pool)."""
     pretrained: Path | None = None
-    """Encoder checkpoint to start from (None: from scratch)."""
+    """Checkpoint to start from (None: from scratch): an ``encoder.pt`` (into the model's
+    encoder) or a ``network.pt`` of ``umit pretrain scope=network`` (the whole encoder-decoder;
+    only the output layer starts fresh)."""
     freeze: Literal["none", "encoder", "partial"] = "none"
     """``encoder``: frozen encoder (linear probe); ``partial``: only the last ``trainable_blocks`` train."""
     trainable_blocks: int = Field(default=0, ge=0)
@@ -182,12 +190,21 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.n
             None, f"model {cfg.model!r} does not take these arguments {sorted(args)}: {exc}"
         ) from exc
     if cfg.pretrained is not None:
-        load_pretrained_encoder(model, cfg.pretrained, partial=cfg.partial_load)
+        load_pretrained(model, cfg.pretrained, partial=cfg.partial_load)
     if cfg.freeze != "none":
         freeze_encoder(
             model, trainable_blocks=cfg.trainable_blocks if cfg.freeze == "partial" else 0
         )
     return model
+
+
+def load_pretrained(model: torch.nn.Module, path: Path, partial: bool = False) -> None:
+    """Load ``encoder.pt`` into ``model.encoder``, or ``network.pt`` into the whole model."""
+    kind = load_artifact(path, expect=("encoder", "network", "train_state"))["kind"]
+    if kind == "network":
+        load_network_weights(model, path, partial=partial)
+    else:
+        load_pretrained_encoder(model, path, partial=partial)
 
 
 def load_pretrained_encoder(model: torch.nn.Module, path: Path, partial: bool = False) -> None:

@@ -110,11 +110,16 @@ class Genesis3D(nn.Module):
 
     Args:
         encoder: any encoder with ``forward_intermediates`` and ``feature_info`` (with the
-            ``reduction`` of its deepest map).
+            ``reduction`` of its deepest map); or, with ``network=True``, a whole dense model
+            (UNETR, SwinUNETR, ResUNet, ...) built with ``out_channels == in_chans``, whose
+            output is the restoration: its decoder is pretrained too (Models Genesis pretrains
+            the whole U-Net), and fine-tuning starts from it with only the output layer fresh.
         in_chans: input channels.
-        decoder_dim: width of the first decoder stage (halved per upsampling, at least 8).
+        decoder_dim: width of the first decoder stage (halved per upsampling, at least 8);
+            unused with ``network=True``.
         shuffle_prob, shuffle_blocks, nonlinear_prob, paint_prob, inpaint_rate: see
             :func:`corrupt`.
+        network: whether ``encoder`` is a whole encoder-decoder network.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class Genesis3D(nn.Module):
         nonlinear_prob: float = 0.9,
         paint_prob: float = 0.9,
         inpaint_rate: float = 0.2,
+        network: bool = False,
     ):
         super().__init__()
         for name, p in (
@@ -137,7 +143,6 @@ class Genesis3D(nn.Module):
         ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p!r}")
-        self.encoder = encoder
         self.in_chans = in_chans
         self.corruption = {
             "shuffle_prob": shuffle_prob,
@@ -146,6 +151,24 @@ class Genesis3D(nn.Module):
             "paint_prob": paint_prob,
             "inpaint_rate": inpaint_rate,
         }
+        self.model_name = "genesis3d"
+        if network:
+            out = getattr(encoder, "out_channels", None)
+            if out != in_chans:
+                raise ValueError(
+                    f"a restoration network must output the input's {in_chans} channel(s); "
+                    f"{type(encoder).__name__} has out_channels={out!r}"
+                )
+            self.network = encoder
+            self.model_args = {
+                "network": getattr(encoder, "model_name", type(encoder).__name__),
+                "network_args": getattr(encoder, "model_args", {}),
+                "in_chans": in_chans,
+                **self.corruption,
+            }
+            return
+        self.network = None
+        self.encoder = encoder
         reduction = encoder.feature_info[-1].get("reduction", 16)
         reduction = max(reduction) if isinstance(reduction, (tuple, list)) else int(reduction)
         steps = max(0, math.ceil(math.log2(max(1, reduction))))
@@ -162,7 +185,6 @@ class Genesis3D(nn.Module):
             width = nxt
         self.decoder = nn.Sequential(*layers)
         self.out = nn.Conv3d(width, in_chans, 3, padding=1)
-        self.model_name = "genesis3d"
         self.model_args = {
             "encoder": getattr(encoder, "model_name", type(encoder).__name__),
             "encoder_args": getattr(encoder, "model_args", {}),
@@ -171,7 +193,15 @@ class Genesis3D(nn.Module):
             **self.corruption,
         }
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "encoder" and self.__dict__["_modules"].get("network") is not None:
+            return self.__dict__["_modules"]["network"].encoder  # the network's own encoder
+        return super().__getattr__(name)
+
     def no_weight_decay(self) -> set[str]:
+        if self.network is not None:
+            nwd = getattr(self.network, "no_weight_decay", lambda: set())()
+            return {f"network.{n}" for n in nwd}
         enc = getattr(self.encoder, "no_weight_decay", lambda: set())()
         return {f"encoder.{n}" for n in enc}
 
@@ -189,6 +219,9 @@ class Genesis3D(nn.Module):
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Corrupted (B, C, D, H, W) -> restored, same shape."""
+        if self.network is not None:
+            y = self.network(x)
+            return y[0] if isinstance(y, (list, tuple)) else y  # deep supervision: full res first
         y = self.decoder(feature_map(self.encoder, x))
         y = F.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)
         return self.out(y)

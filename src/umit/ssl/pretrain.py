@@ -33,14 +33,18 @@ from umit.ssl.genesis import Genesis3D
 from umit.ssl.mae import MAE3D, mae_flops_per_sample
 from umit.ssl.monitor import build_monitor
 from umit.ssl.simclr import SimCLR3D
-from umit.train.checkpoint import save_artifact
+from umit.train.checkpoint import checkpoint_candidates, save_artifact
 from umit.train.config import TrainConfig
 from umit.train.distributed import is_main
 from umit.train.loop import Trainer, seed_everything
+from umit.train.metrics import METRICS_NAME, read_metrics
+from umit.utils.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.pt"
+NETWORK_FILE = "network.pt"
+INITIAL_EVAL_FILE = "initial_eval.json"
 
 
 class MAEConfig(UmitConfig):
@@ -124,6 +128,12 @@ class PretrainConfig(UmitConfig):
     """Fixed validation crops (with fixed masks) over the held-out cases."""
     method: Literal["mae", "simclr", "genesis"] = "mae"
     """Pretraining method: masked autoencoding (ViT only), contrastive views, or restoration."""
+    scope: Literal["encoder", "network"] = "encoder"
+    """``encoder``: pretrain ``model``, an encoder, and write ``encoder.pt``. ``network``
+    (``method=genesis`` only): ``model`` is a whole segmentation network (unetr, swin_unetr,
+    resunet3d) trained to restore its input, written to ``network.pt`` (and its encoder to
+    ``encoder.pt``); ``umit finetune pretrained=network.pt`` then starts decoder and skip
+    paths from pretrained weights too, which matters most with few labels."""
     mae: MAEConfig = Field(default_factory=MAEConfig)
     """MAE-3D wrapper settings."""
     simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
@@ -300,8 +310,35 @@ def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
     )
 
 
+def build_network(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
+    """``cfg.model`` as a whole dense network whose output has the input's channels."""
+    args = {"img_size": cfg.crop_size, **cfg.model_args, "in_chans": in_chans}
+    args["out_channels"] = in_chans
+    try:
+        return create_model(cfg.model, **args)
+    except TypeError:  # a network without an img_size argument (the CNNs)
+        if "img_size" in cfg.model_args:
+            raise
+        del args["img_size"]
+        return create_model(cfg.model, **args)
+
+
 def build_method(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
-    """The wrapper of ``cfg.method`` around a freshly built ``cfg.model`` encoder."""
+    """The wrapper of ``cfg.method`` around a freshly built ``cfg.model`` encoder (or, with
+    ``scope=network``, a whole network)."""
+    if cfg.scope == "network":
+        if cfg.method != "genesis":
+            raise InputError(
+                None,
+                f"scope=network pretrains a whole encoder-decoder by restoration: it needs "
+                f"method=genesis, got method={cfg.method}",
+            )
+        return Genesis3D(
+            build_network(cfg, in_chans),
+            in_chans=in_chans,
+            network=True,
+            **{k: v for k, v in cfg.genesis.model_dump().items() if k != "decoder_dim"},
+        )
     if cfg.method == "mae":
         return build_mae(cfg, in_chans)
 
@@ -340,6 +377,20 @@ def save_encoder(
         run_config=cfg,
         extra={"method": getattr(cfg, "method", "mae"), **(extra or {})},
     )
+
+
+def initial_eval(cfg: PretrainConfig, evaluate: Any) -> dict[str, float]:
+    """Scores of the untrained model: measured on a fresh run and kept in ``initial_eval.json``,
+    read back when the run resumes (the model in memory is then no longer the initial one)."""
+    path = cfg.out / INITIAL_EVAL_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if cfg.train.resume not in (None, "auto") or checkpoint_candidates(cfg.out):
+        return {}  # resumed from a checkpoint whose initial scores were not kept
+    initial = evaluate(0)
+    if is_main():
+        atomic_write_json(path, initial)
+    return initial
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -382,7 +433,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         )
     task = PretrainTask(module, cfg.crop_size)
     evaluate = make_eval_fn(module, val, lambda: next(module.parameters()).device, monitor)
-    initial = evaluate(0) if cfg.train.resume in (None, "auto") else {}
+    initial = initial_eval(cfg, evaluate)
     initial_val = initial.get("val_loss")
     trainer = Trainer(
         task,
@@ -394,8 +445,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         run_config=cfg,
     )
     result = trainer.fit()
-    history = [h for h in result.history if h.get("split", "train") == "train"]
-    evals = [h for h in result.history if h.get("split") == "eval"]
+    records = result.history
+    if not any(h.get("split") == "eval" for h in records):  # a finished run, resumed: its log
+        records = read_metrics(cfg.out / METRICS_NAME)
+    history = [h for h in records if h.get("split", "train") == "train"]
+    evals = [h for h in records if h.get("split") == "eval"]
     summary = {
         "out": str(cfg.out),
         "train_cases": len(train_cases),
@@ -413,6 +467,17 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     }
 
     if is_main():
+        if cfg.scope == "network":
+            save_artifact(
+                cfg.out / NETWORK_FILE,
+                "network",
+                module.network,
+                plan=plan,
+                run_config=cfg,
+                extra={"method": cfg.method, "summary": summary},
+            )
         save_encoder(module, cfg.out / ENCODER_FILE, plan, cfg, {"summary": summary})
     summary["encoder"] = str(cfg.out / ENCODER_FILE)
+    if cfg.scope == "network":
+        summary["network"] = str(cfg.out / NETWORK_FILE)
     return summary

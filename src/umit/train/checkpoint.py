@@ -19,7 +19,9 @@ import umit. Keys:
 Every file umit writes is an *artifact* with a ``kind``: ``train_state`` (the loop's
 checkpoints, above), ``model`` (``best.pt`` of ``umit finetune``: weights, model name and
 arguments, plan, run config and an :class:`InferenceSpec`) or ``encoder`` (``encoder.pt`` of
-``umit pretrain``). :func:`save_artifact` writes the last two, :func:`load_artifact` reads all
+``umit pretrain``) or ``network`` (``network.pt`` of ``umit pretrain scope=network``: a whole
+encoder-decoder pretrained by restoration, its output layer sized for the pretext).
+:func:`save_artifact` writes the last three, :func:`load_artifact` reads all
 three (and MONAI weights, ``expect="monai"``), migrating older layouts, and names the file and
 what it holds when the kind is not the one asked for. It is the only ``torch.load`` in umit.
 
@@ -280,11 +282,12 @@ def load_latest(
 # ---------------------------------------------------------------------------------------------
 # artifacts: the one save/load pair for every file umit writes
 # ---------------------------------------------------------------------------------------------
-ARTIFACT_KINDS = ("train_state", "model", "encoder", "monai")
+ARTIFACT_KINDS = ("train_state", "model", "encoder", "network", "monai")
 _DESCRIBE = {
     "train_state": "a training checkpoint (step_*.pt / latest.pt)",
     "model": "a fine-tuned model (best.pt of umit finetune)",
     "encoder": "a pretrained encoder (encoder.pt of umit pretrain)",
+    "network": "a pretrained encoder-decoder network (network.pt of umit pretrain scope=network)",
     "monai": "a plain state dict (e.g. MONAI weights)",
 }
 
@@ -424,7 +427,7 @@ def load_artifact(
         missing = [k for k in REQUIRED_KEYS if k not in art]
         if missing:
             raise InputError(path, f"checkpoint lacks {missing}")
-    elif art["kind"] in ("model", "encoder") and not art.get("model_name"):
+    elif art["kind"] in ("model", "encoder", "network") and not art.get("model_name"):
         raise InputError(path, f"{_DESCRIBE[art['kind']]} without a model name")
     return art
 
@@ -439,12 +442,15 @@ def save_artifact(
     spec: InferenceSpec | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``best.pt`` (``kind="model"``) or ``encoder.pt`` (``kind="encoder"``) atomically.
+    """Write ``best.pt`` (``kind="model"``), ``encoder.pt`` (``kind="encoder"``) or
+    ``network.pt`` (``kind="network"``) atomically.
 
     The module must carry ``model_name`` / ``model_args`` (every registered model does).
     """
-    if kind not in ("model", "encoder"):
-        raise ValueError(f"save_artifact writes 'model' or 'encoder' files, not {kind!r}")
+    if kind not in ("model", "encoder", "network"):
+        raise ValueError(
+            f"save_artifact writes 'model', 'encoder' or 'network' files, not {kind!r}"
+        )
     if kind == "model" and spec is None:
         raise ValueError("a model file needs its InferenceSpec")
     name, args = model_identity(module)
@@ -536,3 +542,75 @@ def load_monai_weights(model: nn.Module, path: str | Path, **kwargs: Any) -> Any
 
     art = load_artifact(path, expect="monai")
     return load_monai_checkpoint(model, art["raw"], **kwargs)
+
+
+def load_network_weights(
+    model: nn.Module, path: str | Path, partial: bool = False
+) -> dict[str, list[str]]:
+    """Load a ``network.pt`` (a whole pretrained encoder-decoder) into a task model.
+
+    The pretext's output layer(s) cannot fit the task's (restoration predicts the input's
+    channels, segmentation predicts classes): tensors whose shapes differ only in the leading
+    (output-channel) dimension of an output layer are left at their fresh initialisation and
+    reported. Everything else must match unless ``partial``: the same registered model, the same
+    keys, the same shapes.
+
+    Returns:
+        ``{"loaded", "skipped_head", "missing", "unexpected"}`` key lists.
+
+    Raises:
+        InputError: naming the file when the model differs or (without ``partial``) keys or
+            shapes other than the output layer's do not fit.
+    """
+    path = Path(path)
+    art = load_artifact(path, expect="network")
+    name = getattr(model, "model_name", None)
+    if name is not None and art["model_name"] != name:
+        raise InputError(
+            path, f"holds a pretrained {art['model_name']!r} network; the model is {name!r}"
+        )
+    src = art["state_dict"]
+    dst = model.state_dict()
+    head_in = int(dict(art.get("model_args") or {}).get("out_channels", -1))
+    head_out = int(getattr(model, "out_channels", -2))
+    loaded, head, other = [], [], []
+    for k, v in src.items():
+        if k not in dst:
+            continue
+        if tuple(v.shape) == tuple(dst[k].shape):
+            loaded.append(k)
+        elif (
+            v.ndim == dst[k].ndim
+            and v.shape[0] == head_in
+            and dst[k].shape[0] == head_out
+            and tuple(v.shape[1:]) == tuple(dst[k].shape[1:])
+        ):
+            head.append(k)
+        else:
+            other.append(f"{k} {tuple(v.shape)} -> {tuple(dst[k].shape)}")
+    missing = sorted(k for k in dst if k not in src)
+    unexpected = sorted(k for k in src if k not in dst)
+    if (missing or unexpected or other) and not partial:
+        raise InputError(
+            path,
+            f"network weights do not fit {type(model).__name__} (partial_load=true loads what "
+            f"fits): missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {other[:5]}",
+        )
+    model.load_state_dict({k: src[k] for k in loaded}, strict=False)
+    if head or missing or unexpected or other:
+        log.info(
+            "%s: loaded %d tensors; output layer left fresh: %s; missing %s; unexpected %s; "
+            "mismatched %s",
+            path,
+            len(loaded),
+            head,
+            missing,
+            unexpected,
+            other,
+        )
+    return {
+        "loaded": loaded,
+        "skipped_head": head,
+        "missing": missing,
+        "unexpected": unexpected + other,
+    }

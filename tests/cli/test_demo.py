@@ -1,0 +1,53 @@
+"""``umit demo`` end to end at a tiny size: every stage runs, the cells run in two processes
+beside the pretraining, the report and summary are written, and a rerun recomputes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from umit.cli.main import main as cli_main
+
+TINY = [
+    "n_train=6",
+    "n_test=2",
+    "shape=[32,32,24]",
+    "target_spacing=[3.2,3.2,4.0]",
+    "crop_size=[16,16,16]",
+    "encoder=vit3d_test_p8",
+    "feature_size=4",
+    "pretrain_steps=2",
+    "finetune_steps=2",
+    "labeled=[2,all]",
+    "workers=2",
+]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "UMIT demo finished" in printed and "2 labeled: Dice" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["catalog"]["cases"] == 8
+    assert summary["pretrain"]["train_cases"] >= 4  # every non-test phantom, unlabeled
+    table = summary["table"]
+    assert set(table) == {"UNETR pretrained", "UNETR scratch", "ResUNet (CNN)"}
+    for cells in table.values():
+        assert set(cells) == {"n2", "all"} and cells["n2"]["n_labeled"] == 2
+        assert all(0.0 <= c["mean"] <= 1.0 for c in cells.values())
+    assert (out / "report.html").is_file()
+    results = sorted((out / "finetune" / "cells").rglob("result.json"))
+    assert len(results) == 6
+    stamps = [p.stat().st_mtime_ns for p in results]
+    assert cli_main(["demo", "--out", str(out), *TINY]) == 0  # resumes: no cell recomputed
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    again = json.loads((out / "summary.json").read_text())["pretrain"]
+    for key in (
+        "initial_val_loss",
+        "last_val_loss",
+        "steps",
+    ):  # the finished run's, not re-measured
+        assert again[key] == summary["pretrain"][key], key
