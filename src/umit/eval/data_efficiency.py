@@ -254,15 +254,23 @@ def run_cells(
     cfg: DataEfficiencyConfig, cells: list[tuple[str, Budget, int]]
 ) -> list[dict[str, Any]]:
     """Results of ``cells`` (arm, budget, seed) in order, run ``cfg.workers`` at a time."""
-    for i, (arm, budget, seed) in enumerate(cells):
-        log.info("cell %d/%d: %s, budget %s, seed %d", i + 1, len(cells), arm, budget.key, seed)
     if cfg.workers <= 1 or len(cells) <= 1:
-        return [run_cell(cfg, a, cfg.arms[a], b, s) for a, b, s in cells]
-    with cell_pool(min(cfg.workers, len(cells))) as pool:
+        out = []
+        for i, (a, b, s) in enumerate(cells):
+            log.info("cell %d/%d: %s, budget %s, seed %d", i + 1, len(cells), a, b.key, s)
+            out.append(run_cell(cfg, a, cfg.arms[a], b, s))
+        return out
+    workers = min(cfg.workers, len(cells))
+    log.info("%d cells in %d single-thread processes", len(cells), workers)
+    with cell_pool(workers) as pool:
         futures: list[Future] = [
             pool.submit(run_cell, cfg, a, cfg.arms[a], b, s) for a, b, s in cells
         ]
-        return [f.result() for f in futures]
+        out = []
+        for i, ((a, b, s), f) in enumerate(zip(cells, futures, strict=True)):
+            out.append(f.result())
+            log.info("cell %d/%d done: %s, budget %s, seed %d", i + 1, len(cells), a, b.key, s)
+        return out
 
 
 def _budget_key(r: dict[str, Any]) -> str:
