@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from umit.config import UmitConfig, save_config
+from umit.config import UmitConfig, build_config, deep_merge, load_yaml, save_config
 from umit.data.phantoms.stage import PhantomsConfig
 from umit.data.phantoms.stage import run as make_phantoms
 from umit.data.store import Store
@@ -112,39 +112,54 @@ def _stage(name: str, t0: float) -> None:
     print(f"[demo] {name} done ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
 
 
+PRETRAIN_PRESET = "configs/pretrain/mae_vit3d_tiny_p8_phantoms.yaml"
+EXPERIMENT_PRESET = "configs/experiments/phantom_seg_evidence.yaml"
+"""The recipe of the phantom segmentation study in docs/evidence.md: the demo runs it at one seed."""
+
+
 def pretrain_config(cfg: DemoConfig, prep: Path, out: Path) -> PretrainConfig:
-    """MAE of the encoder on every non-test phantom (configs/pretrain/mae_vit3d_tiny_p8_phantoms)."""
-    return PretrainConfig.model_validate(
-        {
-            "data": prep,
-            "out": out,
-            "model": cfg.encoder,
-            "crop_size": cfg.crop_size,
-            "samples_per_case": 2,
-            "val_cases": min(8, max(1, cfg.n_train // 10)),
-            "val_crops": 16,
-            "mae": {"mask_ratio": 0.75, "decoder_dim": 96, "decoder_depth": 1, "decoder_heads": 4},
-            "train": {
-                "total_steps": cfg.pretrain_steps,
-                "batch_size": 4,
-                "lr": 1e-3,
-                "warmup_steps": max(1, cfg.pretrain_steps // 10),
-                "betas": [0.9, 0.95],
-                "log_every": 50,
-                "eval_every": max(1, cfg.pretrain_steps // 3),
-                "ckpt_every": cfg.pretrain_steps,
-                "seed": cfg.seed,
-                "resume": "auto",
-                "progress": False,
-            },
-        }
+    """MAE of the encoder on every non-test phantom (the preset, with the demo's sizes)."""
+    steps = cfg.pretrain_steps
+    return build_config(
+        PretrainConfig,
+        PRETRAIN_PRESET,
+        None,
+        data=prep,
+        out=out,
+        model=cfg.encoder,
+        crop_size=cfg.crop_size,
+        val_cases=min(8, max(1, cfg.n_train // 10)),
+        train={
+            "total_steps": steps,
+            "warmup_steps": max(1, steps // 10),
+            "eval_every": max(1, steps // 3),
+            "ckpt_every": steps,
+            "seed": cfg.seed,
+            "resume": "auto",
+            "progress": False,
+        },
     )
 
 
 def experiment_config(cfg: DemoConfig, prep: Path, encoder: Path) -> DataEfficiencyConfig:
-    """The three arms at the label budgets (configs/experiments/phantom_seg_evidence.yaml)."""
+    """The three arms at the label budgets, fine-tuned with the study's recipe."""
     unetr_args = {"encoder": cfg.encoder, "feature_size": cfg.feature_size}
     steps = cfg.finetune_steps
+    finetune = deep_merge(
+        load_yaml(EXPERIMENT_PRESET)["finetune"],
+        {
+            "crop_size": cfg.crop_size,
+            "foreground_prob": cfg.foreground_prob,
+            "ce_weight": cfg.ce_weight,
+            "train": {
+                "total_steps": steps,
+                "lr": cfg.finetune_lr,
+                "warmup_steps": max(1, steps // 10),
+                "eval_every": steps,
+                "ckpt_every": steps,
+            },
+        },
+    )
     return DataEfficiencyConfig.model_validate(
         {
             "data": prep,
@@ -158,29 +173,7 @@ def experiment_config(cfg: DemoConfig, prep: Path, encoder: Path) -> DataEfficie
                 SCRATCH: {"model": "unetr", "model_args": unetr_args},
                 CNN: {"model": "resunet3d", "model_args": {"features": [16, 32, 64, 128]}},
             },
-            "finetune": {
-                "task": "segmentation",
-                "crop_size": cfg.crop_size,
-                "samples_per_case": 4,
-                "val_fraction": 0.05,
-                "select": "last",
-                "sw_batch_size": 4,
-                "foreground_prob": cfg.foreground_prob,
-                "ce_weight": cfg.ce_weight,
-                # No flips (lateralized labels) and no intensity jitter: a shift of 0.1 normalized
-                # units is ~27 HU after the demo's z-scoring, more than the organ contrast.
-                "augment": {"flip_prob": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0},
-                "train": {
-                    "total_steps": steps,
-                    "batch_size": 2,
-                    "lr": cfg.finetune_lr,
-                    "warmup_steps": max(1, steps // 10),
-                    "eval_every": steps,
-                    "log_every": 100,
-                    "ckpt_every": steps,
-                    "progress": False,
-                },
-            },
+            "finetune": finetune,
         }
     )
 
