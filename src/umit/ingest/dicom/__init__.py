@@ -9,6 +9,8 @@ Two steps, so that a batch ingest can list, key and resume work before touching 
 * :func:`load_series` reads the pixels of one stack, applies the rescale, sorts slices by their
   position along the slice normal (never by file name or InstanceNumber), checks the spacing and
   builds the RAS affine from ImageOrientationPatient, PixelSpacing and the measured slice step.
+  A stack whose spacing changes is refused, naming where it changes, or resampled onto uniform
+  slices when asked (``resample_nonuniform``).
 
 Array convention (the same as nibabel/ITK): ``i`` = column index, ``j`` = row index, ``k`` =
 slice, optionally ``t`` (4D: several images per position). In DICOM's LPS world the voxel
@@ -27,6 +29,8 @@ Modules:
 * :mod:`~umit.ingest.dicom.stacks`: splitting series into stacks (localizers), slice ordering,
   spacing/missing-slice and alignment checks.
 * :mod:`~umit.ingest.dicom.geometry`: slice normal, mean slice step (gantry tilt), RAS affine.
+* :mod:`~umit.ingest.dicom.regrid`: opt-in resampling of non-uniform slice spacing onto a
+  uniform grid.
 * :mod:`~umit.ingest.dicom.load`: :func:`load_series`, the volume loader.
 * :mod:`~umit.ingest.dicom.frames`: per-image geometry and rescale from single/multi-frame headers.
 * :mod:`~umit.ingest.dicom.pixels`: pixel decoding and assembling the volume array.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -248,19 +247,59 @@ def _group_slices(
     return groups, is_4d
 
 
-def _fmt_mm(values: Iterable[float], limit: int = 12) -> str:
-    values = list(values)
-    text = ", ".join(f"{v:.4g}" for v in values[:limit])
-    return f"[{text}{', ...' if len(values) > limit else ''}]"
+@dataclass(frozen=True)
+class SpacingRun:
+    """Consecutive slices with one spacing: slices ``first`` to ``last`` are ``spacing`` apart."""
+
+    spacing: float
+    first: int
+    last: int
+
+
+def spacing_runs(pos: np.ndarray, max_relative_deviation: float) -> list[SpacingRun]:
+    """Split the steps between the sorted slice positions ``pos`` into runs of one spacing.
+
+    A step joins the current run while it deviates from the run's mean step by at most
+    ``max_relative_deviation``; e.g. 13 slices 4.2 mm apart then 13 slices 7.4 mm apart give
+    ``[SpacingRun(4.2, 0, 12), SpacingRun(7.4, 12, 25)]`` (slice 12 ends one run, starts the next).
+    """
+    steps = np.diff(pos)
+    runs: list[SpacingRun] = []
+    start = 0
+    for k in range(1, len(steps) + 1):
+        mean = float(np.mean(steps[start:k]))
+        if k == len(steps) or abs(steps[k] - mean) > max_relative_deviation * mean:
+            runs.append(SpacingRun(mean, start, k))
+            start = k
+    return runs
+
+
+def _mm(value: float) -> str:
+    """A spacing for messages: two decimals (4.20), three where two would round it (0.625)."""
+    return f"{value:.2f}" if abs(value - round(value, 2)) < 5e-4 else f"{value:.3f}"
+
+
+def describe_runs(runs: list[SpacingRun], limit: int = 6) -> str:
+    """``"4.20 mm for slices 0-12, 7.40 mm for slices 12-25"`` (the first ``limit`` runs)."""
+    text = ", ".join(f"{_mm(r.spacing)} mm for slices {r.first}-{r.last}" for r in runs[:limit])
+    more = len(runs) - limit
+    return text + (f", and {more} more change(s)" if more > 0 else "")
 
 
 def _check_slice_spacing(
-    pos: np.ndarray, max_relative_deviation: float, where: Path, series_number: int | None
+    pos: np.ndarray,
+    max_relative_deviation: float,
+    where: Path,
+    series_number: int | None,
+    *,
+    allow_nonuniform: bool = False,
 ) -> float:
     """Check the steps between the slice positions ``pos`` (mm along the normal) are uniform.
 
     A step that is a whole multiple of the usual one is reported as missing slices, any other
-    deviation above ``max_relative_deviation`` as non-uniform spacing.
+    deviation above ``max_relative_deviation`` as non-uniform spacing: the error names where
+    the spacing changes and the option that resamples, unless ``allow_nonuniform`` (the caller
+    resamples). Missing slices are an error either way: resampling would invent them.
 
     Returns:
         The largest relative deviation of a step from the median step.
@@ -287,11 +326,16 @@ def _check_slice_spacing(
                 f"missing slice(s) between positions {where_gaps} along the slice normal; "
                 f"the usual spacing is {median:.4g} mm{desc}",
             )
+        if allow_nonuniform:
+            return deviation
+        runs = spacing_runs(pos, max_relative_deviation)
+        smallest = min(r.spacing for r in runs)
         raise GeometryError(
             where,
-            f"non-uniform slice spacing: measured spacings {_fmt_mm(steps)} mm (median "
-            f"{median:.4g} mm, max deviation {deviation:.2%} > {max_relative_deviation:.2%})"
-            f"{desc}",
+            f"non-uniform slice spacing{desc}: slice spacing changes: {describe_runs(runs)} "
+            f"(max deviation from the median {median:.4g} mm: {deviation:.2%} > "
+            f"{max_relative_deviation:.2%}); set resample_nonuniform=true to resample onto a "
+            f"uniform grid at the smallest spacing, {_mm(smallest)} mm",
         )
     return deviation
 
