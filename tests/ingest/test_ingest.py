@@ -385,3 +385,43 @@ def test_real_dicom_series_ingest_matches_simpleitk(tmp_path):
     np.testing.assert_allclose(meta.affine, ref_affine, atol=1e-3)
     np.testing.assert_array_equal(img, sitk.GetArrayFromImage(ref).transpose(2, 1, 0))
     assert rec.contrast == "yes" and rec.modality == "CT"
+
+
+def test_variable_spacing_ct_is_refused_clearly_then_resampled_on_request(tmp_path, capsys, caplog):
+    from _shared import write_ct_series
+
+    # A clinical head CT: 13 slices 4.2 mm apart, then 13 more 7.4 mm apart.
+    z = np.array([4.2 * k for k in range(13)] + [50.4 + 7.4 * k for k in range(1, 14)])
+    stored = np.random.default_rng(7).integers(0, 2000, size=(6, 5, 26)).astype(np.uint16)
+    write_ct_series(tmp_path / "src" / "head", stored, positions=[[0, 0, 10 + v] for v in z])
+    raw = tmp_path / "raw"
+    assert cli_main(["ingest", str(tmp_path / "src"), "--out", str(raw)]) == 1
+    with Catalog(raw / "catalog.db") as cat:
+        (failure,) = cat.failures()
+    assert failure["source"] == "head [26 slices]"
+    changes = "slice spacing changes: 4.20 mm for slices 0-12, 7.40 mm for slices 12-25"
+    assert changes in failure["reason"] and "set resample_nonuniform=true" in failure["reason"]
+    assert changes in capsys.readouterr().out
+
+    # The rerun the message points to: resample the failed series onto 4.2 mm slices.
+    with caplog.at_level("INFO", logger="umit.ingest"):
+        code = cli_main(
+            ["ingest", str(tmp_path / "src"), "--out", str(raw), "resample_nonuniform=true"]
+            + ["retry_failed=true"]
+        )
+    assert code == 0
+    transform = "resampled nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"
+    with Catalog(raw / "catalog.db") as cat:
+        assert cat.failures() == []
+        (rec,) = cat.series()
+    assert rec.transform == transform and rec.shape == (6, 5, 35) and rec.dtype == "float32"
+    assert rec.spacing == pytest.approx((0.7, 0.8, 4.2))
+    assert f"head [26 slices]: {transform}" in caplog.text
+    img, meta = read_image(raw / rec.image_path)
+    values = stored.astype(np.float64) - 1024
+    want = np.stack(
+        [[np.interp(4.2 * np.arange(35), z, values[i, j]) for j in range(5)] for i in range(6)]
+    )
+    np.testing.assert_allclose(img, want, rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(img[:, :, :13], values[:, :, :13])
+    np.testing.assert_allclose(meta.affine[:3, 2], [0, 0, 4.2], atol=1e-6)

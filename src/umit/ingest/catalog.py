@@ -26,8 +26,9 @@ from typing import Any
 from umit.errors import InputError
 
 CATALOG_NAME = "catalog.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# Schema 1; series columns added since are in _ADDED_COLUMNS (added to every catalog on open).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_id    TEXT PRIMARY KEY,
@@ -69,6 +70,12 @@ CREATE TABLE IF NOT EXISTS failures (
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+_ADDED_COLUMNS: dict[str, str] = {
+    "transform": "TEXT",  # schema 2
+}
+"""Series columns added after schema 1 (name -> SQL type). A catalog written by an older
+version gets them on open (:func:`_migrate`); its earlier rows read them as None."""
+
 
 @dataclass
 class SeriesRecord:
@@ -100,6 +107,8 @@ class SeriesRecord:
         split: "train", "val" or "test" when the source defines one.
         target: JSON-encodable classification target (e.g. a class index), when given.
         extra: Other non-identifying metadata.
+        transform: What ingest changed in the voxels beyond reading them, e.g. "resampled
+            nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"; None when written as read.
         ingested_at: UTC ISO timestamp of the commit.
     """
 
@@ -128,6 +137,7 @@ class SeriesRecord:
     split: str | None = None
     target: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    transform: str | None = None
     ingested_at: str = ""
 
 
@@ -150,9 +160,7 @@ class Catalog:
         self._con.execute("PRAGMA journal_mode=WAL")
         self._con.execute("PRAGMA synchronous=FULL")
         self._con.executescript(_SCHEMA)
-        self._con.execute(
-            "INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
+        _migrate(self._con)
 
     @classmethod
     def open_raw(cls, raw: str | Path) -> Catalog:
@@ -271,6 +279,23 @@ class Catalog:
             ).fetchall()
             out[f"by_{col}"] = {r[0]: r[1] for r in rows}
         return out
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a catalog up to :data:`SCHEMA_VERSION`: add the series columns it lacks."""
+    con.execute("BEGIN IMMEDIATE")  # before looking: two processes opening at once add once
+    try:
+        with_columns = {r[1] for r in con.execute("PRAGMA table_info(series)")}
+        for name, sql_type in _ADDED_COLUMNS.items():
+            if name not in with_columns:
+                con.execute(f"ALTER TABLE series ADD COLUMN {name} {sql_type}")
+        con.execute(
+            "INSERT OR REPLACE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 _FIELD_NAMES = {f.name for f in fields(SeriesRecord)}

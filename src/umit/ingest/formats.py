@@ -101,7 +101,8 @@ class IngestItem:
         fmt: "dicom", "nifti", "nrrd", "mha", "msd", "nnunet", "medmnist".
         case_hint: The source's own case id when it has coded ids (collections, MedMNIST);
             None where only a pseudonym may be used (DICOM, loose files).
-        payload: Format-specific data needed by :meth:`load`.
+        payload: Format-specific data needed by :meth:`load` (for DICOM also the load option
+            ``resample_nonuniform``, set by the ingest run).
         case_id: The case id it will be written under (set by the ingest run before loading).
     """
 
@@ -429,7 +430,9 @@ def _load_file(item: IngestItem) -> LoadedCase:
 
 def _load_dicom(item: IngestItem) -> LoadedCase:
     series = item.payload["series"]
-    array, meta = load_series(series)
+    array, meta = load_series(
+        series, resample_nonuniform=item.payload.get("resample_nonuniform", False)
+    )
     attrs = dict(meta.extra)
     attrs["modality"] = meta.modality
     if array.ndim == 4:  # (i, j, k, t): a 4D series is stored as one channel per time point

@@ -70,6 +70,10 @@ class IngestConfig(UmitConfig):
     captures, ultrasound...): reject (a failure row naming the file) or mask the top rows."""
     burned_in_mask_band: float = Field(default=0.1, ge=0.0, le=1.0)
     """Fraction of each slice's rows, from the top, blanked when burned_in=mask."""
+    resample_nonuniform: bool = False
+    """DICOM stacks whose slice spacing changes (e.g. 4.2 mm then 7.4 mm): resample them onto
+    uniform slices at their smallest spacing (linear, recorded in the catalog's ``transform``)
+    instead of recording a failure."""
 
 
 @dataclass
@@ -182,6 +186,9 @@ def _process(
             try:
                 catalog.add_series(outcome)
                 result.ingested += 1
+                transform = next((r.transform for r in outcome if r.transform), None)
+                if transform:  # never silently: also in the catalog's transform column
+                    log.info("%s: %s", item.source, transform)
             except InputError as exc:  # defensive: _assign_case_ids should prevent clashes
                 catalog.add_failure(item.key, item.source, str(exc))
         bar.update(1)
@@ -211,6 +218,8 @@ def ingest_item(item: IngestItem, cfg: IngestConfig, secret: bytes) -> list[Seri
     """Load, check and write one item; returns its catalog rows or the failure reason."""
     try:
         burned_in = _burned_in_gate(item, cfg)
+        if item.fmt == "dicom":
+            item.payload["resample_nonuniform"] = cfg.resample_nonuniform
         case = item.load()
         if burned_in:
             case = _mask_top_rows(case, cfg.burned_in_mask_band)
@@ -359,6 +368,7 @@ def _write_case(
                 split=case.split,
                 target=case.target,
                 extra=extra,
+                transform=meta.extra.get("transform"),
             )
         )
     return records
