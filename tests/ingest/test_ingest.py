@@ -425,3 +425,39 @@ def test_variable_spacing_ct_is_refused_clearly_then_resampled_on_request(tmp_pa
     np.testing.assert_allclose(img, want, rtol=0, atol=1e-3)
     np.testing.assert_array_equal(img[:, :, :13], values[:, :, :13])
     np.testing.assert_allclose(meta.affine[:3, 2], [0, 0, 4.2], atol=1e-6)
+
+
+def test_console_and_log_lines_of_a_failed_file_name_it(tmp_path, capsys, caplog):
+    from _shared import write_ct_series
+
+    src = tmp_path / "src"
+    write_ct_series(src / "ct", np.zeros((4, 5, 6), np.uint16))
+    (src / "broken").mkdir()
+    (src / "broken" / "scan_0001.dcm").write_text("not DICOM at all, just text\n")
+    with caplog.at_level("WARNING", logger="umit.ingest"):
+        code = cli_main(["ingest", str(src), "--out", str(tmp_path / "raw")])
+    assert code == 1
+    line = "broken/scan_0001.dcm: not a valid DICOM file (no DICOM attributes found)"
+    printed = [x for x in capsys.readouterr().out.splitlines() if "FAILED" in x]
+    assert printed == [f"  FAILED {line}"]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed:")]
+    assert logged == [f"failed: {line}"]
+    with Catalog(tmp_path / "raw" / "catalog.db") as cat:
+        assert [(f["source"], f["reason"]) for f in cat.failures()] == [
+            ("broken/scan_0001.dcm", line)
+        ]
+        assert len(cat.series()) == 1
+
+
+def test_failure_lines_name_the_source_once():
+    from umit.ingest.run import failure_line
+
+    assert failure_line("a/x.dcm", "truncated") == "a/x.dcm: truncated"
+    named = "/data/src/a/x.nii.gz: contains 1 NaN/Inf voxel(s)"
+    assert failure_line("a/x.nii.gz", named) == named
+    series = "/data/src/head: missing slice(s) between ..."
+    assert failure_line("head [26 slices]", series) == series
+    assert (
+        failure_line(". [3 slices]", "/data/src: 2D image") == ". [3 slices]: /data/src: 2D image"
+    )
+    assert failure_line("toy.npz#train/3", "toy.npz#train/3: NaN") == "toy.npz#train/3: NaN"

@@ -11,6 +11,8 @@ reason that names the file and the problem, and the run goes on.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -133,7 +135,9 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
             done -= {f["source_key"] for f in catalog.failures()}
         for key, source, reason in discovery_failures:
             if key not in done:
+                reason = failure_line(source, reason)
                 catalog.add_failure(key, source, reason)
+                log.warning("failed: %s", reason)
         todo = [it for it in items if it.key not in done]
         result.skipped = len(items) - len(todo)
         if cfg.limit is not None:
@@ -144,6 +148,18 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
         result.failed = len(result.failures)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def failure_line(source: str, reason: str) -> str:
+    """``reason`` as a line that names what failed: prefixed with ``source`` (the path relative
+    to SRC) unless it names that path already, as readers' errors do.
+
+    A DICOM series' source ends in its slice count (``"head [26 slices]"``); its path is the part
+    before that.
+    """
+    path = re.sub(r" \[[^\]]*\]$", "", source)
+    named = path not in ("", ".") and (reason.startswith(path) or f"{os.sep}{path}" in reason)
+    return reason if named else f"{source}: {reason}"
 
 
 def _assign_case_ids(todo: list[IngestItem], catalog: Catalog, secret: bytes) -> list[IngestItem]:
@@ -180,8 +196,9 @@ def _process(
 
     def commit(item: IngestItem, outcome: list[SeriesRecord] | str) -> None:
         if isinstance(outcome, str):
-            catalog.add_failure(item.key, item.source, outcome)
-            log.warning("failed: %s", outcome)
+            reason = failure_line(item.source, outcome)
+            catalog.add_failure(item.key, item.source, reason)
+            log.warning("failed: %s", reason)
         else:
             try:
                 catalog.add_series(outcome)
