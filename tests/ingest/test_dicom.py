@@ -169,6 +169,50 @@ def test_localizers_are_dropped_and_reported(tmp_path):
     assert sum("orientation minority" in r for r in reasons) == 2
     array, _ = load_series(series)
     np.testing.assert_array_equal(array, stored_volume(5).astype(np.int32) - 1024)
+    (report,) = found.set_aside  # one report for the series, naming all three images
+    assert sorted(report.files) == sorted(p for p, _ in series.skipped)
+    assert report.reason == (
+        "localizer: 1 image(s) with ImageType LOCALIZER; "
+        "2 image(s) in another orientation than the series' volume"
+    )
+    assert report.series_uid == series_uid and not report.whole_series
+
+
+TRI_PLANE = ((1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1))  # axial, cor., sag.
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+@pytest.mark.parametrize("per_plane", [1, 3])
+def test_scout_series_are_set_aside(tmp_path, flagged, per_plane):
+    image_type = ("ORIGINAL", "PRIMARY", "LOCALIZER" if flagged else "OTHER")
+    for n, iop in enumerate(TRI_PLANE):
+        write_ct_series(
+            tmp_path,
+            stored_volume(40 + n, shape=(4, 4, per_plane)),
+            iop=iop,
+            series_uid="1.2.3.9",
+            image_type=image_type,
+        )
+    found, unreadable = discover_series(tmp_path)
+    assert list(found) == [] and unreadable == []
+    (report,) = found.set_aside
+    assert report.whole_series and len(report.files) == 3 * per_plane
+    assert report.series_uid == "1.2.3.9" and report.series_number == 3
+    assert report.reason == (
+        f"localizer: {3 * per_plane} image(s) with ImageType LOCALIZER"
+        if flagged
+        else f"localizer: {3 * per_plane} image(s) in different orientations, at most 3 per "
+        "orientation: too few for a volume"
+    )
+    assert len(found.skipped) == 3 * per_plane
+
+
+def test_small_stacks_in_one_orientation_are_no_scout(tmp_path):
+    # Two 3-image stacks of one orientation and two sizes: small volumes, not a localizer.
+    write_ct_series(tmp_path, stored_volume(50, shape=(4, 4, 3)), series_uid="1.2.3.8")
+    write_ct_series(tmp_path, stored_volume(51, shape=(5, 4, 3)), series_uid="1.2.3.8")
+    found, _ = discover_series(tmp_path)
+    assert [s.n_slices for s in found] == [3, 3] and found.set_aside == []
 
 
 def test_two_series_in_one_folder(tmp_path):

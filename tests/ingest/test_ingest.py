@@ -461,3 +461,53 @@ def test_failure_lines_name_the_source_once():
         failure_line(". [3 slices]", "/data/src: 2D image") == ". [3 slices]: /data/src: 2D image"
     )
     assert failure_line("toy.npz#train/3", "toy.npz#train/3: NaN") == "toy.npz#train/3: NaN"
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_localizers_are_set_aside_and_reported(tmp_path, capsys, flagged):
+    from umit.deid.secret import load_or_create_secret, replace_uid
+
+    from _shared import write_ct_series
+
+    src, raw = tmp_path / "src", tmp_path / "raw"
+    write_ct_series(src / "ct", np.zeros((4, 5, 6), np.uint16), series_uid="1.2.826.0.7.1")
+    # A 3-image scout (series 1): one image per plane, flagged LOCALIZER or not.
+    image_type = ("ORIGINAL", "PRIMARY", "LOCALIZER" if flagged else "OTHER")
+    for iop in ((1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1)):
+        write_ct_series(
+            src / "scout",
+            np.zeros((4, 4, 1), np.uint16),
+            iop=iop,
+            series_uid="1.2.826.0.7.2",
+            image_type=image_type,
+            extra={"SeriesNumber": 1},
+        )
+    assert cli_main(["ingest", str(src), "--out", str(raw)]) == 0  # a deliberate skip, no failure
+    out = capsys.readouterr().out
+    secret = load_or_create_secret(raw)
+    uid = replace_uid(secret, "1.2.826.0.7.2")
+    reason = (
+        "localizer: 3 image(s) with ImageType LOCALIZER"
+        if flagged
+        else "localizer: 3 image(s) in different orientations, at most 3 per orientation: "
+        "too few for a volume"
+    )
+    assert "set aside (not failures): localizer images of 1 series" in out
+    assert f"  SET ASIDE scout [3 images]: CT series number 1 (deid UID {uid}): {reason}" in out
+    assert "1.2.826.0.7.2" not in out  # the series is named by its deid UID only
+    with Catalog(raw / "catalog.db") as cat:
+        assert cat.failures() == [] and [r.source for r in cat.series()] == ["ct [6 slices]"]
+        (row,) = cat.set_aside()
+    assert {k: row[k] for k in row if k not in ("source_key", "set_aside_at")} == {
+        "source": "scout [3 images]",
+        "kind": "localizer",
+        "reason": reason,
+        "n_images": 3,
+        "modality": "CT",
+        "series_number": 1,
+        "deid_series_uid": uid,
+    }
+    # The returned result carries the report too; a rerun reports it again, once.
+    result, cat = _ingest(src, raw)
+    assert (result.ingested, result.failed) == (0, 0) and result.set_aside == cat.set_aside()
+    assert len(result.set_aside) == 1 and result.set_aside[0]["reason"] == reason

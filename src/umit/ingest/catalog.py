@@ -2,7 +2,8 @@
 
 The catalog is the hand-over from ``umit ingest`` to ``umit preprocess`` and to the bias
 analysis: it holds geometry and acquisition metadata and the subgroup attributes (sex, age band,
-site, contrast), never patient identifiers. Each series is committed in its own transaction, so a
+site, contrast), never patient identifiers. Beside the ``series`` table, ``failures`` lists what
+could not be ingested and ``set_aside`` what was left out on purpose (localizers). Each series is committed in its own transaction, so a
 killed ingest can be resumed: a source whose ``source_key`` is present is not redone.
 
 Layout of a RAW folder (paths in the catalog are relative to it)::
@@ -68,6 +69,17 @@ CREATE TABLE IF NOT EXISTS failures (
     failed_at  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS set_aside (
+    source_key      TEXT PRIMARY KEY,
+    source          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    n_images        INTEGER NOT NULL,
+    modality        TEXT,
+    series_number   INTEGER,
+    deid_series_uid TEXT,
+    set_aside_at    TEXT NOT NULL
+);
 """
 
 _ADDED_COLUMNS: dict[str, str] = {
@@ -230,6 +242,36 @@ class Catalog:
                 (source_key, str(source), stage, reason, _now()),
             )
 
+    def add_set_aside(
+        self,
+        source_key: str,
+        source: str,
+        reason: str,
+        *,
+        n_images: int,
+        kind: str = "localizer",
+        modality: str | None = None,
+        series_number: int | None = None,
+        deid_series_uid: str | None = None,
+    ) -> None:
+        """Record images left out on purpose (localizers): reported, not failures, never redone
+        (a rerun finds them again and replaces the row)."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    source_key,
+                    source,
+                    kind,
+                    reason,
+                    n_images,
+                    modality,
+                    series_number,
+                    deid_series_uid,
+                    _now(),
+                ),
+            )
+
     def set_info(self, key: str, value: Any) -> None:
         with self.transaction() as con:
             con.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (key, json.dumps(value)))
@@ -257,6 +299,11 @@ class Catalog:
 
     def failures(self) -> list[dict[str, str]]:
         rows = self._con.execute("SELECT * FROM failures ORDER BY source").fetchall()
+        return [dict(r) for r in rows]
+
+    def set_aside(self) -> list[dict[str, Any]]:
+        """Rows of images set aside on purpose (localizers), ordered by source."""
+        rows = self._con.execute("SELECT * FROM set_aside ORDER BY source").fetchall()
         return [dict(r) for r in rows]
 
     def info(self) -> dict[str, Any]:

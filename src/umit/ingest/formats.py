@@ -26,7 +26,7 @@ import numpy as np
 from umit.data.io import is_image_file, read_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
-from umit.ingest.dicom import discover_series, load_series
+from umit.ingest.dicom import SetAside, discover_series, load_series
 
 ATTRIBUTE_COLUMNS = (
     "sex",
@@ -334,8 +334,26 @@ def _load_collection(item: IngestItem) -> LoadedCase:
 # ---------------------------------------------------------------------------------------------
 # Folder trees: DICOM series and loose image files
 # ---------------------------------------------------------------------------------------------
-def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str]]]:
-    """Items found under ``root`` and a list of ``(key, source, reason)`` unreadable files."""
+@dataclass
+class SetAsideItem:
+    """DICOM images found and left out on purpose (a series' localizers), to report.
+
+    Attributes:
+        key: Stable source key of the report (one per series).
+        source: The folder relative to SRC and the image count, e.g. ``"scout [3 images]"``.
+        set_aside: What discovery set aside and why.
+    """
+
+    key: str
+    source: str
+    set_aside: SetAside
+
+
+def folder_items(
+    root: Path,
+) -> tuple[list[IngestItem], list[tuple[str, str, str]], list[SetAsideItem]]:
+    """Items found under ``root``, ``(key, source, reason)`` of unreadable files and the
+    localizers set aside."""
 
     items: list[IngestItem] = []
     failures: list[tuple[str, str, str]] = []
@@ -391,6 +409,15 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
         failures.append(
             (source_key("file", Path(path).resolve()), str(Path(path).relative_to(root)), reason)
         )
+    set_aside = [
+        SetAsideItem(
+            key=source_key("dicom-set-aside", s.key),
+            source=f"{s.folder.relative_to(root) if s.folder != root else '.'} "
+            f"[{len(s.files)} image{'s' if len(s.files) > 1 else ''}]",
+            set_aside=s,
+        )
+        for s in series_list.set_aside
+    ]
     for series in series_list:
         folder = Path(series.files[0]).parent
         items.append(
@@ -402,7 +429,7 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
                 payload={"series": series},
             )
         )
-    return items, failures
+    return items, failures, set_aside
 
 
 def _strip_label_suffix(stem: str) -> str:

@@ -35,6 +35,7 @@ from umit.ingest.dicom import age_band
 from umit.ingest.formats import (
     IngestItem,
     LoadedCase,
+    SetAsideItem,
     collection_items,
     folder_items,
     medmnist_items,
@@ -89,24 +90,29 @@ class IngestResult:
     failed: int = 0
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of the catalog's ``set_aside`` table: localizers left out on purpose, not failures."""
 
     @property
     def items_per_second(self) -> float:
         return self.ingested / self.seconds if self.seconds > 0 else 0.0
 
 
-def discover(src: Path) -> tuple[list[IngestItem], list[tuple[str, str, str]]]:
-    """Work items for ``src`` and failures found while looking (unreadable files)."""
+def discover(
+    src: Path,
+) -> tuple[list[IngestItem], list[tuple[str, str, str]], list[SetAsideItem]]:
+    """Work items for ``src``, failures found while looking (unreadable files) and what was set
+    aside on purpose (DICOM localizers)."""
     if not src.exists():
         raise InputError(src, "source does not exist")
     if src.is_file():
         if src.name.endswith(".npz"):
-            return medmnist_items(src), []
+            return medmnist_items(src), [], []
         if src.name == "dataset.json":
-            return collection_items(src), []
+            return collection_items(src), [], []
         raise InputError(src, "a single source file must be a MedMNIST .npz or a dataset.json")
     if (src / "dataset.json").is_file():
-        return collection_items(src / "dataset.json"), []
+        return collection_items(src / "dataset.json"), [], []
     return folder_items(src)
 
 
@@ -125,7 +131,8 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     result = IngestResult(out=out)
     with Catalog(out / CATALOG_NAME) as catalog:
         catalog.set_info("umit_version", __version__)
-        items, discovery_failures = discover(cfg.src)
+        items, discovery_failures, set_aside = discover(cfg.src)
+        _record_set_aside(set_aside, catalog, secret)
         result.found = len(items) + len(discovery_failures)
         label_names = next((it.payload["labels"] for it in items if it.payload.get("labels")), None)
         if label_names:  # the collection's label dictionary, for the plan and reports
@@ -146,8 +153,37 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
         _process(todo, cfg, secret, catalog, result, progress)
         result.failures = catalog.failures()
         result.failed = len(result.failures)
+        result.set_aside = catalog.set_aside()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _record_set_aside(found: list[SetAsideItem], catalog: Catalog, secret: bytes) -> None:
+    """Report localizers: a ``set_aside`` row each (not a failure) and a log line."""
+    for entry in found:
+        s = entry.set_aside
+        uid = None if s.series_uid.startswith("no-series-uid:") else s.series_uid
+        row = dict(
+            source=entry.source,
+            reason=s.reason,
+            n_images=len(s.files),
+            modality=s.modality,
+            series_number=s.series_number,
+            deid_series_uid=replace_uid(secret, uid) if uid else None,
+        )
+        catalog.add_set_aside(entry.key, **row)
+        log.info("set aside: %s", set_aside_line(row))
+
+
+def set_aside_line(row: dict[str, Any]) -> str:
+    """One console/log line for a ``set_aside`` row: where, which series, why.
+
+    The series is named as the catalog names it: modality, SeriesNumber and the UID ``umit deid``
+    would give it (SeriesDescription is removed by the Basic Profile, so it is not shown).
+    """
+    number = f" series number {row['series_number']}" if row["series_number"] is not None else ""
+    uid = f" (deid UID {row['deid_series_uid']})" if row["deid_series_uid"] else ""
+    return f"{row['source']}: {row['modality'] or 'unknown'}{number}{uid}: {row['reason']}"
 
 
 def failure_line(source: str, reason: str) -> str:

@@ -4,7 +4,7 @@ Two steps, so that a batch ingest can list, key and resume work before touching 
 
 * :func:`discover_series` walks a folder tree, reads headers only, groups files by
   SeriesInstanceUID and splits each group into stacks of one orientation and one image size
-  (localizers/scouts mixed into a series are dropped and reported). Enhanced multi-frame files
+  (localizers/scouts are set aside and reported per series). Enhanced multi-frame files
   are one stack each. Unreadable, truncated and non-DICOM files are counted, never fatal.
 * :func:`load_series` reads the pixels of one stack, applies the rescale, sorts slices by their
   position along the slice normal (never by file name or InstanceNumber), checks the spacing and
@@ -34,7 +34,7 @@ Modules:
 * :mod:`~umit.ingest.dicom.load`: :func:`load_series`, the volume loader.
 * :mod:`~umit.ingest.dicom.frames`: per-image geometry and rescale from single/multi-frame headers.
 * :mod:`~umit.ingest.dicom.pixels`: pixel decoding and assembling the volume array.
-* :mod:`~umit.ingest.dicom.series`: :class:`DicomSeries`, :class:`SeriesList`.
+* :mod:`~umit.ingest.dicom.series`: :class:`DicomSeries`, :class:`SeriesList`, :class:`SetAside`.
 * :mod:`~umit.ingest.dicom.attributes`: header value parsing and the allowlisted metadata.
 """
 
@@ -47,7 +47,7 @@ from umit.ingest.dicom.discovery import (
 )
 from umit.ingest.dicom.geometry import slice_normal
 from umit.ingest.dicom.load import load_series
-from umit.ingest.dicom.series import DicomSeries, SeriesList
+from umit.ingest.dicom.series import DicomSeries, SeriesList, SetAside
 from umit.ingest.dicom.stacks import IOP_TOLERANCE, LOCALIZER_MAX_SLICES, POSITION_TOLERANCE_MM
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "POSITION_TOLERANCE_MM",
     "DicomSeries",
     "SeriesList",
+    "SetAside",
     "_extra",
     "age_band",
     "discover_series",

@@ -1,7 +1,8 @@
 """Stack checks: splitting a series into stacks, slice ordering and spacing checks.
 
 At discovery, ``_split_group`` splits one SeriesInstanceUID's files into stacks of one
-orientation and image size and drops localizers and small orientation minorities. At load time
+orientation and image size and sets localizers aside (flagged ones, scouts and small orientation
+minorities), reporting them as a :class:`~umit.ingest.dicom.series.SetAside`. At load time
 the checks here make sure one stack is one volume: one image size, orientation and PixelSpacing;
 slices ordered by position along the normal (never by file name or InstanceNumber), with several
 images per position ordered into time points (4D); uniform slice spacing (missing slices are
@@ -20,7 +21,7 @@ import numpy as np
 
 from umit.errors import GeometryError, InputError
 from umit.ingest.dicom.frames import _Frame
-from umit.ingest.dicom.series import DicomSeries, SeriesList, _Header
+from umit.ingest.dicom.series import DicomSeries, SeriesList, SetAside, _Header
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ IOP_TOLERANCE = 1e-3
 POSITION_TOLERANCE_MM = 1e-2
 """Slices closer than this along the normal share a position (a 4D series)."""
 LOCALIZER_MAX_SLICES = 3
-"""Stacks with fewer slices that look like localizers are dropped (and reported)."""
+"""A series in several orientations with at most this many images in each is a scout; beside a
+volume, stacks of fewer images in another orientation are localizer-like. Both are set aside
+(and reported), as are stacks flagged LOCALIZER of any size."""
 
 
 def _iop_tag(iop: np.ndarray | None) -> str:
@@ -62,59 +65,13 @@ class _Stack:
 
 
 def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries]:
-    """Split one SeriesInstanceUID's files into stacks; drop localizer-like small stacks."""
+    """Split one SeriesInstanceUID's files into stacks; set localizers aside and report them."""
     first = headers[0]
-    skipped: list[tuple[Path, str]] = []
-    # Exact duplicates (the same SOP instance copied twice) would look like a 4D series.
-    seen: dict[str, Path] = {}
-    unique: list[_Header] = []
-    for h in headers:
-        if h.sop_uid in seen:
-            skipped.append((h.path, f"duplicate of {seen[h.sop_uid].name} (same SOP instance)"))
-        else:
-            seen[h.sop_uid] = h.path
-            unique.append(h)
-
-    stacks: list[_Stack] = []
-    multiframes: list[_Header] = []
-    for h in unique:
-        if h.multiframe:
-            multiframes.append(h)
-            continue
-        for s in stacks:
-            if s.accepts(h):
-                s.members.append(h)
-                break
-        else:
-            stacks.append(_Stack(h.iop, h.rows, h.cols, h.localizer, [h]))
-
-    regular = [s for s in stacks if not s.localizer]
-    main = max(regular, key=lambda s: len(s.members)) if regular else None
-    kept: list[_Stack] = []
-    for s in stacks:
-        n = len(s.members)
-        reason = None
-        if n < LOCALIZER_MAX_SLICES and s.localizer:
-            reason = f"localizer (ImageType LOCALIZER), {n} image(s) of size {s.cols}x{s.rows}"
-        elif (
-            n < LOCALIZER_MAX_SLICES
-            and main is not None
-            and s is not main
-            and not (
-                s.iop is not None
-                and main.iop is not None
-                and np.max(np.abs(s.iop - main.iop)) < IOP_TOLERANCE
-            )
-        ):
-            reason = (
-                f"orientation minority (localizer-like): {n} image(s) with orientation "
-                f"[{_iop_tag(s.iop)}] unlike the main stack's [{_iop_tag(main.iop)}] "
-                f"({len(main.members)} images)"
-            )
-        if reason is None:
-            kept.append(s)
-        else:
-            skipped.extend((h.path, reason) for h in s.members)
+    unique, skipped = _drop_duplicates(headers)
+    stacks = _stack_up([h for h in unique if not h.multiframe])
+    kept, localizers = _sort_out_localizers(stacks)
+    for s, reason in localizers:
+        skipped.extend((h.path, reason) for h in s.members)
 
     out: list[DicomSeries] = []
     for s in kept:
@@ -132,7 +89,9 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
                 burned_in=[(h.path, h.burned_in) for h in s.members if h.burned_in],
             )
         )
-    for h in multiframes:
+    for h in unique:
+        if not h.multiframe:
+            continue
         out.append(
             DicomSeries(
                 series_uid=h.series_uid,
@@ -154,7 +113,109 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
         target.skipped.extend(skipped)
     else:
         result.skipped.extend(skipped)
+    if localizers:
+        result.set_aside.append(_set_aside(first, localizers, whole_series=not out))
     return out
+
+
+def _drop_duplicates(headers: list[_Header]) -> tuple[list[_Header], list[tuple[Path, str]]]:
+    """Exact duplicates (the same SOP instance copied twice) would look like a 4D series."""
+    seen: dict[str, Path] = {}
+    unique: list[_Header] = []
+    skipped: list[tuple[Path, str]] = []
+    for h in headers:
+        if h.sop_uid in seen:
+            skipped.append((h.path, f"duplicate of {seen[h.sop_uid].name} (same SOP instance)"))
+        else:
+            seen[h.sop_uid] = h.path
+            unique.append(h)
+    return unique, skipped
+
+
+def _stack_up(headers: list[_Header]) -> list[_Stack]:
+    """Group single-frame images into stacks of one orientation, size and localizer flag."""
+    stacks: list[_Stack] = []
+    for h in headers:
+        for s in stacks:
+            if s.accepts(h):
+                s.members.append(h)
+                break
+        else:
+            stacks.append(_Stack(h.iop, h.rows, h.cols, h.localizer, [h]))
+    return stacks
+
+
+def _same_orientation(a: _Stack, b: _Stack) -> bool:
+    return a.iop is not None and b.iop is not None and np.max(np.abs(a.iop - b.iop)) < IOP_TOLERANCE
+
+
+def _sort_out_localizers(stacks: list[_Stack]) -> tuple[list[_Stack], list[tuple[_Stack, str]]]:
+    """Split stacks into those to load and localizers ``(stack, reason)``.
+
+    Localizers (scouts) are: stacks flagged LOCALIZER in ImageType, whatever their size; a series
+    in several orientations with at most :data:`LOCALIZER_MAX_SLICES` images in each (an
+    unflagged scout, e.g. one image per plane); and, beside a main stack, stacks of fewer than
+    :data:`LOCALIZER_MAX_SLICES` images in another orientation (localizer-like minorities).
+    """
+    regular = [s for s in stacks if not s.localizer]
+    main = max(regular, key=lambda s: len(s.members)) if regular else None
+    scout = any(not _same_orientation(s, regular[0]) for s in regular[1:]) and all(
+        len(s.members) <= LOCALIZER_MAX_SLICES for s in regular
+    )
+    kept: list[_Stack] = []
+    localizers: list[tuple[_Stack, str]] = []
+    for s in stacks:
+        n = len(s.members)
+        if s.localizer:
+            reason = f"localizer (ImageType LOCALIZER), {n} image(s) of size {s.cols}x{s.rows}"
+        elif scout:
+            reason = (
+                f"localizer-like: {n} image(s) in one of several orientations of this series, "
+                f"none with more than {LOCALIZER_MAX_SLICES} images"
+            )
+        elif (
+            n < LOCALIZER_MAX_SLICES
+            and main is not None
+            and s is not main
+            and not _same_orientation(s, main)
+        ):
+            reason = (
+                f"orientation minority (localizer-like): {n} image(s) with orientation "
+                f"[{_iop_tag(s.iop)}] unlike the main stack's [{_iop_tag(main.iop)}] "
+                f"({len(main.members)} images)"
+            )
+        else:
+            kept.append(s)
+            continue
+        localizers.append((s, reason))
+    return kept, localizers
+
+
+def _set_aside(
+    first: _Header, localizers: list[tuple[_Stack, str]], whole_series: bool
+) -> SetAside:
+    """One report of a series' localizer stacks: their files and one reason for them all."""
+    files = [h.path for s, _ in localizers for h in s.members]
+    flagged = sum(len(s.members) for s, _ in localizers if s.localizer)
+    unflagged = len(files) - flagged
+    parts = []
+    if flagged:
+        parts.append(f"{flagged} image(s) with ImageType LOCALIZER")
+    if unflagged and whole_series:
+        parts.append(
+            f"{unflagged} image(s) in different orientations, at most {LOCALIZER_MAX_SLICES} per "
+            "orientation: too few for a volume"
+        )
+    elif unflagged:
+        parts.append(f"{unflagged} image(s) in another orientation than the series' volume")
+    return SetAside(
+        series_uid=first.series_uid,
+        series_number=first.series_number,
+        modality=first.modality,
+        files=files,
+        reason="localizer: " + "; ".join(parts),
+        whole_series=whole_series,
+    )
 
 
 def _check_image_sizes(pixels: list[np.ndarray], where: Path) -> None:
