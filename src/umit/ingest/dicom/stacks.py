@@ -67,8 +67,30 @@ class _Stack:
 def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries]:
     """Split one SeriesInstanceUID's files into stacks; set localizers aside and report them."""
     first = headers[0]
-    unique, skipped = _drop_duplicates(headers)
-    stacks = _stack_up([h for h in unique if not h.multiframe])
+    skipped: list[tuple[Path, str]] = []
+    # Exact duplicates (the same SOP instance copied twice) would look like a 4D series.
+    seen: dict[str, Path] = {}
+    unique: list[_Header] = []
+    for h in headers:
+        if h.sop_uid in seen:
+            skipped.append((h.path, f"duplicate of {seen[h.sop_uid].name} (same SOP instance)"))
+        else:
+            seen[h.sop_uid] = h.path
+            unique.append(h)
+
+    stacks: list[_Stack] = []
+    multiframes: list[_Header] = []
+    for h in unique:
+        if h.multiframe:
+            multiframes.append(h)
+            continue
+        for s in stacks:
+            if s.accepts(h):
+                s.members.append(h)
+                break
+        else:
+            stacks.append(_Stack(h.iop, h.rows, h.cols, h.localizer, [h]))
+
     kept, localizers = _sort_out_localizers(stacks)
     for s, reason in localizers:
         skipped.extend((h.path, reason) for h in s.members)
@@ -89,9 +111,7 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
                 burned_in=[(h.path, h.burned_in) for h in s.members if h.burned_in],
             )
         )
-    for h in unique:
-        if not h.multiframe:
-            continue
+    for h in multiframes:
         out.append(
             DicomSeries(
                 series_uid=h.series_uid,
@@ -118,35 +138,11 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
     return out
 
 
-def _drop_duplicates(headers: list[_Header]) -> tuple[list[_Header], list[tuple[Path, str]]]:
-    """Exact duplicates (the same SOP instance copied twice) would look like a 4D series."""
-    seen: dict[str, Path] = {}
-    unique: list[_Header] = []
-    skipped: list[tuple[Path, str]] = []
-    for h in headers:
-        if h.sop_uid in seen:
-            skipped.append((h.path, f"duplicate of {seen[h.sop_uid].name} (same SOP instance)"))
-        else:
-            seen[h.sop_uid] = h.path
-            unique.append(h)
-    return unique, skipped
-
-
-def _stack_up(headers: list[_Header]) -> list[_Stack]:
-    """Group single-frame images into stacks of one orientation, size and localizer flag."""
-    stacks: list[_Stack] = []
-    for h in headers:
-        for s in stacks:
-            if s.accepts(h):
-                s.members.append(h)
-                break
-        else:
-            stacks.append(_Stack(h.iop, h.rows, h.cols, h.localizer, [h]))
-    return stacks
-
-
 def _same_orientation(a: _Stack, b: _Stack) -> bool:
-    return a.iop is not None and b.iop is not None and np.max(np.abs(a.iop - b.iop)) < IOP_TOLERANCE
+    """Both stacks have an orientation and it is the same (within :data:`IOP_TOLERANCE`)."""
+    if a.iop is None or b.iop is None:
+        return False
+    return bool(np.max(np.abs(a.iop - b.iop)) < IOP_TOLERANCE)
 
 
 def _sort_out_localizers(stacks: list[_Stack]) -> tuple[list[_Stack], list[tuple[_Stack, str]]]:
