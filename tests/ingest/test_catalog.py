@@ -73,3 +73,24 @@ def test_case_id_clash_between_sources_is_refused_atomically(tmp_path):
 def test_open_raw_requires_catalog(tmp_path):
     with pytest.raises(InputError, match="catalog.db"):
         Catalog.open_raw(tmp_path)
+
+
+def test_transform_column_and_migration_of_a_schema_1_catalog(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "catalog.db"
+    with Catalog(path) as cat:
+        cat.add_series([_rec("a")])
+    con = sqlite3.connect(path)  # what an older UMIT wrote: no transform column, schema 1
+    con.execute("ALTER TABLE series DROP COLUMN transform")
+    con.execute("UPDATE info SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with Catalog(path) as cat:
+        assert cat.info()["schema_version"] == 2
+        assert cat.series()[0].transform is None
+        text = "resampled nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"
+        cat.add_series([_rec("b", transform=text)])
+        assert [r.transform for r in cat.series()] == [None, text]
+    with Catalog(path) as cat:  # reopening a current catalog changes nothing
+        assert [r.transform for r in cat.series()] == [None, text]

@@ -169,6 +169,50 @@ def test_localizers_are_dropped_and_reported(tmp_path):
     assert sum("orientation minority" in r for r in reasons) == 2
     array, _ = load_series(series)
     np.testing.assert_array_equal(array, stored_volume(5).astype(np.int32) - 1024)
+    (report,) = found.set_aside  # one report for the series, naming all three images
+    assert sorted(report.files) == sorted(p for p, _ in series.skipped)
+    assert report.reason == (
+        "localizer: 1 image(s) with ImageType LOCALIZER; "
+        "2 image(s) in another orientation than the series' volume"
+    )
+    assert report.series_uid == series_uid and not report.whole_series
+
+
+TRI_PLANE = ((1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1))  # axial, cor., sag.
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+@pytest.mark.parametrize("per_plane", [1, 3])
+def test_scout_series_are_set_aside(tmp_path, flagged, per_plane):
+    image_type = ("ORIGINAL", "PRIMARY", "LOCALIZER" if flagged else "OTHER")
+    for n, iop in enumerate(TRI_PLANE):
+        write_ct_series(
+            tmp_path,
+            stored_volume(40 + n, shape=(4, 4, per_plane)),
+            iop=iop,
+            series_uid="1.2.3.9",
+            image_type=image_type,
+        )
+    found, unreadable = discover_series(tmp_path)
+    assert list(found) == [] and unreadable == []
+    (report,) = found.set_aside
+    assert report.whole_series and len(report.files) == 3 * per_plane
+    assert report.series_uid == "1.2.3.9" and report.series_number == 3
+    assert report.reason == (
+        f"localizer: {3 * per_plane} image(s) with ImageType LOCALIZER"
+        if flagged
+        else f"localizer: {3 * per_plane} image(s) in different orientations, at most 3 per "
+        "orientation: too few for a volume"
+    )
+    assert len(found.skipped) == 3 * per_plane
+
+
+def test_small_stacks_in_one_orientation_are_no_scout(tmp_path):
+    # Two 3-image stacks of one orientation and two sizes: small volumes, not a localizer.
+    write_ct_series(tmp_path, stored_volume(50, shape=(4, 4, 3)), series_uid="1.2.3.8")
+    write_ct_series(tmp_path, stored_volume(51, shape=(5, 4, 3)), series_uid="1.2.3.8")
+    found, _ = discover_series(tmp_path)
+    assert [s.n_slices for s in found] == [3, 3] and found.set_aside == []
 
 
 def test_two_series_in_one_folder(tmp_path):
@@ -282,10 +326,89 @@ def test_missing_slice(tmp_path):
 def test_non_uniform_spacing(tmp_path):
     z = [0.0, 2.0, 4.0, 6.5, 8.0, 10.0]
     write_ct_series(tmp_path, stored_volume(14, shape=(4, 4, 6)), positions=[[0, 0, v] for v in z])
-    with pytest.raises(
-        GeometryError, match=r"non-uniform slice spacing: measured spacings \[2, 2, 2.5, 1.5"
-    ):
+    with pytest.raises(GeometryError) as err:
         load_series(discover_one(tmp_path))
+    assert (
+        "slice spacing changes: 2.00 mm for slices 0-2, 2.50 mm for slices 2-3, "
+        "1.50 mm for slices 3-4, 2.00 mm for slices 4-5"
+    ) in str(err.value)
+
+
+# Clinical head CT: 13 slices 4.2 mm apart (slices 0-12), then 13 more 7.4 mm apart (12-25).
+HEAD_Z = [4.2 * k for k in range(13)] + [50.4 + 7.4 * k for k in range(1, 14)]
+
+
+def test_variable_spacing_is_refused_naming_where_it_changes(tmp_path):
+    write_ct_series(
+        tmp_path, stored_volume(30, shape=(4, 5, 26)), positions=[[1, 2, 40 + z] for z in HEAD_Z]
+    )
+    with pytest.raises(GeometryError) as err:
+        load_series(discover_one(tmp_path))
+    message = str(err.value)
+    assert str(tmp_path) in message and "(series number 3)" in message
+    assert "slice spacing changes: 4.20 mm for slices 0-12, 7.40 mm for slices 12-25" in message
+    assert (
+        "set resample_nonuniform=true to resample onto a uniform grid at the smallest "
+        "spacing, 4.20 mm"
+    ) in message
+
+
+def _interp_along_k(stored: np.ndarray, z: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Voxel-by-voxel np.interp along the slice axis: the hand computation of a resampling."""
+    out = np.empty(stored.shape[:2] + (len(targets),))
+    for i in range(stored.shape[0]):
+        for j in range(stored.shape[1]):
+            out[i, j] = np.interp(targets, z, stored[i, j].astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("tilt", [0.0, 0.3])
+def test_variable_spacing_resampled_at_the_smallest_spacing(tmp_path, tilt):
+    stored = stored_volume(31, shape=(4, 5, 26))
+    direction = np.array([0.0, tilt, 1.0])  # tilt: slices shift along y as they advance in z
+    origin = np.array([1.0, 2.0, 40.0])
+    positions = [origin + z * direction for z in HEAD_Z]
+    write_ct_series(tmp_path, stored, positions=positions, slope=0.5, intercept=-1000)
+    array, meta = load_series(discover_one(tmp_path), resample_nonuniform=True)
+
+    # The grid runs from the first slice at 4.2 mm along the normal up to the last slice:
+    # floor(146.6 / 4.2) + 1 = 35 slices.
+    targets = 4.2 * np.arange(35)
+    assert array.shape == (4, 5, 35) and array.dtype == np.float32
+    values = stored * 0.5 - 1000
+    np.testing.assert_array_equal(array[:, :, :13], values[:, :, :13])  # slices 0-12 as they were
+    want = _interp_along_k(values, np.asarray(HEAD_Z), targets)
+    np.testing.assert_allclose(array, want, rtol=0, atol=1e-3)
+    # e.g. target 13 (54.6 mm) lies between slices 12 (50.4) and 13 (57.8): 4.2/7.4 of the way
+    w = 4.2 / 7.4
+    np.testing.assert_allclose(
+        array[:, :, 13], (1 - w) * values[:, :, 12] + w * values[:, :, 13], atol=1e-3
+    )
+
+    step = 4.2 * direction  # normal component 4.2 mm; the tilt is kept
+    np.testing.assert_allclose(meta.affine[:3, 2], step * [-1, -1, 1], atol=1e-9)
+    assert meta.spacing[2] == pytest.approx(float(np.linalg.norm(step)))
+    for m in (0, 13, 34):  # each new slice's origin lies on the line through the original ones
+        want_lps = origin + targets[m] * direction
+        np.testing.assert_allclose((meta.affine @ [0, 0, m, 1])[:3], want_lps * [-1, -1, 1])
+    assert meta.extra["transform"] == (
+        "resampled nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"
+    )
+
+
+def test_resampling_refuses_a_stray_close_slice_and_missing_slices(tmp_path):
+    z = [0.0, 5.0, 10.0, 10.4, 15.4, 20.4]  # a stray slice 0.4 mm from its neighbour
+    write_ct_series(
+        tmp_path / "a", stored_volume(32, shape=(4, 4, 6)), positions=[[0, 0, v] for v in z]
+    )
+    with pytest.raises(GeometryError, match=r"would make 52 slices from 6 \(more than 4x\)"):
+        load_series(discover_one(tmp_path / "a"), resample_nonuniform=True)
+    z = [2.0 * k for k in range(8) if k != 5]  # a missing slice is no spacing change
+    write_ct_series(
+        tmp_path / "b", stored_volume(33, shape=(4, 4, 7)), positions=[[0, 0, v] for v in z]
+    )
+    with pytest.raises(GeometryError, match=r"missing slice\(s\) between positions 8\.000"):
+        load_series(discover_one(tmp_path / "b"), resample_nonuniform=True)
 
 
 def test_small_spacing_jitter_uses_mean_step_and_warns(tmp_path, caplog):

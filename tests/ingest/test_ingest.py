@@ -385,3 +385,129 @@ def test_real_dicom_series_ingest_matches_simpleitk(tmp_path):
     np.testing.assert_allclose(meta.affine, ref_affine, atol=1e-3)
     np.testing.assert_array_equal(img, sitk.GetArrayFromImage(ref).transpose(2, 1, 0))
     assert rec.contrast == "yes" and rec.modality == "CT"
+
+
+def test_variable_spacing_ct_is_refused_clearly_then_resampled_on_request(tmp_path, capsys, caplog):
+    from _shared import write_ct_series
+
+    # A clinical head CT: 13 slices 4.2 mm apart, then 13 more 7.4 mm apart.
+    z = np.array([4.2 * k for k in range(13)] + [50.4 + 7.4 * k for k in range(1, 14)])
+    stored = np.random.default_rng(7).integers(0, 2000, size=(6, 5, 26)).astype(np.uint16)
+    write_ct_series(tmp_path / "src" / "head", stored, positions=[[0, 0, 10 + v] for v in z])
+    raw = tmp_path / "raw"
+    assert cli_main(["ingest", str(tmp_path / "src"), "--out", str(raw)]) == 1
+    with Catalog(raw / "catalog.db") as cat:
+        (failure,) = cat.failures()
+    assert failure["source"] == "head [26 slices]"
+    changes = "slice spacing changes: 4.20 mm for slices 0-12, 7.40 mm for slices 12-25"
+    assert changes in failure["reason"] and "set resample_nonuniform=true" in failure["reason"]
+    assert changes in capsys.readouterr().out
+
+    # The rerun the message points to: resample the failed series onto 4.2 mm slices.
+    with caplog.at_level("INFO", logger="umit.ingest"):
+        code = cli_main(
+            ["ingest", str(tmp_path / "src"), "--out", str(raw), "resample_nonuniform=true"]
+            + ["retry_failed=true"]
+        )
+    assert code == 0
+    transform = "resampled nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"
+    with Catalog(raw / "catalog.db") as cat:
+        assert cat.failures() == []
+        (rec,) = cat.series()
+    assert rec.transform == transform and rec.shape == (6, 5, 35) and rec.dtype == "float32"
+    assert rec.spacing == pytest.approx((0.7, 0.8, 4.2))
+    assert f"head [26 slices]: {transform}" in caplog.text
+    img, meta = read_image(raw / rec.image_path)
+    values = stored.astype(np.float64) - 1024
+    want = np.stack(
+        [[np.interp(4.2 * np.arange(35), z, values[i, j]) for j in range(5)] for i in range(6)]
+    )
+    np.testing.assert_allclose(img, want, rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(img[:, :, :13], values[:, :, :13])
+    np.testing.assert_allclose(meta.affine[:3, 2], [0, 0, 4.2], atol=1e-6)
+
+
+def test_console_and_log_lines_of_a_failed_file_name_it(tmp_path, capsys, caplog):
+    from _shared import write_ct_series
+
+    src = tmp_path / "src"
+    write_ct_series(src / "ct", np.zeros((4, 5, 6), np.uint16))
+    (src / "broken").mkdir()
+    (src / "broken" / "scan_0001.dcm").write_text("not DICOM at all, just text\n")
+    with caplog.at_level("WARNING", logger="umit.ingest"):
+        code = cli_main(["ingest", str(src), "--out", str(tmp_path / "raw")])
+    assert code == 1
+    line = "broken/scan_0001.dcm: not a valid DICOM file (no DICOM attributes found)"
+    printed = [x for x in capsys.readouterr().out.splitlines() if "FAILED" in x]
+    assert printed == [f"  FAILED {line}"]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed:")]
+    assert logged == [f"failed: {line}"]
+    with Catalog(tmp_path / "raw" / "catalog.db") as cat:
+        assert [(f["source"], f["reason"]) for f in cat.failures()] == [
+            ("broken/scan_0001.dcm", line)
+        ]
+        assert len(cat.series()) == 1
+
+
+def test_failure_lines_name_the_source_once():
+    from umit.ingest.run import failure_line
+
+    assert failure_line("a/x.dcm", "truncated") == "a/x.dcm: truncated"
+    named = "/data/src/a/x.nii.gz: contains 1 NaN/Inf voxel(s)"
+    assert failure_line("a/x.nii.gz", named) == named
+    series = "/data/src/head: missing slice(s) between ..."
+    assert failure_line("head [26 slices]", series) == series
+    assert (
+        failure_line(". [3 slices]", "/data/src: 2D image") == ". [3 slices]: /data/src: 2D image"
+    )
+    assert failure_line("toy.npz#train/3", "toy.npz#train/3: NaN") == "toy.npz#train/3: NaN"
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_localizers_are_set_aside_and_reported(tmp_path, capsys, flagged):
+    from umit.deid.secret import load_or_create_secret, replace_uid
+
+    from _shared import write_ct_series
+
+    src, raw = tmp_path / "src", tmp_path / "raw"
+    write_ct_series(src / "ct", np.zeros((4, 5, 6), np.uint16), series_uid="1.2.826.0.7.1")
+    # A 3-image scout (series 1): one image per plane, flagged LOCALIZER or not.
+    image_type = ("ORIGINAL", "PRIMARY", "LOCALIZER" if flagged else "OTHER")
+    for iop in ((1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1)):
+        write_ct_series(
+            src / "scout",
+            np.zeros((4, 4, 1), np.uint16),
+            iop=iop,
+            series_uid="1.2.826.0.7.2",
+            image_type=image_type,
+            extra={"SeriesNumber": 1},
+        )
+    assert cli_main(["ingest", str(src), "--out", str(raw)]) == 0  # a deliberate skip, no failure
+    out = capsys.readouterr().out
+    secret = load_or_create_secret(raw)
+    uid = replace_uid(secret, "1.2.826.0.7.2")
+    reason = (
+        "localizer: 3 image(s) with ImageType LOCALIZER"
+        if flagged
+        else "localizer: 3 image(s) in different orientations, at most 3 per orientation: "
+        "too few for a volume"
+    )
+    assert "set aside (not failures): localizer images of 1 series" in out
+    assert f"  SET ASIDE scout [3 images]: CT series number 1 (deid UID {uid}): {reason}" in out
+    assert "1.2.826.0.7.2" not in out  # the series is named by its deid UID only
+    with Catalog(raw / "catalog.db") as cat:
+        assert cat.failures() == [] and [r.source for r in cat.series()] == ["ct [6 slices]"]
+        (row,) = cat.set_aside()
+    assert {k: row[k] for k in row if k not in ("source_key", "set_aside_at")} == {
+        "source": "scout [3 images]",
+        "kind": "localizer",
+        "reason": reason,
+        "n_images": 3,
+        "modality": "CT",
+        "series_number": 1,
+        "deid_series_uid": uid,
+    }
+    # The returned result carries the report too; a rerun reports it again, once.
+    result, cat = _ingest(src, raw)
+    assert (result.ingested, result.failed) == (0, 0) and result.set_aside == cat.set_aside()
+    assert len(result.set_aside) == 1 and result.set_aside[0]["reason"] == reason

@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
 
 def print_summary(result) -> None:
     from umit.ingest.catalog import CATALOG_NAME, Catalog
+    from umit.ingest.run import failure_line, set_aside_line
 
     with Catalog(result.out / CATALOG_NAME) as cat:
         summary = cat.summary()
@@ -65,8 +66,17 @@ def print_summary(result) -> None:
     ):
         if summary[key] and set(summary[key]) != {"-"}:
             print(f"  {key[3:]:<14} {json.dumps(summary[key])}")
+    if result.set_aside:
+        print(
+            f"set aside (not failures): localizer images of {len(result.set_aside)} series "
+            "(table 'set_aside' in catalog.db)"
+        )
+    for row in result.set_aside[:20]:
+        print(f"  SET ASIDE {set_aside_line(row)}")
+    if len(result.set_aside) > 20:
+        print(f"  ... and {len(result.set_aside) - 20} more (table 'set_aside' in catalog.db)")
     for f in result.failures[:20]:
-        print(f"  FAILED {f['reason']}")
+        print(f"  FAILED {failure_line(f['source'], f['reason'])}")
     if len(result.failures) > 20:
         print(
             f"  ... and {len(result.failures) - 20} more failures (table 'failures' in catalog.db)"

@@ -2,7 +2,8 @@
 
 The catalog is the hand-over from ``umit ingest`` to ``umit preprocess`` and to the bias
 analysis: it holds geometry and acquisition metadata and the subgroup attributes (sex, age band,
-site, contrast), never patient identifiers. Each series is committed in its own transaction, so a
+site, contrast), never patient identifiers. Beside the ``series`` table, ``failures`` lists what
+could not be ingested and ``set_aside`` what was left out on purpose (localizers). Each series is committed in its own transaction, so a
 killed ingest can be resumed: a source whose ``source_key`` is present is not redone.
 
 Layout of a RAW folder (paths in the catalog are relative to it)::
@@ -26,8 +27,9 @@ from typing import Any
 from umit.errors import InputError
 
 CATALOG_NAME = "catalog.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# Schema 1; series columns added since are in _ADDED_COLUMNS (added to every catalog on open).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_id    TEXT PRIMARY KEY,
@@ -67,7 +69,24 @@ CREATE TABLE IF NOT EXISTS failures (
     failed_at  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS set_aside (
+    source_key      TEXT PRIMARY KEY,
+    source          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    n_images        INTEGER NOT NULL,
+    modality        TEXT,
+    series_number   INTEGER,
+    deid_series_uid TEXT,
+    set_aside_at    TEXT NOT NULL
+);
 """
+
+_ADDED_COLUMNS: dict[str, str] = {
+    "transform": "TEXT",  # schema 2
+}
+"""Series columns added after schema 1 (name -> SQL type). A catalog written by an older
+version gets them on open (:func:`_migrate`); its earlier rows read them as None."""
 
 
 @dataclass
@@ -100,6 +119,8 @@ class SeriesRecord:
         split: "train", "val" or "test" when the source defines one.
         target: JSON-encodable classification target (e.g. a class index), when given.
         extra: Other non-identifying metadata.
+        transform: What ingest changed in the voxels beyond reading them, e.g. "resampled
+            nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"; None when written as read.
         ingested_at: UTC ISO timestamp of the commit.
     """
 
@@ -128,6 +149,7 @@ class SeriesRecord:
     split: str | None = None
     target: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    transform: str | None = None
     ingested_at: str = ""
 
 
@@ -150,9 +172,7 @@ class Catalog:
         self._con.execute("PRAGMA journal_mode=WAL")
         self._con.execute("PRAGMA synchronous=FULL")
         self._con.executescript(_SCHEMA)
-        self._con.execute(
-            "INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
+        _migrate(self._con)
 
     @classmethod
     def open_raw(cls, raw: str | Path) -> Catalog:
@@ -222,6 +242,36 @@ class Catalog:
                 (source_key, str(source), stage, reason, _now()),
             )
 
+    def add_set_aside(
+        self,
+        source_key: str,
+        source: str,
+        reason: str,
+        *,
+        n_images: int,
+        kind: str = "localizer",
+        modality: str | None = None,
+        series_number: int | None = None,
+        deid_series_uid: str | None = None,
+    ) -> None:
+        """Record images left out on purpose (localizers): reported, not failures, never redone
+        (a rerun finds them again and replaces the row)."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    source_key,
+                    source,
+                    kind,
+                    reason,
+                    n_images,
+                    modality,
+                    series_number,
+                    deid_series_uid,
+                    _now(),
+                ),
+            )
+
     def set_info(self, key: str, value: Any) -> None:
         with self.transaction() as con:
             con.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (key, json.dumps(value)))
@@ -251,6 +301,11 @@ class Catalog:
         rows = self._con.execute("SELECT * FROM failures ORDER BY source").fetchall()
         return [dict(r) for r in rows]
 
+    def set_aside(self) -> list[dict[str, Any]]:
+        """Rows of images set aside on purpose (localizers), ordered by source."""
+        rows = self._con.execute("SELECT * FROM set_aside ORDER BY source").fetchall()
+        return [dict(r) for r in rows]
+
     def info(self) -> dict[str, Any]:
         return {r[0]: json.loads(r[1]) for r in self._con.execute("SELECT key, value FROM info")}
 
@@ -271,6 +326,23 @@ class Catalog:
             ).fetchall()
             out[f"by_{col}"] = {r[0]: r[1] for r in rows}
         return out
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a catalog up to :data:`SCHEMA_VERSION`: add the series columns it lacks."""
+    con.execute("BEGIN IMMEDIATE")  # before looking: two processes opening at once add once
+    try:
+        with_columns = {r[1] for r in con.execute("PRAGMA table_info(series)")}
+        for name, sql_type in _ADDED_COLUMNS.items():
+            if name not in with_columns:
+                con.execute(f"ALTER TABLE series ADD COLUMN {name} {sql_type}")
+        con.execute(
+            "INSERT OR REPLACE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 _FIELD_NAMES = {f.name for f in fields(SeriesRecord)}

@@ -26,7 +26,7 @@ import numpy as np
 from umit.data.io import is_image_file, read_image
 from umit.data.meta import ImageMeta
 from umit.errors import InputError
-from umit.ingest.dicom import discover_series, load_series
+from umit.ingest.dicom import SetAside, discover_series, load_series
 
 ATTRIBUTE_COLUMNS = (
     "sex",
@@ -101,7 +101,8 @@ class IngestItem:
         fmt: "dicom", "nifti", "nrrd", "mha", "msd", "nnunet", "medmnist".
         case_hint: The source's own case id when it has coded ids (collections, MedMNIST);
             None where only a pseudonym may be used (DICOM, loose files).
-        payload: Format-specific data needed by :meth:`load`.
+        payload: Format-specific data needed by :meth:`load` (for DICOM also the load option
+            ``resample_nonuniform``, set by the ingest run).
         case_id: The case id it will be written under (set by the ingest run before loading).
     """
 
@@ -333,8 +334,26 @@ def _load_collection(item: IngestItem) -> LoadedCase:
 # ---------------------------------------------------------------------------------------------
 # Folder trees: DICOM series and loose image files
 # ---------------------------------------------------------------------------------------------
-def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str]]]:
-    """Items found under ``root`` and a list of ``(key, source, reason)`` unreadable files."""
+@dataclass
+class SetAsideItem:
+    """DICOM images found and left out on purpose (a series' localizers), to report.
+
+    Attributes:
+        key: Stable source key of the report (one per series).
+        source: The folder relative to SRC and the image count, e.g. ``"scout [3 images]"``.
+        set_aside: What discovery set aside and why.
+    """
+
+    key: str
+    source: str
+    set_aside: SetAside
+
+
+def folder_items(
+    root: Path,
+) -> tuple[list[IngestItem], list[tuple[str, str, str]], list[SetAsideItem]]:
+    """Items found under ``root``, ``(key, source, reason)`` of unreadable files and the
+    localizers set aside."""
 
     items: list[IngestItem] = []
     failures: list[tuple[str, str, str]] = []
@@ -390,6 +409,15 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
         failures.append(
             (source_key("file", Path(path).resolve()), str(Path(path).relative_to(root)), reason)
         )
+    set_aside = [
+        SetAsideItem(
+            key=source_key("dicom-set-aside", s.key),
+            source=f"{s.folder.relative_to(root) if s.folder != root else '.'} "
+            f"[{len(s.files)} image{'s' if len(s.files) > 1 else ''}]",
+            set_aside=s,
+        )
+        for s in series_list.set_aside
+    ]
     for series in series_list:
         folder = Path(series.files[0]).parent
         items.append(
@@ -401,7 +429,7 @@ def folder_items(root: Path) -> tuple[list[IngestItem], list[tuple[str, str, str
                 payload={"series": series},
             )
         )
-    return items, failures
+    return items, failures, set_aside
 
 
 def _strip_label_suffix(stem: str) -> str:
@@ -429,7 +457,9 @@ def _load_file(item: IngestItem) -> LoadedCase:
 
 def _load_dicom(item: IngestItem) -> LoadedCase:
     series = item.payload["series"]
-    array, meta = load_series(series)
+    array, meta = load_series(
+        series, resample_nonuniform=item.payload.get("resample_nonuniform", False)
+    )
     attrs = dict(meta.extra)
     attrs["modality"] = meta.modality
     if array.ndim == 4:  # (i, j, k, t): a 4D series is stored as one channel per time point

@@ -11,6 +11,8 @@ reason that names the file and the problem, and the run goes on.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from umit.ingest.dicom import age_band
 from umit.ingest.formats import (
     IngestItem,
     LoadedCase,
+    SetAsideItem,
     collection_items,
     folder_items,
     medmnist_items,
@@ -70,6 +73,10 @@ class IngestConfig(UmitConfig):
     captures, ultrasound...): reject (a failure row naming the file) or mask the top rows."""
     burned_in_mask_band: float = Field(default=0.1, ge=0.0, le=1.0)
     """Fraction of each slice's rows, from the top, blanked when burned_in=mask."""
+    resample_nonuniform: bool = False
+    """DICOM stacks whose slice spacing changes (e.g. 4.2 mm then 7.4 mm): resample them onto
+    uniform slices at their smallest spacing (linear, recorded in the catalog's ``transform``)
+    instead of recording a failure."""
 
 
 @dataclass
@@ -83,24 +90,29 @@ class IngestResult:
     failed: int = 0
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of the catalog's ``set_aside`` table: localizers left out on purpose, not failures."""
 
     @property
     def items_per_second(self) -> float:
         return self.ingested / self.seconds if self.seconds > 0 else 0.0
 
 
-def discover(src: Path) -> tuple[list[IngestItem], list[tuple[str, str, str]]]:
-    """Work items for ``src`` and failures found while looking (unreadable files)."""
+def discover(
+    src: Path,
+) -> tuple[list[IngestItem], list[tuple[str, str, str]], list[SetAsideItem]]:
+    """Work items for ``src``, failures found while looking (unreadable files) and what was set
+    aside on purpose (DICOM localizers)."""
     if not src.exists():
         raise InputError(src, "source does not exist")
     if src.is_file():
         if src.name.endswith(".npz"):
-            return medmnist_items(src), []
+            return medmnist_items(src), [], []
         if src.name == "dataset.json":
-            return collection_items(src), []
+            return collection_items(src), [], []
         raise InputError(src, "a single source file must be a MedMNIST .npz or a dataset.json")
     if (src / "dataset.json").is_file():
-        return collection_items(src / "dataset.json"), []
+        return collection_items(src / "dataset.json"), [], []
     return folder_items(src)
 
 
@@ -119,7 +131,8 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     result = IngestResult(out=out)
     with Catalog(out / CATALOG_NAME) as catalog:
         catalog.set_info("umit_version", __version__)
-        items, discovery_failures = discover(cfg.src)
+        items, discovery_failures, set_aside = discover(cfg.src)
+        _record_set_aside(set_aside, catalog, secret)
         result.found = len(items) + len(discovery_failures)
         label_names = next((it.payload["labels"] for it in items if it.payload.get("labels")), None)
         if label_names:  # the collection's label dictionary, for the plan and reports
@@ -129,7 +142,9 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
             done -= {f["source_key"] for f in catalog.failures()}
         for key, source, reason in discovery_failures:
             if key not in done:
+                reason = failure_line(source, reason)
                 catalog.add_failure(key, source, reason)
+                log.warning("failed: %s", reason)
         todo = [it for it in items if it.key not in done]
         result.skipped = len(items) - len(todo)
         if cfg.limit is not None:
@@ -138,8 +153,49 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
         _process(todo, cfg, secret, catalog, result, progress)
         result.failures = catalog.failures()
         result.failed = len(result.failures)
+        result.set_aside = catalog.set_aside()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _record_set_aside(found: list[SetAsideItem], catalog: Catalog, secret: bytes) -> None:
+    """Report localizers: a ``set_aside`` row each (not a failure) and a log line."""
+    for entry in found:
+        s = entry.set_aside
+        uid = None if s.series_uid.startswith("no-series-uid:") else s.series_uid
+        row = dict(
+            source=entry.source,
+            reason=s.reason,
+            n_images=len(s.files),
+            modality=s.modality,
+            series_number=s.series_number,
+            deid_series_uid=replace_uid(secret, uid) if uid else None,
+        )
+        catalog.add_set_aside(entry.key, **row)
+        log.info("set aside: %s", set_aside_line(row))
+
+
+def set_aside_line(row: dict[str, Any]) -> str:
+    """One console/log line for a ``set_aside`` row: where, which series, why.
+
+    The series is named as the catalog names it: modality, SeriesNumber and the UID ``umit deid``
+    would give it (SeriesDescription is removed by the Basic Profile, so it is not shown).
+    """
+    number = f" series number {row['series_number']}" if row["series_number"] is not None else ""
+    uid = f" (deid UID {row['deid_series_uid']})" if row["deid_series_uid"] else ""
+    return f"{row['source']}: {row['modality'] or 'unknown'}{number}{uid}: {row['reason']}"
+
+
+def failure_line(source: str, reason: str) -> str:
+    """``reason`` as a line that names what failed: prefixed with ``source`` (the path relative
+    to SRC) unless it names that path already, as readers' errors do.
+
+    A DICOM series' source ends in its slice count (``"head [26 slices]"``); its path is the part
+    before that.
+    """
+    path = re.sub(r" \[[^\]]*\]$", "", source)
+    named = path not in ("", ".") and (reason.startswith(path) or f"{os.sep}{path}" in reason)
+    return reason if named else f"{source}: {reason}"
 
 
 def _assign_case_ids(todo: list[IngestItem], catalog: Catalog, secret: bytes) -> list[IngestItem]:
@@ -176,12 +232,16 @@ def _process(
 
     def commit(item: IngestItem, outcome: list[SeriesRecord] | str) -> None:
         if isinstance(outcome, str):
-            catalog.add_failure(item.key, item.source, outcome)
-            log.warning("failed: %s", outcome)
+            reason = failure_line(item.source, outcome)
+            catalog.add_failure(item.key, item.source, reason)
+            log.warning("failed: %s", reason)
         else:
             try:
                 catalog.add_series(outcome)
                 result.ingested += 1
+                transform = next((r.transform for r in outcome if r.transform), None)
+                if transform:  # never silently: also in the catalog's transform column
+                    log.info("%s: %s", item.source, transform)
             except InputError as exc:  # defensive: _assign_case_ids should prevent clashes
                 catalog.add_failure(item.key, item.source, str(exc))
         bar.update(1)
@@ -211,6 +271,8 @@ def ingest_item(item: IngestItem, cfg: IngestConfig, secret: bytes) -> list[Seri
     """Load, check and write one item; returns its catalog rows or the failure reason."""
     try:
         burned_in = _burned_in_gate(item, cfg)
+        if item.fmt == "dicom":
+            item.payload["resample_nonuniform"] = cfg.resample_nonuniform
         case = item.load()
         if burned_in:
             case = _mask_top_rows(case, cfg.burned_in_mask_band)
@@ -359,6 +421,7 @@ def _write_case(
                 split=case.split,
                 target=case.target,
                 extra=extra,
+                transform=meta.extra.get("transform"),
             )
         )
     return records

@@ -4,11 +4,13 @@ Two steps, so that a batch ingest can list, key and resume work before touching 
 
 * :func:`discover_series` walks a folder tree, reads headers only, groups files by
   SeriesInstanceUID and splits each group into stacks of one orientation and one image size
-  (localizers/scouts mixed into a series are dropped and reported). Enhanced multi-frame files
+  (localizers/scouts are set aside and reported per series). Enhanced multi-frame files
   are one stack each. Unreadable, truncated and non-DICOM files are counted, never fatal.
 * :func:`load_series` reads the pixels of one stack, applies the rescale, sorts slices by their
   position along the slice normal (never by file name or InstanceNumber), checks the spacing and
   builds the RAS affine from ImageOrientationPatient, PixelSpacing and the measured slice step.
+  A stack whose spacing changes is refused, naming where it changes, or resampled onto uniform
+  slices when asked (``resample_nonuniform``).
 
 Array convention (the same as nibabel/ITK): ``i`` = column index, ``j`` = row index, ``k`` =
 slice, optionally ``t`` (4D: several images per position). In DICOM's LPS world the voxel
@@ -27,10 +29,12 @@ Modules:
 * :mod:`~umit.ingest.dicom.stacks`: splitting series into stacks (localizers), slice ordering,
   spacing/missing-slice and alignment checks.
 * :mod:`~umit.ingest.dicom.geometry`: slice normal, mean slice step (gantry tilt), RAS affine.
+* :mod:`~umit.ingest.dicom.regrid`: opt-in resampling of non-uniform slice spacing onto a
+  uniform grid.
 * :mod:`~umit.ingest.dicom.load`: :func:`load_series`, the volume loader.
 * :mod:`~umit.ingest.dicom.frames`: per-image geometry and rescale from single/multi-frame headers.
 * :mod:`~umit.ingest.dicom.pixels`: pixel decoding and assembling the volume array.
-* :mod:`~umit.ingest.dicom.series`: :class:`DicomSeries`, :class:`SeriesList`.
+* :mod:`~umit.ingest.dicom.series`: :class:`DicomSeries`, :class:`SeriesList`, :class:`SetAside`.
 * :mod:`~umit.ingest.dicom.attributes`: header value parsing and the allowlisted metadata.
 """
 
@@ -43,7 +47,7 @@ from umit.ingest.dicom.discovery import (
 )
 from umit.ingest.dicom.geometry import slice_normal
 from umit.ingest.dicom.load import load_series
-from umit.ingest.dicom.series import DicomSeries, SeriesList
+from umit.ingest.dicom.series import DicomSeries, SeriesList, SetAside
 from umit.ingest.dicom.stacks import IOP_TOLERANCE, LOCALIZER_MAX_SLICES, POSITION_TOLERANCE_MM
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "POSITION_TOLERANCE_MM",
     "DicomSeries",
     "SeriesList",
+    "SetAside",
     "_extra",
     "age_band",
     "discover_series",

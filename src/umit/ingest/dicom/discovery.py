@@ -165,9 +165,10 @@ def discover_series(
     """Find the DICOM image stacks under ``root`` (a folder tree, any file names, or one file).
 
     Reads headers only. Files are grouped by SeriesInstanceUID, then split by orientation and
-    image size; stacks of fewer than :data:`LOCALIZER_MAX_SLICES` images that are localizers
-    (ImageType LOCALIZER) or an orientation minority are dropped and listed in the series'
-    ``skipped``. Each enhanced multi-frame file is its own stack.
+    image size; localizers (ImageType LOCALIZER, scouts of a few images in several orientations,
+    small orientation minorities) are set aside: listed in the series' ``skipped`` (or the
+    list's, when nothing of the series is left) and reported per series in ``set_aside``. Each
+    enhanced multi-frame file is its own stack.
 
     Args:
         root: Folder to walk (recursively) or a single file.
@@ -178,7 +179,8 @@ def discover_series(
     Returns:
         ``(series, unreadable)``: ``series`` is a :class:`SeriesList` (a list of
         :class:`DicomSeries`, ordered by study, series number and UID, whose ``unreadable``,
-        ``skipped``, ``n_non_dicom`` and ``n_dicomdir`` report the files left out);
+        ``skipped``, ``set_aside``, ``n_non_dicom`` and ``n_dicomdir`` report the files left
+        out);
         ``unreadable`` is ``series.unreadable``, the ``(path, reason)`` of files that claim to be
         DICOM but are truncated or corrupt.
     """

@@ -2,8 +2,9 @@
 
 ``load_series`` runs named steps: check the request, read the files (``_read_stack``), check the
 stack is one volume and order its slices (:mod:`~umit.ingest.dicom.stacks`), build the affine
-(:mod:`~umit.ingest.dicom.geometry`), assemble the array (:mod:`~umit.ingest.dicom.pixels`) and
-the metadata (``_meta``).
+(:mod:`~umit.ingest.dicom.geometry`), assemble the array (:mod:`~umit.ingest.dicom.pixels`),
+resample non-uniform slices when asked (:mod:`~umit.ingest.dicom.regrid`) and build the metadata
+(``_meta``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from umit.ingest.dicom.attributes import _extra, _int
 from umit.ingest.dicom.frames import _Frame, _frame_single, _frames_multi
 from umit.ingest.dicom.geometry import _affine, _mean_step, _slice_positions, slice_normal
 from umit.ingest.dicom.pixels import _assemble, _pixels
+from umit.ingest.dicom.regrid import regrid_slices
 from umit.ingest.dicom.series import DicomSeries
 from umit.ingest.dicom.stacks import (
     _check_aligned,
@@ -43,7 +45,10 @@ class _ReadStack:
 
 
 def load_series(
-    series: DicomSeries, *, max_relative_spacing_deviation: float = 0.01
+    series: DicomSeries,
+    *,
+    max_relative_spacing_deviation: float = 0.01,
+    resample_nonuniform: bool = False,
 ) -> tuple[np.ndarray, ImageMeta]:
     """Read one stack: pixels (rescaled), slice order, spacing checks and the RAS affine.
 
@@ -51,6 +56,10 @@ def load_series(
         series: A stack from :func:`discover_series`.
         max_relative_spacing_deviation: Largest allowed ``max |step - median| / median`` of the
             slice steps; smaller deviations are averaged out (with a warning).
+        resample_nonuniform: Resample a stack whose spacing changes (beyond the deviation
+            above) onto uniform slices at its smallest spacing
+            (:func:`~umit.ingest.dicom.regrid.regrid_slices`) instead of refusing it; the
+            volume is then float32 and ``meta.extra["transform"]`` says what was done.
 
     Returns:
         ``(array, meta)``: int16 when every slope is 1, every intercept integral and the values
@@ -60,7 +69,7 @@ def load_series(
     Raises:
         InputError: unreadable/undecodable file, a single slice (2D).
         GeometryError: mixed orientations or pixel spacings, missing slices, non-uniform
-            spacing, duplicate positions, inconsistent 4D pattern.
+            spacing (unless resampled), duplicate positions, inconsistent 4D pattern.
     """
     _check_request(series, max_relative_spacing_deviation)
     where = series.folder
@@ -73,12 +82,13 @@ def load_series(
     ipps = _slice_positions(stack.frames, groups)
     pos = ipps @ normal
     deviation = _check_slice_spacing(
-        pos, max_relative_spacing_deviation, where, series.series_number
+        pos,
+        max_relative_spacing_deviation,
+        where,
+        series.series_number,
+        allow_nonuniform=resample_nonuniform,
     )
-    step = _mean_step(ipps)
-    _warn_spacing_jitter(where, deviation, max_relative_spacing_deviation, step)
     _check_aligned(ipps, pos, normal, pixel_spacing, where)
-    affine = _affine(iop, pixel_spacing, step, ipps[0])
     array = _assemble(
         stack.pixels,
         stack.frames,
@@ -89,7 +99,17 @@ def load_series(
         is_4d,
         where,
     )
-    return array, _meta(stack.first, where, affine)
+    transform = None
+    if deviation > max_relative_spacing_deviation:  # only with resample_nonuniform
+        regridded = regrid_slices(array, ipps, pos, max_relative_spacing_deviation, where)
+        array, step, transform = regridded.array, regridded.step, regridded.transform
+    else:
+        step = _mean_step(ipps)
+        _warn_spacing_jitter(where, deviation, max_relative_spacing_deviation, step)
+    meta = _meta(stack.first, where, _affine(iop, pixel_spacing, step, ipps[0]))
+    if transform is not None:
+        meta.extra["transform"] = transform
+    return array, meta
 
 
 def _check_request(series: DicomSeries, max_relative_spacing_deviation: float) -> None:

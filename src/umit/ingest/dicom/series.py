@@ -1,6 +1,7 @@
 """The data types of DICOM discovery: :class:`DicomSeries` (one stack to load as a volume),
 :class:`SeriesList` (what :func:`~umit.ingest.dicom.discover_series` returns, with the files it
-left out) and ``_Header`` (what discovery reads from one file's header, for stack splitting)."""
+left out), :class:`SetAside` (a series' localizer images, left out on purpose and reported) and
+``_Header`` (what discovery reads from one file's header, for stack splitting)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,37 @@ class DicomSeries:
         return Path(os.path.commonpath([str(p.parent) for p in self.files]))
 
 
+@dataclass
+class SetAside:
+    """The localizer (scout) images of one series: left out on purpose, reported, not a failure.
+
+    Attributes:
+        series_uid: SeriesInstanceUID (identifying: ingest stores only its keyed replacement).
+        series_number: SeriesNumber, when present.
+        modality: DICOM Modality.
+        files: The files set aside.
+        reason: Why, e.g. "localizer: 3 image(s) with ImageType LOCALIZER".
+        whole_series: True when nothing of the series is left to load.
+    """
+
+    series_uid: str
+    series_number: int | None
+    modality: str
+    files: list[Path]
+    reason: str
+    whole_series: bool
+
+    @property
+    def key(self) -> str:
+        """Stable sha256 hex of the series UID: the same series, the same key."""
+        return hashlib.sha256(f"{self.series_uid}|set-aside".encode()).hexdigest()
+
+    @property
+    def folder(self) -> Path:
+        """Common parent folder of the files."""
+        return Path(os.path.commonpath([str(p.parent) for p in self.files]))
+
+
 class SeriesList(list):
     """``list[DicomSeries]`` returned by :func:`discover_series`, plus what was left out.
 
@@ -69,6 +101,8 @@ class SeriesList(list):
             objects (structured reports, ...) and series made only of localizers.
         n_non_dicom: Number of files that are not DICOM (skipped silently).
         n_dicomdir: Number of DICOMDIR index files (skipped).
+        set_aside: The localizer images of each series that has some, whole localizer series
+            included (their files are also in ``skipped`` or their series' ``skipped``).
     """
 
     def __init__(self, items: Iterable[DicomSeries] = ()):
@@ -77,6 +111,7 @@ class SeriesList(list):
         self.skipped: list[tuple[Path, str]] = []
         self.n_non_dicom = 0
         self.n_dicomdir = 0
+        self.set_aside: list[SetAside] = []
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Stack checks: splitting a series into stacks, slice ordering and spacing checks.
 
 At discovery, ``_split_group`` splits one SeriesInstanceUID's files into stacks of one
-orientation and image size and drops localizers and small orientation minorities. At load time
+orientation and image size and sets localizers aside (flagged ones, scouts and small orientation
+minorities), reporting them as a :class:`~umit.ingest.dicom.series.SetAside`. At load time
 the checks here make sure one stack is one volume: one image size, orientation and PixelSpacing;
 slices ordered by position along the normal (never by file name or InstanceNumber), with several
 images per position ordered into time points (4D); uniform slice spacing (missing slices are
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 
 from umit.errors import GeometryError, InputError
 from umit.ingest.dicom.frames import _Frame
-from umit.ingest.dicom.series import DicomSeries, SeriesList, _Header
+from umit.ingest.dicom.series import DicomSeries, SeriesList, SetAside, _Header
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ IOP_TOLERANCE = 1e-3
 POSITION_TOLERANCE_MM = 1e-2
 """Slices closer than this along the normal share a position (a 4D series)."""
 LOCALIZER_MAX_SLICES = 3
-"""Stacks with fewer slices that look like localizers are dropped (and reported)."""
+"""A series in several orientations with at most this many images in each is a scout; beside a
+volume, stacks of fewer images in another orientation are localizer-like. Both are set aside
+(and reported), as are stacks flagged LOCALIZER of any size."""
 
 
 def _iop_tag(iop: np.ndarray | None) -> str:
@@ -63,7 +65,7 @@ class _Stack:
 
 
 def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries]:
-    """Split one SeriesInstanceUID's files into stacks; drop localizer-like small stacks."""
+    """Split one SeriesInstanceUID's files into stacks; set localizers aside and report them."""
     first = headers[0]
     skipped: list[tuple[Path, str]] = []
     # Exact duplicates (the same SOP instance copied twice) would look like a 4D series.
@@ -89,33 +91,9 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
         else:
             stacks.append(_Stack(h.iop, h.rows, h.cols, h.localizer, [h]))
 
-    regular = [s for s in stacks if not s.localizer]
-    main = max(regular, key=lambda s: len(s.members)) if regular else None
-    kept: list[_Stack] = []
-    for s in stacks:
-        n = len(s.members)
-        reason = None
-        if n < LOCALIZER_MAX_SLICES and s.localizer:
-            reason = f"localizer (ImageType LOCALIZER), {n} image(s) of size {s.cols}x{s.rows}"
-        elif (
-            n < LOCALIZER_MAX_SLICES
-            and main is not None
-            and s is not main
-            and not (
-                s.iop is not None
-                and main.iop is not None
-                and np.max(np.abs(s.iop - main.iop)) < IOP_TOLERANCE
-            )
-        ):
-            reason = (
-                f"orientation minority (localizer-like): {n} image(s) with orientation "
-                f"[{_iop_tag(s.iop)}] unlike the main stack's [{_iop_tag(main.iop)}] "
-                f"({len(main.members)} images)"
-            )
-        if reason is None:
-            kept.append(s)
-        else:
-            skipped.extend((h.path, reason) for h in s.members)
+    kept, localizers = _sort_out_localizers(stacks)
+    for s, reason in localizers:
+        skipped.extend((h.path, reason) for h in s.members)
 
     out: list[DicomSeries] = []
     for s in kept:
@@ -155,7 +133,85 @@ def _split_group(headers: list[_Header], result: SeriesList) -> list[DicomSeries
         target.skipped.extend(skipped)
     else:
         result.skipped.extend(skipped)
+    if localizers:
+        result.set_aside.append(_set_aside(first, localizers, whole_series=not out))
     return out
+
+
+def _same_orientation(a: _Stack, b: _Stack) -> bool:
+    """Both stacks have an orientation and it is the same (within :data:`IOP_TOLERANCE`)."""
+    if a.iop is None or b.iop is None:
+        return False
+    return bool(np.max(np.abs(a.iop - b.iop)) < IOP_TOLERANCE)
+
+
+def _sort_out_localizers(stacks: list[_Stack]) -> tuple[list[_Stack], list[tuple[_Stack, str]]]:
+    """Split stacks into those to load and localizers ``(stack, reason)``.
+
+    Localizers (scouts) are: stacks flagged LOCALIZER in ImageType, whatever their size; a series
+    in several orientations with at most :data:`LOCALIZER_MAX_SLICES` images in each (an
+    unflagged scout, e.g. one image per plane); and, beside a main stack, stacks of fewer than
+    :data:`LOCALIZER_MAX_SLICES` images in another orientation (localizer-like minorities).
+    """
+    regular = [s for s in stacks if not s.localizer]
+    main = max(regular, key=lambda s: len(s.members)) if regular else None
+    scout = any(not _same_orientation(s, regular[0]) for s in regular[1:]) and all(
+        len(s.members) <= LOCALIZER_MAX_SLICES for s in regular
+    )
+    kept: list[_Stack] = []
+    localizers: list[tuple[_Stack, str]] = []
+    for s in stacks:
+        n = len(s.members)
+        if s.localizer:
+            reason = f"localizer (ImageType LOCALIZER), {n} image(s) of size {s.cols}x{s.rows}"
+        elif scout:
+            reason = (
+                f"localizer-like: {n} image(s) in one of several orientations of this series, "
+                f"none with more than {LOCALIZER_MAX_SLICES} images"
+            )
+        elif (
+            n < LOCALIZER_MAX_SLICES
+            and main is not None
+            and s is not main
+            and not _same_orientation(s, main)
+        ):
+            reason = (
+                f"orientation minority (localizer-like): {n} image(s) with orientation "
+                f"[{_iop_tag(s.iop)}] unlike the main stack's [{_iop_tag(main.iop)}] "
+                f"({len(main.members)} images)"
+            )
+        else:
+            kept.append(s)
+            continue
+        localizers.append((s, reason))
+    return kept, localizers
+
+
+def _set_aside(
+    first: _Header, localizers: list[tuple[_Stack, str]], whole_series: bool
+) -> SetAside:
+    """One report of a series' localizer stacks: their files and one reason for them all."""
+    files = [h.path for s, _ in localizers for h in s.members]
+    flagged = sum(len(s.members) for s, _ in localizers if s.localizer)
+    unflagged = len(files) - flagged
+    parts = []
+    if flagged:
+        parts.append(f"{flagged} image(s) with ImageType LOCALIZER")
+    if unflagged and whole_series:
+        parts.append(
+            f"{unflagged} image(s) in different orientations, at most {LOCALIZER_MAX_SLICES} per "
+            "orientation: too few for a volume"
+        )
+    elif unflagged:
+        parts.append(f"{unflagged} image(s) in another orientation than the series' volume")
+    return SetAside(
+        series_uid=first.series_uid,
+        series_number=first.series_number,
+        modality=first.modality,
+        files=files,
+        reason="localizer: " + "; ".join(parts),
+        whole_series=whole_series,
+    )
 
 
 def _check_image_sizes(pixels: list[np.ndarray], where: Path) -> None:
@@ -248,19 +304,59 @@ def _group_slices(
     return groups, is_4d
 
 
-def _fmt_mm(values: Iterable[float], limit: int = 12) -> str:
-    values = list(values)
-    text = ", ".join(f"{v:.4g}" for v in values[:limit])
-    return f"[{text}{', ...' if len(values) > limit else ''}]"
+@dataclass(frozen=True)
+class SpacingRun:
+    """Consecutive slices with one spacing: slices ``first`` to ``last`` are ``spacing`` apart."""
+
+    spacing: float
+    first: int
+    last: int
+
+
+def spacing_runs(pos: np.ndarray, max_relative_deviation: float) -> list[SpacingRun]:
+    """Split the steps between the sorted slice positions ``pos`` into runs of one spacing.
+
+    A step joins the current run while it deviates from the run's mean step by at most
+    ``max_relative_deviation``; e.g. 13 slices 4.2 mm apart then 13 slices 7.4 mm apart give
+    ``[SpacingRun(4.2, 0, 12), SpacingRun(7.4, 12, 25)]`` (slice 12 ends one run, starts the next).
+    """
+    steps = np.diff(pos)
+    runs: list[SpacingRun] = []
+    start = 0
+    for k in range(1, len(steps) + 1):
+        mean = float(np.mean(steps[start:k]))
+        if k == len(steps) or abs(steps[k] - mean) > max_relative_deviation * mean:
+            runs.append(SpacingRun(mean, start, k))
+            start = k
+    return runs
+
+
+def _mm(value: float) -> str:
+    """A spacing for messages: two decimals (4.20), three where two would round it (0.625)."""
+    return f"{value:.2f}" if abs(value - round(value, 2)) < 5e-4 else f"{value:.3f}"
+
+
+def describe_runs(runs: list[SpacingRun], limit: int = 6) -> str:
+    """``"4.20 mm for slices 0-12, 7.40 mm for slices 12-25"`` (the first ``limit`` runs)."""
+    text = ", ".join(f"{_mm(r.spacing)} mm for slices {r.first}-{r.last}" for r in runs[:limit])
+    more = len(runs) - limit
+    return text + (f", and {more} more change(s)" if more > 0 else "")
 
 
 def _check_slice_spacing(
-    pos: np.ndarray, max_relative_deviation: float, where: Path, series_number: int | None
+    pos: np.ndarray,
+    max_relative_deviation: float,
+    where: Path,
+    series_number: int | None,
+    *,
+    allow_nonuniform: bool = False,
 ) -> float:
     """Check the steps between the slice positions ``pos`` (mm along the normal) are uniform.
 
     A step that is a whole multiple of the usual one is reported as missing slices, any other
-    deviation above ``max_relative_deviation`` as non-uniform spacing.
+    deviation above ``max_relative_deviation`` as non-uniform spacing: the error names where
+    the spacing changes and the option that resamples, unless ``allow_nonuniform`` (the caller
+    resamples). Missing slices are an error either way: resampling would invent them.
 
     Returns:
         The largest relative deviation of a step from the median step.
@@ -287,11 +383,16 @@ def _check_slice_spacing(
                 f"missing slice(s) between positions {where_gaps} along the slice normal; "
                 f"the usual spacing is {median:.4g} mm{desc}",
             )
+        if allow_nonuniform:
+            return deviation
+        runs = spacing_runs(pos, max_relative_deviation)
+        smallest = min(r.spacing for r in runs)
         raise GeometryError(
             where,
-            f"non-uniform slice spacing: measured spacings {_fmt_mm(steps)} mm (median "
-            f"{median:.4g} mm, max deviation {deviation:.2%} > {max_relative_deviation:.2%})"
-            f"{desc}",
+            f"non-uniform slice spacing{desc}: slice spacing changes: {describe_runs(runs)} "
+            f"(max deviation from the median {median:.4g} mm: {deviation:.2%} > "
+            f"{max_relative_deviation:.2%}); set resample_nonuniform=true to resample onto a "
+            f"uniform grid at the smallest spacing, {_mm(smallest)} mm",
         )
     return deviation
 
