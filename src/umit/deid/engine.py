@@ -21,6 +21,9 @@ recursively through every sequence:
   frame; then BurnedInAnnotation is set to NO and the Clean Pixel Data code is declared.
 * **Method**: PatientIdentityRemoved=YES, DeidentificationMethod, DeidentificationMethodCodeSequence
   (CID 7050 codes of the profile and the options used) and LongitudinalTemporalInformationModified.
+  An earlier de-identification record (another tool's, e.g. a refacing tool declaring Clean
+  Recognizable Visual Features) is kept, as PS3.15 E.1.1 requires: its method texts and code
+  items stay, ours are appended, no code twice.
 
 :func:`run` de-identifies a folder tree into ``out/<study>/<series>/<instance>.dcm`` (names are
 the new UIDs), writes one audit record per file (``out/audit/...json``: which attributes got
@@ -55,6 +58,7 @@ from umit import __version__
 from umit.config import UmitConfig
 from umit.deid.check import TEXT_PATTERNS
 from umit.deid.profile import (
+    CODING_SCHEME,
     CURVE_GROUPS,
     DUMMY_VALUES,
     OPTION_CODES,
@@ -84,6 +88,9 @@ CLASS_UID_SUFFIXES = ("ClassUID", "TransferSyntaxUID", "CodingSchemeUID")
 """Keywords of UIDs that name a kind of thing, not an instance: never replaced."""
 FILE_META_IDENTIFYING = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
 """Source/Sending/Receiving AE titles and private file-meta information."""
+METHOD_RECORD_TAGS = (0x00120062, 0x00120063, 0x00120064)
+"""PatientIdentityRemoved, DeidentificationMethod, DeidentificationMethodCodeSequence: an earlier
+record is retained and added to (PS3.15 E.1.1), never cleaned or replaced."""
 
 
 class BurnedInError(InputError):
@@ -349,10 +356,11 @@ class Deidentifier:
             tokens=token_pattern(_identifying_tokens(ds, s.options)),
             options=frozenset(s.options),
         )
+        earlier = _pop_method_record(ds)
         self._walk(ds, "", ctx)
         if s.private_safelist and ctx.private_kept:
             options.add("retain-safe-private")
-        self._write_method(ds, options)
+        self._write_method(ds, options, earlier)
         if hasattr(ds, "file_meta") and ds.file_meta is not None:
             for t in FILE_META_IDENTIFYING:
                 if t in ds.file_meta:
@@ -368,6 +376,7 @@ class Deidentifier:
                 "profile": PROFILE_NAME,
                 "options": sorted(options - {"clean-pixel-data"}),
                 "method_codes": [OPTION_CODES[o][0] for o in _method_options(options)],
+                "earlier_method_codes": [code for code, _ in map(_code_key, earlier.items)],
                 "dates": "shifted per patient"
                 if "retain-modified-dates" in s.options
                 else "removed",
@@ -536,24 +545,62 @@ class Deidentifier:
             ctx.private_removed += removed
             ctx.record(f"{prefix}(private attributes)", "X", count=removed)
 
-    def _write_method(self, ds: Dataset, options: set[str]) -> None:
+    def _write_method(self, ds: Dataset, options: set[str], earlier: _MethodRecord) -> None:
+        """Declare what was done, after any earlier record (PS3.15 E.1.1): earlier method texts
+        and code items are kept in their order; ours are appended unless already there."""
         ds.PatientIdentityRemoved = "YES"
-
-        ds.DeidentificationMethod = [f"UMIT {__version__} deid", "PS3.15 E.1-1 Basic Profile"] + [
+        ours = [f"UMIT {__version__} deid", "PS3.15 E.1-1 Basic Profile"] + [
             o for o in sorted(options) if o != "clean-pixel-data"
         ]
-        items = []
+        texts = list(dict.fromkeys(earlier.texts + ours))
+        ds.DeidentificationMethod = texts[0] if len(texts) == 1 else texts
+        items, seen = [], set()
+        for item in earlier.items:
+            if _code_key(item) not in seen:
+                seen.add(_code_key(item))
+                items.append(item)
         for opt in _method_options(options):
             code, meaning = OPTION_CODES[opt]
+            if (code, CODING_SCHEME) in seen:
+                continue
             item = Dataset()
             item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
+            item.CodingSchemeDesignator = CODING_SCHEME
             item.CodeMeaning = meaning
             items.append(item)
         ds.DeidentificationMethodCodeSequence = DicomSequence(items)
         ds.LongitudinalTemporalInformationModified = (
             "MODIFIED" if "retain-modified-dates" in options else "REMOVED"
         )
+
+
+@dataclass
+class _MethodRecord:
+    """An earlier de-identification record: DeidentificationMethod texts and code items."""
+
+    texts: list[str] = field(default_factory=list)
+    items: list[Dataset] = field(default_factory=list)
+
+
+def _pop_method_record(ds: Dataset) -> _MethodRecord:
+    """Take the earlier record out of ``ds`` (so the profile walk cannot clean or drop it)."""
+    record = _MethodRecord()
+    if "DeidentificationMethod" in ds:
+        record.texts = [str(v).strip() for v in _values(ds["DeidentificationMethod"])]
+        record.texts = [t for t in record.texts if t]
+    if "DeidentificationMethodCodeSequence" in ds:
+        record.items = list(ds.DeidentificationMethodCodeSequence or [])
+    for tag in METHOD_RECORD_TAGS:
+        if tag in ds:
+            del ds[tag]
+    return record
+
+
+def _code_key(item: Dataset) -> tuple[str, str]:
+    return (
+        str(item.get("CodeValue", "") or "").strip(),
+        str(item.get("CodingSchemeDesignator", "") or "").strip(),
+    )
 
 
 def _method_options(options: set[str]) -> list[str]:

@@ -538,18 +538,32 @@ OPTION_ALIASES: dict[str, str] = {
 OPTION_CODES: dict[str, tuple[str, str]] = {
     "basic": ("113100", "Basic Application Confidentiality Profile"),
     "clean-pixel-data": ("113101", "Clean Pixel Data Option"),
+    "clean-recognizable-visual-features": (
+        "113102",
+        "Clean Recognizable Visual Features Option",
+    ),
+    "clean-graphics": ("113103", "Clean Graphics Option"),
+    "clean-structured-content": ("113104", "Clean Structured Content Option"),
     "clean-descriptors": ("113105", "Clean Descriptors Option"),
+    "retain-full-dates": (
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
     "retain-modified-dates": (
         "113107",
         "Retain Longitudinal Temporal Information Modified Dates Option",
     ),
     "retain-patient-characteristics": ("113108", "Retain Patient Characteristics Option"),
     "retain-device-identity": ("113109", "Retain Device Identity Option"),
+    "retain-uids": ("113110", "Retain UIDs Option"),
     "retain-safe-private": ("113111", "Retain Safe Private Option"),
     "retain-institution-identity": ("113112", "Retain Institution Identity Option"),
 }
-"""CID 7050 (De-identification Method) codes written to DeidentificationMethodCodeSequence."""
+"""CID 7050 (De-identification Method) codes, scheme ``DCM``: the ones ``umit deid`` writes to
+DeidentificationMethodCodeSequence, and the ones ``--check`` reads from files."""
 CODE_TO_OPTION: dict[str, str] = {code: name for name, (code, _) in OPTION_CODES.items()}
+CODING_SCHEME = "DCM"
+"""Coding scheme designator of the CID 7050 codes."""
 
 
 @dataclass(frozen=True)
