@@ -1,4 +1,5 @@
-"""`umit deid` records: an earlier de-identification record is kept and added to."""
+"""`umit deid` records and options: an earlier de-identification record is kept and added to,
+and `--check` honours the options a file declares."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from umit.cli.main import main as cli_main
 from umit.deid.check import check_folder
 from umit.deid.engine import AUDIT_DIR, DeidConfig, run
-from umit.deid.profile import OPTION_CODES
-from umit.deid.synth import planted_dataset
+from umit.deid.profile import OFFERED_OPTIONS, OPTION_CODES, basic_profile, normalise_options
+from umit.deid.synth import REALISTIC_RETAINED, plant_retained, planted_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The value length", "ignore::UserWarning")
 
@@ -96,3 +98,144 @@ def test_a_record_without_identity_removed_is_kept_and_completed(tmp_path):
     assert out.PatientIdentityRemoved == "YES"
     assert _codes(out) == ["113102", "113100"]  # 113100 already declared: not added again
     assert list(out.DeidentificationMethod)[0] == REFACE_TOOL
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. --check honours the options the file declares
+
+
+def _retained_input(tmp_path: Path, options: frozenset[str]) -> tuple[Path, dict[int, object]]:
+    ds, _ = planted_dataset(seed=6)
+    written = plant_retained(ds, options)
+    return _write(ds, tmp_path / "src" / "r.dcm"), written
+
+
+OPTION_CASES = [(o,) for o in OFFERED_OPTIONS] + [OFFERED_OPTIONS]
+
+
+@pytest.mark.parametrize("opts", OPTION_CASES, ids=[",".join(c) for c in OPTION_CASES])
+def test_deid_then_check_passes_with_each_option_and_all(tmp_path, opts):
+    options = normalise_options(list(opts))
+    src, written = _retained_input(tmp_path, options)
+    out = _deid(src.parent, tmp_path / "o", list(opts))
+    report = check_folder(tmp_path / "o")
+    assert report.passed, [(f.path, f.reason) for f in report.files[0].findings]
+    assert set(_codes(out)) == {"113100"} | {OPTION_CODES[o][0] for o in options}
+    # what the options retain is really there, unchanged: the check passed with it present
+    profile = basic_profile()
+    kept = {
+        t: v
+        for t, v in written.items()
+        if (e := profile.get(t)) is None or e.action(options) == "K"
+    }
+    for tag, value in kept.items():
+        assert tag in out and out[tag].value == value, hex(tag)
+    if "retain-device-identity" in options:
+        assert out.StationName == REALISTIC_RETAINED["StationName"]
+        assert out.DeviceSerialNumber == REALISTIC_RETAINED["DeviceSerialNumber"]
+    if "retain-institution-identity" in options:
+        assert out.InstitutionAddress == REALISTIC_RETAINED["InstitutionAddress"]
+    if "retain-patient-characteristics" in options:
+        assert (out.PatientSex, out.PatientAge) == ("F", "047Y")
+
+
+def test_cli_deid_then_check_with_all_options(tmp_path, capsys):
+    src, _ = _retained_input(tmp_path, normalise_options(list(OFFERED_OPTIONS)))
+    dst = tmp_path / "out" / "dst"
+    opts = ",".join(OFFERED_OPTIONS)
+    assert cli_main(["deid", str(src.parent), "--out", str(dst), "--options", opts]) == 0
+    capsys.readouterr()
+    assert cli_main(["deid", "--check", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "1 DICOM file(s), 0 with residual identifiers (none)" in out
+
+
+def _basic_output(tmp_path: Path, options: list[str]) -> Path:
+    ds, _ = planted_dataset(seed=7)
+    _deid(_write(ds, tmp_path / "src" / "b.dcm").parent, tmp_path / "o", options)
+    return next(p for p in (tmp_path / "o").rglob("*.dcm") if AUDIT_DIR not in p.parts)
+
+
+def _findings(path: Path) -> list[tuple[str, str, str]]:
+    return [(f.path, f.category, f.reason) for f in check_folder(path).files[0].findings]
+
+
+def test_check_still_flags_what_no_declared_option_retains(tmp_path):
+    others = [o for o in OFFERED_OPTIONS if o != "retain-device-identity"]
+    path = _basic_output(tmp_path, others)
+    assert _findings(path) == []
+    ds = pydicom.dcmread(path)
+    ds.StationName = REALISTIC_RETAINED["StationName"]
+    ds.DeviceSerialNumber = REALISTIC_RETAINED["DeviceSerialNumber"]
+    ds.SoftwareVersions = "VE11C tel (555) 123-4567"  # kept by the profile: scanned always
+    ds.save_as(path)
+    found = {(p, c) for p, c, _ in _findings(path)}
+    assert {("StationName", "device"), ("DeviceSerialNumber", "device")} <= found
+    assert ("SoftwareVersions", "contact") in found
+    # 113109 declared, but in another coding scheme: not the standard's option
+    ds.DeidentificationMethodCodeSequence.append(_code_item("113109", "99LOCAL"))
+    ds.save_as(path)
+    assert {("StationName", "device")} <= {(p, c) for p, c, _ in _findings(path)}
+    # declared properly: the device identity passes, the phone number in unlisted text does not
+    ds.DeidentificationMethodCodeSequence[-1].CodingSchemeDesignator = "DCM"
+    ds.save_as(path)
+    assert {(p, c) for p, c, _ in _findings(path)} == {("SoftwareVersions", "contact")}
+
+
+def test_check_does_not_scan_the_items_of_a_sequence_an_option_retains(tmp_path):
+    path = _basic_output(tmp_path, ["retain-institution-identity"])
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.CodeValue = "SGH01"
+    item.CodingSchemeDesignator = "99SITE"
+    item.CodeMeaning = "Springfield General, 1200 Hospital Road"
+    ds.InstitutionCodeSequence = DicomSequence([item])  # (0008,0082): kept by 113112
+    ds.save_as(path)
+    assert _findings(path) == []
+    ds.AnatomicRegionSequence = DicomSequence([item])  # not retained by an option: scanned
+    ds.save_as(path)
+    found = [(p, c) for p, c, _ in _findings(path)]
+    assert found == [("AnatomicRegionSequence[0].CodeMeaning", "contact")]
+
+
+def test_check_honours_full_dates_and_uids_declared_by_another_tool(tmp_path):
+    path = _basic_output(tmp_path, [])
+    ds = pydicom.dcmread(path)
+    ds.StudyDate = "20240102"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.543.2.1"  # an organisation-root UID
+    ds.save_as(path)
+    cats = {(p, c) for p, c, _ in _findings(path)}
+    assert {("StudyDate", "date"), ("StudyInstanceUID", "uid")} <= cats
+    _declare(ds, "113100", "113106", "113110")  # Retain Full Dates, Retain UIDs
+    ds.save_as(path)
+    assert _findings(path) == []
+
+
+def test_check_scans_private_text_when_safe_private_is_declared(tmp_path):
+    path = _basic_output(tmp_path, [])
+    ds = pydicom.dcmread(path)
+    ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0C, "IS", "1000")
+    ds.save_as(path)
+    assert [c for _, c, _ in _findings(path)] == ["private"]  # 113111 not declared
+    ds.DeidentificationMethodCodeSequence.append(_code_item("113111"))
+    ds.save_as(path)
+    assert _findings(path) == []
+    ds.private_block(0x0019, "SIEMENS MR HEADER").add_new(0x10, "LO", "Doe^Jane")
+    ds.save_as(path)
+    assert [(p, c) for p, c, _ in _findings(path)] == [("(0019,1010)", "private")]
+
+
+def test_unknown_and_unoffered_options_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown de-identification option 'retain-all'"):
+        normalise_options("retain-all")
+    with pytest.raises(ValueError, match=r"'retain-uids' \(Retain UIDs Option, 113110\) is not"):
+        normalise_options("retain-uids")
+    with pytest.raises(ValueError, match="113106.*use retain-modified-dates"):
+        normalise_options(["retain-full-dates"])
+    src = _write(planted_dataset(seed=10)[0], tmp_path / "src" / "e.dcm")
+    code = cli_main(["deid", str(src.parent), "--out", str(tmp_path / "o"), "--options", "uids"])
+    assert code == 2 and "known options: clean-descriptors" in capsys.readouterr().err
+    code = cli_main(
+        ["deid", str(src.parent), "--out", str(tmp_path / "o"), "--options", "retain-uids"]
+    )
+    assert code == 2 and "UIDs are always replaced" in capsys.readouterr().err

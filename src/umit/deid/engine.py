@@ -126,7 +126,7 @@ class DeidSettings:
 
     Attributes:
         options: Profile options (names from
-            :data:`~umit.deid.profile.OPTION_FLAGS`).
+            :data:`~umit.deid.profile.OFFERED_OPTIONS`).
         burned_in: ``reject`` (default) or ``mask`` files that may carry burned-in text.
         mask_band: Fraction of the image height, from the top, blanked by ``mask``.
         mask_rects: Extra rectangles ``(x0, y0, x1, y1)`` in pixels blanked by ``mask``.

@@ -20,11 +20,13 @@ flag  option (CID 7050 code)                              effect on the attribut
 ====  ==================================================  ===================================
 T     Retain Longitudinal Temporal Information, Modified  ``C``: dates shifted per patient
       Dates (113107)
+T     Retain Longitudinal Temporal Information, Full      ``K`` (not offered; ``--check``
+      Dates (113106)                                      honours it in files it reads)
 P/p   Retain Patient Characteristics (113108)             ``K`` (P) or ``C`` (p)
 D     Retain Device Identity (113109)                     ``K``
 I     Retain Institution Identity (113112)                ``K``
 C     Clean Descriptors (113105)                          ``C``
-U     Retain UIDs (113110; not offered: UIDs are always   ``K``
+U     Retain UIDs (113110; not offered: UIDs are always   ``K`` (``--check`` honours it)
       replaced)
 S, G  Clean Structured Content / Graphics (113104/113103; ``C``
       not offered: the basic action applies)
@@ -523,9 +525,32 @@ OPTION_FLAGS: dict[str, tuple[str, str]] = {
     "retain-device-identity": ("D", "K"),
     "retain-institution-identity": ("I", "K"),
     "clean-descriptors": ("C", "C"),
+    "retain-full-dates": ("T", "K"),
+    "retain-uids": ("U", "K"),
 }
-"""Supported options -> (flag in the table, action it selects). ``p`` (lower case) is the
-patient-characteristics flag whose action is ``C``."""
+"""Options that change a Table E.1-1 action -> (flag in the table, action it selects). ``p``
+(lower case) is the patient-characteristics flag whose action is ``C``. ``retain-full-dates``
+and ``retain-uids`` are here so that ``umit deid --check`` can judge files another tool wrote
+with them; ``umit deid`` does not offer them (:data:`NOT_OFFERED`)."""
+
+OFFERED_OPTIONS: tuple[str, ...] = (
+    "retain-modified-dates",
+    "retain-patient-characteristics",
+    "retain-device-identity",
+    "retain-institution-identity",
+    "clean-descriptors",
+)
+"""The ``--options`` names ``umit deid`` accepts."""
+
+NOT_OFFERED: dict[str, str] = {
+    "retain-full-dates": "real dates identify; use retain-modified-dates (shifted per patient)",
+    "retain-uids": "original UIDs link back to the source PACS; UIDs are always replaced",
+    "clean-pixel-data": "declared by --burned-in mask when pixels are blanked",
+    "clean-recognizable-visual-features": "faces are removed by `umit deface`",
+    "clean-graphics": "not implemented: overlays and curves are removed",
+    "clean-structured-content": "not implemented: SR content is dummied (the basic action)",
+}
+"""PS3.15 options ``umit deid`` does not offer, with the reason given to a user who asks."""
 
 OPTION_ALIASES: dict[str, str] = {
     "retain-dates": "retain-modified-dates",
@@ -596,6 +621,8 @@ class ProfileEntry:
         rank = {"K": 2, "C": 1}
         best = 0
         for opt in options:
+            if opt not in OPTION_FLAGS:  # e.g. clean-pixel-data: no table column
+                continue
             flag, code = OPTION_FLAGS[opt]
             if flag == "P" and "p" in self.flags:
                 code = "C"
@@ -646,7 +673,12 @@ def basic_profile() -> Profile:
 
 
 def normalise_options(options: str | list[str] | tuple[str, ...] | None) -> frozenset[str]:
-    """Option names from a comma-separated string or a list; unknown names are a ValueError."""
+    """Option names from a comma-separated string or a list.
+
+    Raises:
+        ValueError: an unknown name, or a PS3.15 option ``umit deid`` does not offer (the
+            message names it and why).
+    """
     if options is None:
         return frozenset()
     items = options.split(",") if isinstance(options, str) else list(options)
@@ -656,8 +688,13 @@ def normalise_options(options: str | list[str] | tuple[str, ...] | None) -> froz
         if not name:
             continue
         name = OPTION_ALIASES.get(name, name)
-        if name not in OPTION_FLAGS:
-            known = ", ".join(sorted(OPTION_FLAGS))
+        if name in NOT_OFFERED:
+            raise ValueError(
+                f"de-identification option {raw!r} ({OPTION_CODES[name][1]}, "
+                f"{OPTION_CODES[name][0]}) is not offered: {NOT_OFFERED[name]}"
+            )
+        if name not in OFFERED_OPTIONS:
+            known = ", ".join(sorted(OFFERED_OPTIONS))
             raise ValueError(f"unknown de-identification option {raw!r}; known options: {known}")
         out.add(name)
     return frozenset(out)

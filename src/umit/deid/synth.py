@@ -5,6 +5,9 @@ file-meta groups aside) with a value of its VR that carries an identifier: perso
 dates, UIDs with an organisation root, free text with a name, an MRN and a phone number; plus a
 private block, a curve, an overlay and sequences whose items hold names and UIDs. It returns the
 planted strings so that a test can search de-identified bytes for any survivor.
+
+:func:`plant_retained` puts realistic, identifier-like values (serial numbers, station names, an
+institution's address) into the attributes a profile option keeps.
 """
 
 from __future__ import annotations
@@ -262,3 +265,81 @@ def write_burned_in(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Attributes an option retains, with realistic identifier-like values
+
+REALISTIC_RETAINED: dict[str, object] = {
+    "StationName": "CTAWP45123456",
+    "DeviceSerialNumber": "45123456",
+    "DeviceUID": "1.3.12.2.1107.5.1.4.45123",
+    "DetectorID": "DET-2019-4512",
+    "GantryID": "GT 4512 3456",
+    "InstitutionName": "Springfield General Hospital",
+    "InstitutionAddress": "1200 Hospital Road, Springfield IL 62701, tel (217) 555-0100",
+    "InstitutionalDepartmentName": "Radiology, Dr. Smith Wing",
+    "ClinicalTrialSiteID": "SITE-20240117",
+    "ClinicalTrialSiteName": "Springfield General, 1200 Hospital Road",
+    "PatientSex": "F",
+    "PatientAge": "047Y",
+    "PatientSize": "1.68",
+    "PatientWeight": "70.5",
+    "EthnicGroup": "2106-3",
+}
+"""Values an option keeps that look like identifiers to a pattern scanner (serial numbers,
+station names, an institution's address and phone): ``--check`` must accept them where the file
+declares the option that retains them."""
+
+
+def _retained_value(vr: str, i: int, keyword: str) -> object | None:
+    """A realistic, identifier-like value of ``vr`` for a retained attribute (None: skip)."""
+    if keyword in REALISTIC_RETAINED:
+        return REALISTIC_RETAINED[keyword]
+    if vr in ("LO", "SH", "UC", "ST", "LT", "UT"):
+        return f"SN-{4512000 + i}"  # seven digits: the checker's "id" pattern
+    if vr == "PN":
+        return f"Station{i}^Operator"
+    if vr == "CS":
+        return "YES"
+    if vr == "UI":
+        return _uid(6, i)
+    if vr == "DA":
+        return f"2024{1 + i % 12:02d}{1 + i % 28:02d}"
+    if vr == "DT":
+        return f"2024{1 + i % 12:02d}{1 + i % 28:02d}101500"
+    if vr == "TM":
+        return "101500"
+    if vr == "AS":
+        return "047Y"
+    if vr == "IS":
+        return str(4512000 + i)
+    if vr == "DS":
+        return "70.5"
+    if vr in ("US", "SS", "UL", "SL"):
+        return i
+    if vr in ("FL", "FD"):
+        return float(i)
+    return None
+
+
+def plant_retained(ds: Dataset, options: frozenset[str]) -> dict[int, object]:
+    """Fill every attribute a profile option in ``options`` keeps or shifts (``K`` or ``C``
+    where the Basic Profile would not keep it; sequences and binary VRs aside) with a realistic
+    identifier-like value; returns ``{tag: value}``."""
+    written: dict[int, object] = {}
+    for i, entry in enumerate(sorted(basic_profile().entries.values(), key=lambda e: e.tag)):
+        action = entry.action(options)
+        if entry.tag.group in (0x0000, 0x0002) or entry.basic_action in ("K", "C"):
+            continue
+        if not (action == "K" or action == "C" and "T" in entry.flags):
+            continue  # only kept or date-shifted values; C of descriptors is text cleaning
+        vr = dictionary_VR(entry.tag).split(" or ")[0]
+        if vr == "SQ":
+            continue
+        value = _retained_value(vr, i, entry.keyword)
+        if value is None:
+            continue
+        ds.add_new(entry.tag, vr, value)
+        written[int(entry.tag)] = value
+    return written
