@@ -1,5 +1,6 @@
 """`umit deid` records and options: an earlier de-identification record is kept and added to,
-and `--check` honours the options a file declares."""
+`--check` honours the options a file declares, and the Retain Safe Private option keeps only
+the listed vendor elements (found through their private creator, at any block)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from umit.cli.main import main as cli_main
 from umit.deid.check import check_folder
 from umit.deid.engine import AUDIT_DIR, DeidConfig, run
 from umit.deid.profile import OFFERED_OPTIONS, OPTION_CODES, basic_profile, normalise_options
-from umit.deid.synth import REALISTIC_RETAINED, plant_retained, planted_dataset
+from umit.deid.safe_private import SAFE_PRIVATE, conforms, safe_private
+from umit.deid.synth import (
+    REALISTIC_RETAINED,
+    add_vendor_private,
+    plant_retained,
+    planted_dataset,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The value length", "ignore::UserWarning")
 
@@ -107,6 +114,8 @@ def test_a_record_without_identity_removed_is_kept_and_completed(tmp_path):
 def _retained_input(tmp_path: Path, options: frozenset[str]) -> tuple[Path, dict[int, object]]:
     ds, _ = planted_dataset(seed=6)
     written = plant_retained(ds, options)
+    if "retain-safe-private" in options:
+        written.update(add_vendor_private(ds))
     return _write(ds, tmp_path / "src" / "r.dcm"), written
 
 
@@ -239,3 +248,72 @@ def test_unknown_and_unoffered_options_are_clear_errors(tmp_path, capsys):
         ["deid", str(src.parent), "--out", str(tmp_path / "o"), "--options", "retain-uids"]
     )
     assert code == 2 and "UIDs are always replaced" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Retain Safe Private
+
+
+def _vendor_input(tmp_path: Path) -> tuple[Path, dict[int, object]]:
+    ds, _ = planted_dataset(seed=8)
+    kept = add_vendor_private(ds)
+    return _write(ds, tmp_path / "src" / "v.dcm"), kept
+
+
+def test_default_removes_every_private_attribute(tmp_path):
+    src, _ = _vendor_input(tmp_path)
+    out = _deid(src.parent, tmp_path / "o")
+    assert not [e for e in out if e.tag.is_private]
+    assert "113111" not in _codes(out)
+
+
+def test_retain_safe_private_keeps_only_the_listed_elements_and_their_creators(tmp_path):
+    src, kept = _vendor_input(tmp_path)
+    out = _deid(src.parent, tmp_path / "o", ["retain-safe-private"])
+    private = {int(e.tag): e.value for e in out if e.tag.is_private}
+    creators = {
+        0x00190011: "SIEMENS MR HEADER",  # block 0x11: elements (0019,11xx)
+        0x00190012: "GEMS_ACQU_01",
+        0x00430010: "GEMS_PARM_01",
+        0x20010010: "Philips Imaging DD 001",
+        0x20050010: "Philips MR Imaging DD 001",
+    }
+    assert set(private) == set(kept) | set(creators)
+    for tag, value in kept.items():
+        assert private[tag] == value, hex(tag)
+    for tag, creator in creators.items():
+        assert private[tag] == creator
+    assert 0x0019110C in private and 0x0019100C not in private  # by creator, not by raw tag
+    assert out.private_block(0x0019, "SIEMENS MR HEADER")[0x0C].value == "1000"  # B_value
+    assert not any(t >> 16 in (0x0029, 0x0051) for t in private)  # CSA, other group
+    assert "113111" in _codes(out)
+    audit = json.loads(next((tmp_path / "o" / AUDIT_DIR).rglob("*.json")).read_text())
+    assert audit["private_kept"] == len(SAFE_PRIVATE) and audit["private_removed"] == 11
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file())
+    for planted in (b"Jane", b"88812345", b"123-4567", b"epi2_pepolar", b"FoV 220"):
+        assert planted not in raw, planted
+    assert check_folder(tmp_path / "o").passed
+
+
+def test_safe_private_value_of_an_unexpected_form_is_removed(tmp_path):
+    ds, _ = planted_dataset(seed=9)
+    block = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    block.add_new(0x0C, "LO", "Doe^Jane")  # B_value offset, but text
+    block.add_new(0x0D, "CS", "JANE DOE")  # DiffusionDirectionality, not a listed code
+    block.add_new(0x0A, "US", 36)
+    out = _deid(_write(ds, tmp_path / "src" / "f.dcm").parent, tmp_path / "o", ["retain-private"])
+    assert {int(e.tag) for e in out if e.tag.is_private} == {0x00190010, 0x0019100A}
+    audit = json.loads(next((tmp_path / "o" / AUDIT_DIR).rglob("*.json")).read_text())
+    unexpected = [a for a in audit["actions"] if "unexpected form" in a["action"]]
+    assert len(unexpected) == 2
+
+
+def test_conforms_decodes_values_read_as_un():
+    b_value = safe_private("SIEMENS MR HEADER ", 0x0019, 0x0C)
+    direction = safe_private("SIEMENS MR HEADER", 0x0019, 0x0E)
+    assert b_value is not None and direction is not None
+    assert safe_private("SIEMENS MR HEADER", 0x0051, 0x0C) is None  # same creator, other group
+    assert safe_private("SIEMENS CSA HEADER", 0x0029, 0x10) is None
+    assert conforms(b_value, "IS", "1000") and conforms(b_value, "UN", b"1000")
+    assert not conforms(b_value, "UN", b"Doe^Jane") and not conforms(b_value, "LO", "1000")
+    assert conforms(direction, "UN", bytes(24)) and not conforms(direction, "UN", bytes(5))

@@ -13,8 +13,10 @@ recursively through every sequence:
   Times of day are kept under that option.
 * **PatientID / PatientName** (action Z, which allows a dummy) become ``UMIT-<12 hex>``, the keyed
   pseudonym ``umit ingest`` uses as subject id with the same secret.
-* **Private attributes** are removed unless listed in a safelist of (creator, group, element
-  byte); **curves and overlays** (groups 50xx/60xx) are removed.
+* **Private attributes** are removed unless kept by the Retain Safe Private option (the vendor
+  elements of :mod:`umit.deid.safe_private`, numbers and codes only) or listed in a user safelist
+  of (creator, group, element byte); either way an element is found through its private creator
+  and block, never by its raw tag. **Curves and overlays** (groups 50xx/60xx) are removed.
 * **Burned-in text**: a file that may carry text in its pixels
   (:func:`~umit.deid.profile.burned_in_reason`) is rejected (default) or masked: the top
   ``mask_band`` fraction of rows and/or given rectangles are set to the image minimum in every
@@ -67,6 +69,7 @@ from umit.deid.profile import (
     burned_in_reason,
     normalise_options,
 )
+from umit.deid.safe_private import conforms, safe_private
 from umit.deid.secret import (
     SECRET_NAME,
     date_shift_days,
@@ -130,7 +133,8 @@ class DeidSettings:
         burned_in: ``reject`` (default) or ``mask`` files that may carry burned-in text.
         mask_band: Fraction of the image height, from the top, blanked by ``mask``.
         mask_rects: Extra rectangles ``(x0, y0, x1, y1)`` in pixels blanked by ``mask``.
-        private_safelist: ``(creator, group, element byte)`` private attributes to keep.
+        private_safelist: ``(creator, group, element byte)`` private attributes to keep, on top
+            of :data:`~umit.deid.safe_private.SAFE_PRIVATE` under ``retain-safe-private``.
     """
 
     options: frozenset[str] = frozenset()
@@ -521,20 +525,32 @@ class Deidentifier:
         # TM and numbers under C (modified dates keep the time of day): kept
 
     def _privates(self, ds: Dataset, prefix: str, ctx: _Context) -> None:
+        """Remove private attributes except those kept by the user safelist or by the Retain
+        Safe Private option; a creator reservation stays only for a block with a kept element."""
         safelist = set(self.settings.private_safelist)
+        retain_safe = "retain-safe-private" in self.settings.options
         kept_blocks: set[int] = set()
         private = [e for e in ds if e.tag.is_private]
         removed = 0
         for elem in private:
             if elem.tag.is_private_creator:
                 continue
-            block = Tag(elem.tag.group, elem.tag.element >> 8)
+            group, offset = elem.tag.group, elem.tag.element & 0xFF
+            block = Tag(group, elem.tag.element >> 8)  # (gggg,00xx) reserves (gggg,xx00-xxFF)
             creator = str(ds[block].value).strip() if block in ds else ""
-            if (creator, elem.tag.group, elem.tag.element & 0xFF) in safelist:
+            where = f"{creator}:{group:04X}:{offset:02X}"
+            reason = None
+            if creator and (creator, group, offset) in safelist:
+                reason = "safelist"
+            elif creator and retain_safe and (entry := safe_private(creator, group, offset)):
+                if conforms(entry, elem.VR, elem.value):
+                    reason = "safe private"
+                else:
+                    ctx.record(f"{prefix}(private {where})", "X", "safe private, unexpected form")
+            if reason is not None:
                 kept_blocks.add(int(block))
                 ctx.private_kept += 1
-                where = f"{creator}:{elem.tag.group:04X}:{elem.tag.element & 0xFF:02X}"
-                ctx.record(f"{prefix}(private {where})", "K", "safelist")
+                ctx.record(f"{prefix}(private {where})", "K", reason)
                 continue
             del ds[elem.tag]
             removed += 1
@@ -650,7 +666,7 @@ class DeidConfig(UmitConfig):
     """Output folder: <study>/<series>/<instance>.dcm named by the new UIDs, audit/, deid_report.json."""
     options: list[str] = []
     """Profile options: retain-modified-dates, retain-patient-characteristics,
-    retain-device-identity, retain-institution-identity, clean-descriptors."""
+    retain-device-identity, retain-institution-identity, clean-descriptors, retain-safe-private."""
     burned_in: Literal["reject", "mask"] = "reject"
     """Files that may carry burned-in text: reject (a failure row) or mask (blank regions)."""
     mask_band: float = Field(default=0.1, ge=0.0, le=1.0)
@@ -660,7 +676,8 @@ class DeidConfig(UmitConfig):
     secret: Path | None = None
     """Key file or folder (default: .umit_secret beside the output folder, never inside it)."""
     keep_private: list[str] = []
-    """Private attributes to keep, as CREATOR:GGGG:EE (everything else private is removed)."""
+    """Private attributes to keep, as CREATOR:GGGG:EE, on top of retain-safe-private's list
+    (everything else private is removed)."""
 
 
 @dataclass

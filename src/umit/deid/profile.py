@@ -32,8 +32,10 @@ S, G  Clean Structured Content / Graphics (113104/113103; ``C``
       not offered: the basic action applies)
 ====  ==================================================  ===================================
 
-Curves (groups 50xx) and overlays (60xx) are matched by group; private attributes (odd groups)
-are removed unless safelisted (see :mod:`umit.deid.engine`).
+Retain Safe Private (113111) has no column in Table E.1-1: it keeps the vendor private
+elements listed in :mod:`umit.deid.safe_private`. Curves (groups 50xx) and overlays (60xx) are
+matched by group; private attributes (odd groups) are removed unless kept by that option or a
+user safelist (see :mod:`umit.deid.engine`).
 """
 
 from __future__ import annotations
@@ -539,8 +541,10 @@ OFFERED_OPTIONS: tuple[str, ...] = (
     "retain-device-identity",
     "retain-institution-identity",
     "clean-descriptors",
+    "retain-safe-private",
 )
-"""The ``--options`` names ``umit deid`` accepts."""
+"""The ``--options`` names ``umit deid`` accepts. ``retain-safe-private`` has no table flag: it
+keeps the vendor private elements of :data:`umit.deid.safe_private.SAFE_PRIVATE`."""
 
 NOT_OFFERED: dict[str, str] = {
     "retain-full-dates": "real dates identify; use retain-modified-dates (shifted per patient)",
@@ -558,6 +562,7 @@ OPTION_ALIASES: dict[str, str] = {
     "retain-patient-chars": "retain-patient-characteristics",
     "retain-device-id": "retain-device-identity",
     "retain-institution-id": "retain-institution-identity",
+    "retain-private": "retain-safe-private",
 }
 
 OPTION_CODES: dict[str, tuple[str, str]] = {
@@ -621,7 +626,7 @@ class ProfileEntry:
         rank = {"K": 2, "C": 1}
         best = 0
         for opt in options:
-            if opt not in OPTION_FLAGS:  # e.g. clean-pixel-data: no table column
+            if opt not in OPTION_FLAGS:  # e.g. retain-safe-private: no table column
                 continue
             flag, code = OPTION_FLAGS[opt]
             if flag == "P" and "p" in self.flags:

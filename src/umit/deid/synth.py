@@ -7,7 +7,9 @@ private block, a curve, an overlay and sequences whose items hold names and UIDs
 planted strings so that a test can search de-identified bytes for any survivor.
 
 :func:`plant_retained` puts realistic, identifier-like values (serial numbers, station names, an
-institution's address) into the attributes a profile option keeps.
+institution's address) into the attributes a profile option keeps, and :func:`add_vendor_private`
+adds Siemens, GE and Philips private blocks at unusual block numbers with the Retain Safe Private
+elements beside unlisted and identifying ones.
 """
 
 from __future__ import annotations
@@ -343,3 +345,71 @@ def plant_retained(ds: Dataset, options: frozenset[str]) -> dict[int, object]:
         ds.add_new(entry.tag, vr, value)
         written[int(entry.tag)] = value
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Vendor private blocks (Retain Safe Private)
+
+SAFE_PRIVATE_VALUES: dict[tuple[str, int, int], tuple[str, object]] = {
+    ("SIEMENS MR HEADER", 0x0019, 0x0A): ("US", 36),
+    ("SIEMENS MR HEADER", 0x0019, 0x0B): ("DS", "4512345"),
+    ("SIEMENS MR HEADER", 0x0019, 0x0C): ("IS", "1000"),
+    ("SIEMENS MR HEADER", 0x0019, 0x0D): ("CS", "DIRECTIONAL"),
+    ("SIEMENS MR HEADER", 0x0019, 0x0E): ("FD", [0.577, -0.577, 0.577]),
+    ("SIEMENS MR HEADER", 0x0019, 0x27): ("FD", [333.0, 0.0, 0.0, 333.0, 0.0, 334.0]),
+    ("SIEMENS MR HEADER", 0x0019, 0x28): ("FD", 21.552),
+    ("SIEMENS MR HEADER", 0x0019, 0x29): ("FD", [0.0, 1237.5, 82.5, 1320.0]),
+    ("GEMS_ACQU_01", 0x0019, 0xBB): ("DS", "0.707107"),
+    ("GEMS_ACQU_01", 0x0019, 0xBC): ("DS", "-0.707107"),
+    ("GEMS_ACQU_01", 0x0019, 0xBD): ("DS", "0"),
+    ("GEMS_PARM_01", 0x0043, 0x39): ("IS", ["1000001000", "8", "0", "0"]),
+    ("Philips Imaging DD 001", 0x2001, 0x03): ("FL", 1000.0),
+    ("Philips MR Imaging DD 001", 0x2005, 0xB0): ("FL", 0.5),
+    ("Philips MR Imaging DD 001", 0x2005, 0xB1): ("FL", -0.5),
+    ("Philips MR Imaging DD 001", 0x2005, 0xB2): ("FL", 0.75),
+}
+"""A value of each :data:`umit.deid.safe_private.SAFE_PRIVATE` element (the B_value with a
+seven-digit SliceMeasurementDuration, as real files have: numbers that look like IDs)."""
+
+
+def add_vendor_private(ds: Dataset) -> dict[int, object]:
+    """Vendor private blocks at unusual block numbers, with the safe elements, unlisted ones and
+    identifiers; returns ``{tag: value}`` of the safe elements (what retain-safe-private keeps).
+
+    Group 0019: block 0x10 is another creator ("ACME RESEARCH") whose element at offset 0x0C
+    (the raw tag of Siemens B_value in most files) holds an ID, so SIEMENS MR HEADER lands in
+    block 0x11 and GEMS_ACQU_01 in 0x12. Each vendor block also holds an unlisted element and one
+    with the patient's name; a Siemens CSA header (0029) and a SIEMENS MR HEADER block in group
+    0051 (same creator, other group) hold text.
+    """
+    acme = ds.private_block(0x0019, "ACME RESEARCH", create=True)
+    acme.add_new(0x0C, "IS", "88812345")
+    acme.add_new(0x10, "LO", "Doe^Jane MRN 88812345")
+    siemens = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    ge_acqu = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+    assert (acme.block_start, siemens.block_start, ge_acqu.block_start) == (0x1000, 0x1100, 0x1200)
+    siemens.add_new(0x08, "CS", "IMAGE NUM 4")  # unlisted
+    siemens.add_new(0x10, "LO", "Doe^Jane tel (555) 123-4567")  # unlisted, identifying
+    ge_acqu.add_new(0x9C, "LO", "epi2_pepolar Jane")  # pulse sequence name: unlisted text
+    blocks = {
+        ("SIEMENS MR HEADER", 0x0019): siemens,
+        ("GEMS_ACQU_01", 0x0019): ge_acqu,
+        ("GEMS_PARM_01", 0x0043): ds.private_block(0x0043, "GEMS_PARM_01", create=True),
+        ("Philips Imaging DD 001", 0x2001): ds.private_block(
+            0x2001, "Philips Imaging DD 001", create=True
+        ),
+        ("Philips MR Imaging DD 001", 0x2005): ds.private_block(
+            0x2005, "Philips MR Imaging DD 001", create=True
+        ),
+    }
+    blocks[("GEMS_PARM_01", 0x0043)].add_new(0x3A, "LO", "Jane Doe")  # unlisted
+    blocks[("Philips Imaging DD 001", 0x2001)].add_new(0x04, "LO", "Doe^Jane")  # unlisted
+    kept: dict[int, object] = {}
+    for (creator, group, offset), (vr, value) in SAFE_PRIVATE_VALUES.items():
+        block = blocks[(creator, group)]
+        block.add_new(offset, vr, value)
+        kept[block.get_tag(offset)] = value
+    csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+    csa.add_new(0x10, "OB", b"SV10\x04\x03\x02\x01PatientName Doe^Jane ".ljust(32, b" "))
+    ds.private_block(0x0051, "SIEMENS MR HEADER", create=True).add_new(0x0C, "LO", "FoV 220*220")
+    return kept
