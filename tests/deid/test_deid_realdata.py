@@ -127,3 +127,27 @@ def test_real_mr_deid_output_ingests_with_the_same_geometry(tmp_path):
     a1, m1 = load_series(s1)
     np.testing.assert_array_equal(a0, a1)
     np.testing.assert_allclose(m0.affine, m1.affine, atol=1e-6)
+
+
+def test_real_siemens_mr_retain_safe_private_keeps_only_the_listed_elements(tmp_path):
+    """The Siemens MPRAGE carries SIEMENS MR HEADER (0019 and 0051) and the CSA headers (0029):
+    retain-safe-private keeps SliceMeasurementDuration (0019,xx0B) and its creator, nothing else."""
+    src = require_shared("head_mr_dicom_sag_anon")
+    (original,) = _copy(src, tmp_path / "src", 1)
+    before = pydicom.dcmread(original, stop_before_pixels=True)
+    assert 0x00291010 in before and 0x00191008 in before  # CSA header, an unlisted element
+    block = before.private_block(0x0019, "SIEMENS MR HEADER")
+    duration = block[0x0B].value
+    for name, options in (("basic", []), ("safe", ["retain-safe-private"])):
+        run(DeidConfig(src=tmp_path / "src", out=tmp_path / name, options=options), progress=False)
+        (out,) = sorted((tmp_path / name).rglob("*.dcm"))
+        ds = pydicom.dcmread(out, stop_before_pixels=True)
+        private = {int(e.tag) for e in ds if e.tag.is_private}
+        if name == "basic":
+            assert private == set()
+        else:
+            assert private == {0x00190010, block.get_tag(0x0B)}
+            assert ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0B].value == duration
+            codes = {i.CodeValue for i in ds.DeidentificationMethodCodeSequence}
+            assert "113111" in codes
+        assert check_folder(tmp_path / name).passed

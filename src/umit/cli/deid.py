@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated profile options: retain-modified-dates (alias retain-dates), "
         "retain-patient-characteristics, retain-device-identity, retain-institution-identity, "
-        "clean-descriptors",
+        "clean-descriptors, retain-safe-private (vendor diffusion/timing private elements; "
+        "see docs/deid.md)",
     )
     p.add_argument(
         "--burned-in",
@@ -70,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="CREATOR:GGGG:EE",
-        help="keep this private attribute (safelist); repeatable",
+        help="keep this private attribute too (user safelist, matched by creator and element "
+        "offset in any block); repeatable",
     )
     add_config_args(p)
     p.set_defaults(func=main)

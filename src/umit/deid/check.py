@@ -4,20 +4,25 @@ A de-identified file cannot be compared with its original (the original is not a
 check asks what the file itself says and whether its content agrees:
 
 * **Profile rules.** The options the file declares in DeidentificationMethodCodeSequence (CID 7050
-  codes; none declared = the strictest reading) select the Table E.1-1 action of every attribute,
-  nested sequences included. An attribute whose action is X must hold no value; Z must be empty,
-  a dummy (:data:`~umit.deid.profile.DUMMY_VALUES`) or, for PatientID/PatientName, a
-  pseudonym of the form ``UMIT-<12 hex>``; D must be empty or a dummy; U must be a ``2.25.<int>``
-  UID (the form of a replaced UID; a UID with an organisation root is reported).
+  codes of scheme DCM, whoever wrote them; none declared = the strictest reading) select the
+  Table E.1-1 action of every attribute, nested sequences included. An attribute whose action is
+  X must hold no value; Z must be empty, a dummy (:data:`~umit.deid.profile.DUMMY_VALUES`) or,
+  for PatientID/PatientName, a pseudonym of the form ``UMIT-<12 hex>``; D must be empty or a
+  dummy; U must be a ``2.25.<int>`` UID (the form of a replaced UID; a UID with an organisation
+  root is reported).
 * **Dates.** Every DA/DT value, listed in the table or not, must be empty or a dummy unless the
   file declares Retain Longitudinal Temporal Information (dates shifted or kept).
 * **Free text.** Every text value left (LO, SH, ST, LT, UT, UC, PN) is searched for phone numbers,
   e-mail addresses, street addresses, dates, titled or DICOM-formatted person names and long ID
-  numbers.
-* **Private attributes, curves and overlays** must be gone (private ones may stay only when the
-  file declares Retain Safe Private); **burned-in** pixels: BurnedInAnnotation=YES, or an object
-  of a burned-in-prone type (see :func:`~umit.deid.profile.burned_in_reason`) without the
-  Clean Pixel Data code, is reported; **method**: PatientIdentityRemoved must be YES.
+  numbers, except in an attribute that a declared option retains (K where the Basic Profile
+  would not keep it: a station name or serial number under Retain Device Identity, an
+  institution address under Retain Institution Identity...), and in the items of a sequence so
+  retained: those are identifiers by nature and the file says it keeps them.
+* **Private attributes, curves and overlays** must be gone; private ones may stay only when the
+  file declares Retain Safe Private, and their text values are then searched like free text
+  (safe private values hold no identifier). **Burned-in** pixels: BurnedInAnnotation=YES, or an
+  object of a burned-in-prone type (see :func:`~umit.deid.profile.burned_in_reason`) without
+  the Clean Pixel Data code, is reported. **Method**: PatientIdentityRemoved must be YES.
 
 Findings name the file, the attribute path and the category, never the value.
 """
@@ -38,6 +43,7 @@ from pydicom.multival import MultiValue
 
 from umit.deid.profile import (
     CODE_TO_OPTION,
+    CODING_SCHEME,
     CURVE_GROUPS,
     DUMMY_VALUES,
     OPTION_FLAGS,
@@ -136,13 +142,21 @@ class CheckReport:
 
 
 def declared_options(ds: Dataset) -> frozenset[str]:
-    """Option names declared by the file's DeidentificationMethodCodeSequence (CID 7050)."""
+    """Option names declared by the file's DeidentificationMethodCodeSequence: CID 7050 codes
+    of coding scheme DCM (a code of another scheme is not the standard's option)."""
     out = set()
     for item in ds.get("DeidentificationMethodCodeSequence") or []:
-        name = CODE_TO_OPTION.get(str(item.get("CodeValue", "")).strip())
+        if str(item.get("CodingSchemeDesignator", "") or "").strip() != CODING_SCHEME:
+            continue
+        name = CODE_TO_OPTION.get(str(item.get("CodeValue", "") or "").strip())
         if name:
             out.add(name)
     return frozenset(out)
+
+
+def retained_by_option(entry: ProfileEntry | None, options: frozenset[str]) -> bool:
+    """True when a declared option keeps ``entry``'s attribute that the Basic Profile would not."""
+    return entry is not None and entry.basic_action != "K" and entry.action(options) == "K"
 
 
 def _category(entry: ProfileEntry, vr: str) -> str:
@@ -198,24 +212,25 @@ def _is_pseudonym(elem: DataElement) -> bool:
     )
 
 
-def _kept_flags(options: frozenset[str]) -> str:
-    return "".join(OPTION_FLAGS[o][0] for o in options)
-
-
 def scan_text(text: str) -> list[str]:
     """Names of :data:`TEXT_PATTERNS` that match ``text``."""
     return [name for name, pat in TEXT_PATTERNS.items() if pat.search(text)]
 
 
-def _walk(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, DataElement, int]]:
-    """Every element with its path and nesting depth (sequence items are walked too)."""
+def _walk(
+    ds: Dataset, options: frozenset[str], prefix: str = "", inside_retained: bool = False
+) -> Iterator[tuple[str, DataElement, bool]]:
+    """Every element with its path and whether it lies inside a sequence that a declared option
+    retains (sequence items are walked too)."""
+    profile = basic_profile()
     for elem in ds:
         name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
         path = f"{prefix}{name}"
-        yield path, elem, prefix.count(".")
+        yield path, elem, inside_retained
         if elem.VR == "SQ" and elem.value:
+            retained = inside_retained or retained_by_option(profile.get(elem.tag), options)
             for i, item in enumerate(elem.value):
-                yield from _walk(item, f"{path}[{i}].")
+                yield from _walk(item, options, f"{path}[{i}].", retained)
 
 
 def check_dataset(ds: Dataset) -> list[Finding]:
@@ -223,21 +238,26 @@ def check_dataset(ds: Dataset) -> list[Finding]:
     profile = basic_profile()
     options = declared_options(ds)
     profile_options = frozenset(o for o in options if o in OPTION_FLAGS)
-    dates_kept = "retain-modified-dates" in options or bool(
-        {str(i.get("CodeValue", "")) for i in ds.get("DeidentificationMethodCodeSequence") or []}
-        & {"113106"}
-    )
+    dates_kept = bool({"retain-modified-dates", "retain-full-dates"} & options)
     safe_private = "retain-safe-private" in options
     findings: list[Finding] = []
     n_private = 0
     graphics_groups: set[int] = set()
-    for path, elem, _depth in _walk(ds):
+    for path, elem, inside_retained in _walk(ds, profile_options):
         tag = elem.tag
         if tag.group == 0x0002:
             continue
         if tag.is_private:
-            if not safe_private and not tag.is_private_creator:
+            if tag.is_private_creator:
+                continue
+            if not safe_private:
                 n_private += 1
+            elif elem.VR in TEXT_VRS and _has_value(elem):
+                hits = sorted({h for v in _values(elem) for h in scan_text(v)})
+                if hits:
+                    findings.append(
+                        Finding(path, "private", f"safe private text looks like {', '.join(hits)}")
+                    )
             continue
         if tag.group in CURVE_GROUPS or tag.group in OVERLAY_GROUPS:
             graphics_groups.add(tag.group)
@@ -295,10 +315,10 @@ def check_dataset(ds: Dataset) -> list[Finding]:
             and elem.keyword not in SKIP_TEXT_SCAN
             and not _is_pseudonym(elem)
             and not _is_dummy(elem)
+            and not inside_retained
+            and not retained_by_option(entry, profile_options)
         ):
             hits = sorted({h for v in _values(elem) for h in scan_text(v)})
-            if entry is not None and "I" in entry.flags and "I" in _kept_flags(profile_options):
-                hits = [h for h in hits if h != "address"]  # institution address kept by option
             if hits:
                 cat = {"phone": "contact", "email": "contact", "address": "contact"}
                 findings.append(

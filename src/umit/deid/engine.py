@@ -13,14 +13,19 @@ recursively through every sequence:
   Times of day are kept under that option.
 * **PatientID / PatientName** (action Z, which allows a dummy) become ``UMIT-<12 hex>``, the keyed
   pseudonym ``umit ingest`` uses as subject id with the same secret.
-* **Private attributes** are removed unless listed in a safelist of (creator, group, element
-  byte); **curves and overlays** (groups 50xx/60xx) are removed.
+* **Private attributes** are removed unless kept by the Retain Safe Private option (the vendor
+  elements of :mod:`umit.deid.safe_private`, numbers and codes only) or listed in a user safelist
+  of (creator, group, element byte); either way an element is found through its private creator
+  and block, never by its raw tag. **Curves and overlays** (groups 50xx/60xx) are removed.
 * **Burned-in text**: a file that may carry text in its pixels
   (:func:`~umit.deid.profile.burned_in_reason`) is rejected (default) or masked: the top
   ``mask_band`` fraction of rows and/or given rectangles are set to the image minimum in every
   frame; then BurnedInAnnotation is set to NO and the Clean Pixel Data code is declared.
 * **Method**: PatientIdentityRemoved=YES, DeidentificationMethod, DeidentificationMethodCodeSequence
   (CID 7050 codes of the profile and the options used) and LongitudinalTemporalInformationModified.
+  An earlier de-identification record (another tool's, e.g. a refacing tool declaring Clean
+  Recognizable Visual Features) is kept, as PS3.15 E.1.1 requires: its method texts and code
+  items stay, ours are appended, no code twice.
 
 :func:`run` de-identifies a folder tree into ``out/<study>/<series>/<instance>.dcm`` (names are
 the new UIDs), writes one audit record per file (``out/audit/...json``: which attributes got
@@ -55,6 +60,7 @@ from umit import __version__
 from umit.config import UmitConfig
 from umit.deid.check import TEXT_PATTERNS
 from umit.deid.profile import (
+    CODING_SCHEME,
     CURVE_GROUPS,
     DUMMY_VALUES,
     OPTION_CODES,
@@ -63,6 +69,7 @@ from umit.deid.profile import (
     burned_in_reason,
     normalise_options,
 )
+from umit.deid.safe_private import conforms, safe_private
 from umit.deid.secret import (
     SECRET_NAME,
     date_shift_days,
@@ -84,6 +91,9 @@ CLASS_UID_SUFFIXES = ("ClassUID", "TransferSyntaxUID", "CodingSchemeUID")
 """Keywords of UIDs that name a kind of thing, not an instance: never replaced."""
 FILE_META_IDENTIFYING = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
 """Source/Sending/Receiving AE titles and private file-meta information."""
+METHOD_RECORD_TAGS = (0x00120062, 0x00120063, 0x00120064)
+"""PatientIdentityRemoved, DeidentificationMethod, DeidentificationMethodCodeSequence: an earlier
+record is retained and added to (PS3.15 E.1.1), never cleaned or replaced."""
 
 
 class BurnedInError(InputError):
@@ -119,11 +129,12 @@ class DeidSettings:
 
     Attributes:
         options: Profile options (names from
-            :data:`~umit.deid.profile.OPTION_FLAGS`).
+            :data:`~umit.deid.profile.OFFERED_OPTIONS`).
         burned_in: ``reject`` (default) or ``mask`` files that may carry burned-in text.
         mask_band: Fraction of the image height, from the top, blanked by ``mask``.
         mask_rects: Extra rectangles ``(x0, y0, x1, y1)`` in pixels blanked by ``mask``.
-        private_safelist: ``(creator, group, element byte)`` private attributes to keep.
+        private_safelist: ``(creator, group, element byte)`` private attributes to keep, on top
+            of :data:`~umit.deid.safe_private.SAFE_PRIVATE` under ``retain-safe-private``.
     """
 
     options: frozenset[str] = frozenset()
@@ -349,10 +360,11 @@ class Deidentifier:
             tokens=token_pattern(_identifying_tokens(ds, s.options)),
             options=frozenset(s.options),
         )
+        earlier = _pop_method_record(ds)
         self._walk(ds, "", ctx)
         if s.private_safelist and ctx.private_kept:
             options.add("retain-safe-private")
-        self._write_method(ds, options)
+        self._write_method(ds, options, earlier)
         if hasattr(ds, "file_meta") and ds.file_meta is not None:
             for t in FILE_META_IDENTIFYING:
                 if t in ds.file_meta:
@@ -368,6 +380,7 @@ class Deidentifier:
                 "profile": PROFILE_NAME,
                 "options": sorted(options - {"clean-pixel-data"}),
                 "method_codes": [OPTION_CODES[o][0] for o in _method_options(options)],
+                "earlier_method_codes": [code for code, _ in map(_code_key, earlier.items)],
                 "dates": "shifted per patient"
                 if "retain-modified-dates" in s.options
                 else "removed",
@@ -512,20 +525,32 @@ class Deidentifier:
         # TM and numbers under C (modified dates keep the time of day): kept
 
     def _privates(self, ds: Dataset, prefix: str, ctx: _Context) -> None:
+        """Remove private attributes except those kept by the user safelist or by the Retain
+        Safe Private option; a creator reservation stays only for a block with a kept element."""
         safelist = set(self.settings.private_safelist)
+        retain_safe = "retain-safe-private" in self.settings.options
         kept_blocks: set[int] = set()
         private = [e for e in ds if e.tag.is_private]
         removed = 0
         for elem in private:
             if elem.tag.is_private_creator:
                 continue
-            block = Tag(elem.tag.group, elem.tag.element >> 8)
+            group, offset = elem.tag.group, elem.tag.element & 0xFF
+            block = Tag(group, elem.tag.element >> 8)  # (gggg,00xx) reserves (gggg,xx00-xxFF)
             creator = str(ds[block].value).strip() if block in ds else ""
-            if (creator, elem.tag.group, elem.tag.element & 0xFF) in safelist:
+            where = f"{creator}:{group:04X}:{offset:02X}"
+            reason = None
+            if creator and (creator, group, offset) in safelist:
+                reason = "safelist"
+            elif creator and retain_safe and (entry := safe_private(creator, group, offset)):
+                if conforms(entry, elem.VR, elem.value):
+                    reason = "safe private"
+                else:
+                    ctx.record(f"{prefix}(private {where})", "X", "safe private, unexpected form")
+            if reason is not None:
                 kept_blocks.add(int(block))
                 ctx.private_kept += 1
-                where = f"{creator}:{elem.tag.group:04X}:{elem.tag.element & 0xFF:02X}"
-                ctx.record(f"{prefix}(private {where})", "K", "safelist")
+                ctx.record(f"{prefix}(private {where})", "K", reason)
                 continue
             del ds[elem.tag]
             removed += 1
@@ -536,24 +561,62 @@ class Deidentifier:
             ctx.private_removed += removed
             ctx.record(f"{prefix}(private attributes)", "X", count=removed)
 
-    def _write_method(self, ds: Dataset, options: set[str]) -> None:
+    def _write_method(self, ds: Dataset, options: set[str], earlier: _MethodRecord) -> None:
+        """Declare what was done, after any earlier record (PS3.15 E.1.1): earlier method texts
+        and code items are kept in their order; ours are appended unless already there."""
         ds.PatientIdentityRemoved = "YES"
-
-        ds.DeidentificationMethod = [f"UMIT {__version__} deid", "PS3.15 E.1-1 Basic Profile"] + [
+        ours = [f"UMIT {__version__} deid", "PS3.15 E.1-1 Basic Profile"] + [
             o for o in sorted(options) if o != "clean-pixel-data"
         ]
-        items = []
+        texts = list(dict.fromkeys(earlier.texts + ours))
+        ds.DeidentificationMethod = texts[0] if len(texts) == 1 else texts
+        items, seen = [], set()
+        for item in earlier.items:
+            if _code_key(item) not in seen:
+                seen.add(_code_key(item))
+                items.append(item)
         for opt in _method_options(options):
             code, meaning = OPTION_CODES[opt]
+            if (code, CODING_SCHEME) in seen:
+                continue
             item = Dataset()
             item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
+            item.CodingSchemeDesignator = CODING_SCHEME
             item.CodeMeaning = meaning
             items.append(item)
         ds.DeidentificationMethodCodeSequence = DicomSequence(items)
         ds.LongitudinalTemporalInformationModified = (
             "MODIFIED" if "retain-modified-dates" in options else "REMOVED"
         )
+
+
+@dataclass
+class _MethodRecord:
+    """An earlier de-identification record: DeidentificationMethod texts and code items."""
+
+    texts: list[str] = field(default_factory=list)
+    items: list[Dataset] = field(default_factory=list)
+
+
+def _pop_method_record(ds: Dataset) -> _MethodRecord:
+    """Take the earlier record out of ``ds`` (so the profile walk cannot clean or drop it)."""
+    record = _MethodRecord()
+    if "DeidentificationMethod" in ds:
+        record.texts = [str(v).strip() for v in _values(ds["DeidentificationMethod"])]
+        record.texts = [t for t in record.texts if t]
+    if "DeidentificationMethodCodeSequence" in ds:
+        record.items = list(ds.DeidentificationMethodCodeSequence or [])
+    for tag in METHOD_RECORD_TAGS:
+        if tag in ds:
+            del ds[tag]
+    return record
+
+
+def _code_key(item: Dataset) -> tuple[str, str]:
+    return (
+        str(item.get("CodeValue", "") or "").strip(),
+        str(item.get("CodingSchemeDesignator", "") or "").strip(),
+    )
 
 
 def _method_options(options: set[str]) -> list[str]:
@@ -603,7 +666,7 @@ class DeidConfig(UmitConfig):
     """Output folder: <study>/<series>/<instance>.dcm named by the new UIDs, audit/, deid_report.json."""
     options: list[str] = []
     """Profile options: retain-modified-dates, retain-patient-characteristics,
-    retain-device-identity, retain-institution-identity, clean-descriptors."""
+    retain-device-identity, retain-institution-identity, clean-descriptors, retain-safe-private."""
     burned_in: Literal["reject", "mask"] = "reject"
     """Files that may carry burned-in text: reject (a failure row) or mask (blank regions)."""
     mask_band: float = Field(default=0.1, ge=0.0, le=1.0)
@@ -613,7 +676,8 @@ class DeidConfig(UmitConfig):
     secret: Path | None = None
     """Key file or folder (default: .umit_secret beside the output folder, never inside it)."""
     keep_private: list[str] = []
-    """Private attributes to keep, as CREATOR:GGGG:EE (everything else private is removed)."""
+    """Private attributes to keep, as CREATOR:GGGG:EE, on top of retain-safe-private's list
+    (everything else private is removed)."""
 
 
 @dataclass

@@ -20,18 +20,22 @@ flag  option (CID 7050 code)                              effect on the attribut
 ====  ==================================================  ===================================
 T     Retain Longitudinal Temporal Information, Modified  ``C``: dates shifted per patient
       Dates (113107)
+T     Retain Longitudinal Temporal Information, Full      ``K`` (not offered; ``--check``
+      Dates (113106)                                      honours it in files it reads)
 P/p   Retain Patient Characteristics (113108)             ``K`` (P) or ``C`` (p)
 D     Retain Device Identity (113109)                     ``K``
 I     Retain Institution Identity (113112)                ``K``
 C     Clean Descriptors (113105)                          ``C``
-U     Retain UIDs (113110; not offered: UIDs are always   ``K``
+U     Retain UIDs (113110; not offered: UIDs are always   ``K`` (``--check`` honours it)
       replaced)
 S, G  Clean Structured Content / Graphics (113104/113103; ``C``
       not offered: the basic action applies)
 ====  ==================================================  ===================================
 
-Curves (groups 50xx) and overlays (60xx) are matched by group; private attributes (odd groups)
-are removed unless safelisted (see :mod:`umit.deid.engine`).
+Retain Safe Private (113111) has no column in Table E.1-1: it keeps the vendor private
+elements listed in :mod:`umit.deid.safe_private`. Curves (groups 50xx) and overlays (60xx) are
+matched by group; private attributes (odd groups) are removed unless kept by that option or a
+user safelist (see :mod:`umit.deid.engine`).
 """
 
 from __future__ import annotations
@@ -523,9 +527,34 @@ OPTION_FLAGS: dict[str, tuple[str, str]] = {
     "retain-device-identity": ("D", "K"),
     "retain-institution-identity": ("I", "K"),
     "clean-descriptors": ("C", "C"),
+    "retain-full-dates": ("T", "K"),
+    "retain-uids": ("U", "K"),
 }
-"""Supported options -> (flag in the table, action it selects). ``p`` (lower case) is the
-patient-characteristics flag whose action is ``C``."""
+"""Options that change a Table E.1-1 action -> (flag in the table, action it selects). ``p``
+(lower case) is the patient-characteristics flag whose action is ``C``. ``retain-full-dates``
+and ``retain-uids`` are here so that ``umit deid --check`` can judge files another tool wrote
+with them; ``umit deid`` does not offer them (:data:`NOT_OFFERED`)."""
+
+OFFERED_OPTIONS: tuple[str, ...] = (
+    "retain-modified-dates",
+    "retain-patient-characteristics",
+    "retain-device-identity",
+    "retain-institution-identity",
+    "clean-descriptors",
+    "retain-safe-private",
+)
+"""The ``--options`` names ``umit deid`` accepts. ``retain-safe-private`` has no table flag: it
+keeps the vendor private elements of :data:`umit.deid.safe_private.SAFE_PRIVATE`."""
+
+NOT_OFFERED: dict[str, str] = {
+    "retain-full-dates": "real dates identify; use retain-modified-dates (shifted per patient)",
+    "retain-uids": "original UIDs link back to the source PACS; UIDs are always replaced",
+    "clean-pixel-data": "declared by --burned-in mask when pixels are blanked",
+    "clean-recognizable-visual-features": "faces are removed by `umit deface`",
+    "clean-graphics": "not implemented: overlays and curves are removed",
+    "clean-structured-content": "not implemented: SR content is dummied (the basic action)",
+}
+"""PS3.15 options ``umit deid`` does not offer, with the reason given to a user who asks."""
 
 OPTION_ALIASES: dict[str, str] = {
     "retain-dates": "retain-modified-dates",
@@ -533,23 +562,38 @@ OPTION_ALIASES: dict[str, str] = {
     "retain-patient-chars": "retain-patient-characteristics",
     "retain-device-id": "retain-device-identity",
     "retain-institution-id": "retain-institution-identity",
+    "retain-private": "retain-safe-private",
 }
 
 OPTION_CODES: dict[str, tuple[str, str]] = {
     "basic": ("113100", "Basic Application Confidentiality Profile"),
     "clean-pixel-data": ("113101", "Clean Pixel Data Option"),
+    "clean-recognizable-visual-features": (
+        "113102",
+        "Clean Recognizable Visual Features Option",
+    ),
+    "clean-graphics": ("113103", "Clean Graphics Option"),
+    "clean-structured-content": ("113104", "Clean Structured Content Option"),
     "clean-descriptors": ("113105", "Clean Descriptors Option"),
+    "retain-full-dates": (
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
     "retain-modified-dates": (
         "113107",
         "Retain Longitudinal Temporal Information Modified Dates Option",
     ),
     "retain-patient-characteristics": ("113108", "Retain Patient Characteristics Option"),
     "retain-device-identity": ("113109", "Retain Device Identity Option"),
+    "retain-uids": ("113110", "Retain UIDs Option"),
     "retain-safe-private": ("113111", "Retain Safe Private Option"),
     "retain-institution-identity": ("113112", "Retain Institution Identity Option"),
 }
-"""CID 7050 (De-identification Method) codes written to DeidentificationMethodCodeSequence."""
+"""CID 7050 (De-identification Method) codes, scheme ``DCM``: the ones ``umit deid`` writes to
+DeidentificationMethodCodeSequence, and the ones ``--check`` reads from files."""
 CODE_TO_OPTION: dict[str, str] = {code: name for name, (code, _) in OPTION_CODES.items()}
+CODING_SCHEME = "DCM"
+"""Coding scheme designator of the CID 7050 codes."""
 
 
 @dataclass(frozen=True)
@@ -582,6 +626,8 @@ class ProfileEntry:
         rank = {"K": 2, "C": 1}
         best = 0
         for opt in options:
+            if opt not in OPTION_FLAGS:  # e.g. retain-safe-private: no table column
+                continue
             flag, code = OPTION_FLAGS[opt]
             if flag == "P" and "p" in self.flags:
                 code = "C"
@@ -632,7 +678,12 @@ def basic_profile() -> Profile:
 
 
 def normalise_options(options: str | list[str] | tuple[str, ...] | None) -> frozenset[str]:
-    """Option names from a comma-separated string or a list; unknown names are a ValueError."""
+    """Option names from a comma-separated string or a list.
+
+    Raises:
+        ValueError: an unknown name, or a PS3.15 option ``umit deid`` does not offer (the
+            message names it and why).
+    """
     if options is None:
         return frozenset()
     items = options.split(",") if isinstance(options, str) else list(options)
@@ -642,8 +693,13 @@ def normalise_options(options: str | list[str] | tuple[str, ...] | None) -> froz
         if not name:
             continue
         name = OPTION_ALIASES.get(name, name)
-        if name not in OPTION_FLAGS:
-            known = ", ".join(sorted(OPTION_FLAGS))
+        if name in NOT_OFFERED:
+            raise ValueError(
+                f"de-identification option {raw!r} ({OPTION_CODES[name][1]}, "
+                f"{OPTION_CODES[name][0]}) is not offered: {NOT_OFFERED[name]}"
+            )
+        if name not in OFFERED_OPTIONS:
+            known = ", ".join(sorted(OFFERED_OPTIONS))
             raise ValueError(f"unknown de-identification option {raw!r}; known options: {known}")
         out.add(name)
     return frozenset(out)

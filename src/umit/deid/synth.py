@@ -5,6 +5,11 @@ file-meta groups aside) with a value of its VR that carries an identifier: perso
 dates, UIDs with an organisation root, free text with a name, an MRN and a phone number; plus a
 private block, a curve, an overlay and sequences whose items hold names and UIDs. It returns the
 planted strings so that a test can search de-identified bytes for any survivor.
+
+:func:`plant_retained` puts realistic, identifier-like values (serial numbers, station names, an
+institution's address) into the attributes a profile option keeps, and :func:`add_vendor_private`
+adds Siemens, GE and Philips private blocks at unusual block numbers with the Retain Safe Private
+elements beside unlisted and identifying ones.
 """
 
 from __future__ import annotations
@@ -262,3 +267,149 @@ def write_burned_in(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Attributes an option retains, with realistic identifier-like values
+
+REALISTIC_RETAINED: dict[str, object] = {
+    "StationName": "CTAWP45123456",
+    "DeviceSerialNumber": "45123456",
+    "DeviceUID": "1.3.12.2.1107.5.1.4.45123",
+    "DetectorID": "DET-2019-4512",
+    "GantryID": "GT 4512 3456",
+    "InstitutionName": "Springfield General Hospital",
+    "InstitutionAddress": "1200 Hospital Road, Springfield IL 62701, tel (217) 555-0100",
+    "InstitutionalDepartmentName": "Radiology, Dr. Smith Wing",
+    "ClinicalTrialSiteID": "SITE-20240117",
+    "ClinicalTrialSiteName": "Springfield General, 1200 Hospital Road",
+    "PatientSex": "F",
+    "PatientAge": "047Y",
+    "PatientSize": "1.68",
+    "PatientWeight": "70.5",
+    "EthnicGroup": "2106-3",
+}
+"""Values an option keeps that look like identifiers to a pattern scanner (serial numbers,
+station names, an institution's address and phone): ``--check`` must accept them where the file
+declares the option that retains them."""
+
+
+def _retained_value(vr: str, i: int, keyword: str) -> object | None:
+    """A realistic, identifier-like value of ``vr`` for a retained attribute (None: skip)."""
+    if keyword in REALISTIC_RETAINED:
+        return REALISTIC_RETAINED[keyword]
+    if vr in ("LO", "SH", "UC", "ST", "LT", "UT"):
+        return f"SN-{4512000 + i}"  # seven digits: the checker's "id" pattern
+    if vr == "PN":
+        return f"Station{i}^Operator"
+    if vr == "CS":
+        return "YES"
+    if vr == "UI":
+        return _uid(6, i)
+    if vr == "DA":
+        return f"2024{1 + i % 12:02d}{1 + i % 28:02d}"
+    if vr == "DT":
+        return f"2024{1 + i % 12:02d}{1 + i % 28:02d}101500"
+    if vr == "TM":
+        return "101500"
+    if vr == "AS":
+        return "047Y"
+    if vr == "IS":
+        return str(4512000 + i)
+    if vr == "DS":
+        return "70.5"
+    if vr in ("US", "SS", "UL", "SL"):
+        return i
+    if vr in ("FL", "FD"):
+        return float(i)
+    return None
+
+
+def plant_retained(ds: Dataset, options: frozenset[str]) -> dict[int, object]:
+    """Fill every attribute a profile option in ``options`` keeps or shifts (``K`` or ``C``
+    where the Basic Profile would not keep it; sequences and binary VRs aside) with a realistic
+    identifier-like value; returns ``{tag: value}``."""
+    written: dict[int, object] = {}
+    for i, entry in enumerate(sorted(basic_profile().entries.values(), key=lambda e: e.tag)):
+        action = entry.action(options)
+        if entry.tag.group in (0x0000, 0x0002) or entry.basic_action in ("K", "C"):
+            continue
+        if not (action == "K" or action == "C" and "T" in entry.flags):
+            continue  # only kept or date-shifted values; C of descriptors is text cleaning
+        vr = dictionary_VR(entry.tag).split(" or ")[0]
+        if vr == "SQ":
+            continue
+        value = _retained_value(vr, i, entry.keyword)
+        if value is None:
+            continue
+        ds.add_new(entry.tag, vr, value)
+        written[int(entry.tag)] = value
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Vendor private blocks (Retain Safe Private)
+
+SAFE_PRIVATE_VALUES: dict[tuple[str, int, int], tuple[str, object]] = {
+    ("SIEMENS MR HEADER", 0x0019, 0x0A): ("US", 36),
+    ("SIEMENS MR HEADER", 0x0019, 0x0B): ("DS", "4512345"),
+    ("SIEMENS MR HEADER", 0x0019, 0x0C): ("IS", "1000"),
+    ("SIEMENS MR HEADER", 0x0019, 0x0D): ("CS", "DIRECTIONAL"),
+    ("SIEMENS MR HEADER", 0x0019, 0x0E): ("FD", [0.577, -0.577, 0.577]),
+    ("SIEMENS MR HEADER", 0x0019, 0x27): ("FD", [333.0, 0.0, 0.0, 333.0, 0.0, 334.0]),
+    ("SIEMENS MR HEADER", 0x0019, 0x28): ("FD", 21.552),
+    ("SIEMENS MR HEADER", 0x0019, 0x29): ("FD", [0.0, 1237.5, 82.5, 1320.0]),
+    ("GEMS_ACQU_01", 0x0019, 0xBB): ("DS", "0.707107"),
+    ("GEMS_ACQU_01", 0x0019, 0xBC): ("DS", "-0.707107"),
+    ("GEMS_ACQU_01", 0x0019, 0xBD): ("DS", "0"),
+    ("GEMS_PARM_01", 0x0043, 0x39): ("IS", ["1000001000", "8", "0", "0"]),
+    ("Philips Imaging DD 001", 0x2001, 0x03): ("FL", 1000.0),
+    ("Philips MR Imaging DD 001", 0x2005, 0xB0): ("FL", 0.5),
+    ("Philips MR Imaging DD 001", 0x2005, 0xB1): ("FL", -0.5),
+    ("Philips MR Imaging DD 001", 0x2005, 0xB2): ("FL", 0.75),
+}
+"""A value of each :data:`umit.deid.safe_private.SAFE_PRIVATE` element (the B_value with a
+seven-digit SliceMeasurementDuration, as real files have: numbers that look like IDs)."""
+
+
+def add_vendor_private(ds: Dataset) -> dict[int, object]:
+    """Vendor private blocks at unusual block numbers, with the safe elements, unlisted ones and
+    identifiers; returns ``{tag: value}`` of the safe elements (what retain-safe-private keeps).
+
+    Group 0019: block 0x10 is another creator ("ACME RESEARCH") whose element at offset 0x0C
+    (the raw tag of Siemens B_value in most files) holds an ID, so SIEMENS MR HEADER lands in
+    block 0x11 and GEMS_ACQU_01 in 0x12. Each vendor block also holds an unlisted element and one
+    with the patient's name; a Siemens CSA header (0029) and a SIEMENS MR HEADER block in group
+    0051 (same creator, other group) hold text.
+    """
+    acme = ds.private_block(0x0019, "ACME RESEARCH", create=True)
+    acme.add_new(0x0C, "IS", "88812345")
+    acme.add_new(0x10, "LO", "Doe^Jane MRN 88812345")
+    siemens = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    ge_acqu = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+    assert (acme.block_start, siemens.block_start, ge_acqu.block_start) == (0x1000, 0x1100, 0x1200)
+    siemens.add_new(0x08, "CS", "IMAGE NUM 4")  # unlisted
+    siemens.add_new(0x10, "LO", "Doe^Jane tel (555) 123-4567")  # unlisted, identifying
+    ge_acqu.add_new(0x9C, "LO", "epi2_pepolar Jane")  # pulse sequence name: unlisted text
+    blocks = {
+        ("SIEMENS MR HEADER", 0x0019): siemens,
+        ("GEMS_ACQU_01", 0x0019): ge_acqu,
+        ("GEMS_PARM_01", 0x0043): ds.private_block(0x0043, "GEMS_PARM_01", create=True),
+        ("Philips Imaging DD 001", 0x2001): ds.private_block(
+            0x2001, "Philips Imaging DD 001", create=True
+        ),
+        ("Philips MR Imaging DD 001", 0x2005): ds.private_block(
+            0x2005, "Philips MR Imaging DD 001", create=True
+        ),
+    }
+    blocks[("GEMS_PARM_01", 0x0043)].add_new(0x3A, "LO", "Jane Doe")  # unlisted
+    blocks[("Philips Imaging DD 001", 0x2001)].add_new(0x04, "LO", "Doe^Jane")  # unlisted
+    kept: dict[int, object] = {}
+    for (creator, group, offset), (vr, value) in SAFE_PRIVATE_VALUES.items():
+        block = blocks[(creator, group)]
+        block.add_new(offset, vr, value)
+        kept[block.get_tag(offset)] = value
+    csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+    csa.add_new(0x10, "OB", b"SV10\x04\x03\x02\x01PatientName Doe^Jane ".ljust(32, b" "))
+    ds.private_block(0x0051, "SIEMENS MR HEADER", create=True).add_new(0x0C, "LO", "FoV 220*220")
+    return kept
