@@ -49,7 +49,8 @@ def _rescale(ds: Dataset, item: Dataset | None = None) -> tuple[float, float]:
     )
 
 
-def _frame_single(ds: Dataset, path: Path) -> _Frame:
+def _frame_single(ds: Dataset, path: Path, csa: dict[str, list[str]] | None = None) -> _Frame:
+    """The one image of a classic file (``csa``: its parsed Siemens CSA header, if any)."""
     iop = _floats(ds.get("ImageOrientationPatient", []), 6)
     ipp = _floats(ds.get("ImagePositionPatient", []), 3)
     spacing = _floats(ds.get("PixelSpacing", []), 2)
