@@ -312,8 +312,9 @@ def write_mosaic_series(
             cosine); slices are written along it.
         csa_extra: More CSA tags, e.g. diffusion fields.
         with_csa: Write the CSA image header at all.
-        per_volume: Per time point: DICOM keywords to set, and ``siemens_b`` /
-            ``siemens_direction`` for the private (0019,xx0C) / (0019,xx0E) elements.
+        per_volume: Per time point: DICOM keywords to set, ``siemens_b`` /
+            ``siemens_direction`` for the private (0019,xx0C) / (0019,xx0E) elements and
+            ``csa`` for more CSA tags of that file.
     """
     folder.mkdir(parents=True, exist_ok=True)
     iop_s = [ds_str(v) for v in iop]
@@ -350,6 +351,7 @@ def write_mosaic_series(
         if tile_count == "private":
             mr.add_new(0x0A, "US", n)
         extra = dict((per_volume[t] if per_volume else None) or {})
+        csa_more = extra.pop("csa", {})
         if "siemens_b" in extra:
             mr.add_new(0x0C, "IS", str(extra.pop("siemens_b")))
         if "siemens_direction" in extra:
@@ -365,6 +367,7 @@ def write_mosaic_series(
         if tile_count == "times":
             tags["MosaicRefAcqTimes"] = ("FD", [f"{37.5 * k:.4f}" for k in range(n)])
         tags.update(csa_extra or {})
+        tags.update(csa_more)
         if with_csa:
             csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
             csa.add_new(0x08, "CS", "IMAGE NUM 4")

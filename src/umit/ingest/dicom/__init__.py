@@ -35,6 +35,7 @@ Modules:
 * :mod:`~umit.ingest.dicom.mosaic`: Siemens mosaics (one volume tiled in one image) -> slices.
 * :mod:`~umit.ingest.dicom.csa`: the Siemens CSA header parser; :mod:`~umit.ingest.dicom.private`:
   vendor private elements by creator.
+* :mod:`~umit.ingest.dicom.diffusion`: b-value and gradient direction of DWI images, per time point.
 """
 
 from umit.ingest.dicom.attributes import EXTRA_FIELDS, _extra, age_band, parse_age

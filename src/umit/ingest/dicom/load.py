@@ -4,7 +4,8 @@
 mosaic file is split into its slices there, :mod:`~umit.ingest.dicom.mosaic`), check the stack is
 one volume and order its slices (:mod:`~umit.ingest.dicom.stacks`), build the affine
 (:mod:`~umit.ingest.dicom.geometry`), assemble the array (:mod:`~umit.ingest.dicom.pixels`) and
-the metadata (``_meta``).
+the metadata (``_meta``, with the b-values and gradient directions of a diffusion series,
+:mod:`~umit.ingest.dicom.diffusion`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from umit.data.meta import ImageMeta
 from umit.errors import GeometryError, InputError
 from umit.ingest.dicom.attributes import _extra, _int
 from umit.ingest.dicom.csa import CsaError
+from umit.ingest.dicom.diffusion import DiffusionTable, diffusion_table
 from umit.ingest.dicom.frames import _Frame, _frame_single, _frames_multi
 from umit.ingest.dicom.geometry import _affine, _mean_step, _slice_positions, slice_normal
 from umit.ingest.dicom.mosaic import is_mosaic, untile
@@ -60,7 +62,9 @@ def load_series(
         ``(array, meta)``: int16 when every slope is 1, every intercept integral and the values
         fit, else float32; shape ``(i, j, k)`` or ``(i, j, k, t)`` for 4D series (or
         ``(i, j, k, c)`` for colour images). A Siemens mosaic file is one volume; several at
-        one position are a 4D series.
+        one position are a 4D series. ``meta.extra["b_values"]`` and
+        ``["gradient_directions"]`` hold one entry per volume (time point) of a diffusion
+        series (directions in the DICOM patient frame, LPS; None when unknown).
 
     Raises:
         InputError: unreadable/undecodable file, a single slice (2D), a mosaic without a tile
@@ -95,7 +99,8 @@ def load_series(
         is_4d,
         where,
     )
-    return array, _meta(stack.first, where, affine)
+    diffusion = diffusion_table([f.diffusion for f in stack.frames], groups, where)
+    return array, _meta(stack.first, where, affine, diffusion)
 
 
 def _check_request(series: DicomSeries, max_relative_spacing_deviation: float) -> None:
@@ -159,9 +164,15 @@ def _read_stack(series: DicomSeries) -> _ReadStack:
     return _ReadStack(frames, pixels, rescaled, first)
 
 
-def _meta(ds: Dataset, where: Path, affine: np.ndarray) -> ImageMeta:
-    """ImageMeta of the volume: the affine and only the allowlisted :data:`EXTRA_FIELDS`."""
+def _meta(
+    ds: Dataset, where: Path, affine: np.ndarray, diffusion: DiffusionTable | None = None
+) -> ImageMeta:
+    """ImageMeta of the volume: the affine and only the allowlisted :data:`EXTRA_FIELDS`, the
+    diffusion fields filled from every image (not only the first file)."""
     extra = _extra(ds)
+    if diffusion is not None:
+        extra["b_values"] = diffusion.b_values
+        extra["gradient_directions"] = diffusion.directions
     return ImageMeta(
         affine=affine,
         source=str(where),
