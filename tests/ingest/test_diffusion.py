@@ -147,6 +147,12 @@ def test_read_diffusion_from_each_source():
     block.add_new(0x0C, "IS", "1000")
     block.add_new(0x0E, "FD", g)
     assert read_diffusion(ds) == Diffusion(1000.0, pytest.approx(np.array(g)))
+    # ... also as raw bytes (VR UN after a system that did not know the tags)
+    un = Dataset()
+    block = un.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    block.add_new(0x0C, "UN", b"1000")
+    block.add_new(0x0E, "UN", np.asarray(g, dtype="<f8").tobytes())
+    assert read_diffusion(un) == Diffusion(1000.0, pytest.approx(np.array(g)))
     # Siemens CSA: B_value and, without DiffusionGradientDirection, the B_matrix eigenvector
     b_matrix = 1000 * np.outer(g, g)
     csa = {

@@ -24,6 +24,7 @@ the direction (0, 0, 0), as in FSL's bvec files.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from umit.errors import GeometryError
 from umit.ingest.dicom.attributes import _float, _floats
 from umit.ingest.dicom.csa import csa_floats
 from umit.ingest.dicom.private import SIEMENS_MR, private_numbers
+
+logger = logging.getLogger(__name__)
 
 GE_PARM = "GEMS_PARM_01"
 PHILIPS_IMAGING = "Philips Imaging DD 001"
@@ -148,7 +151,8 @@ def read_diffusion(
     if b is None:
         return None
     zero = np.zeros(3)
-    directionality = str((group or ds).get("DiffusionDirectionality", "") or "").upper()
+    source = group if group is not None else ds
+    directionality = str(source.get("DiffusionDirectionality", "") or "").upper()
     if b <= 0 or directionality in ("ISOTROPIC", "NONE"):
         return Diffusion(max(b, 0.0), zero)
     vec = _direction(ds, csa, group)
@@ -189,8 +193,9 @@ def diffusion_table(
     directions: list[list[float]] | None = []
     for t in range(n_t):
         found = [per_frame[int(g[t])] for g in groups]
-        if any(d is None for d in found):
-            return None  # b-values in some images only: nothing reliable to keep
+        if any(d is None for d in found):  # b-values in some images only: nothing reliable
+            logger.warning("%s: b-values in some images only; diffusion table not kept", where)
+            return None
         bs = np.array([d.b_value for d in found if d is not None])
         if bs.max() - bs.min() > max(B_TOLERANCE, 1e-3 * bs.max()):
             raise GeometryError(
