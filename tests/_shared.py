@@ -248,3 +248,131 @@ def write_enhanced_ct(
     _set_pixels(ds, pixels)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def csa_header_bytes(tags: dict[str, tuple[str, Sequence[str]]], extra_items: int = 2) -> bytes:
+    """A Siemens CSA header (SV10 layout) from ``{name: (vr, values)}``, built byte by byte.
+
+    Each tag gets ``extra_items`` empty items after its ``vm`` values, as scanners write them.
+    """
+    import struct
+
+    out = bytearray(b"SV10" + b"\x04\x03\x02\x01" + struct.pack("<II", len(tags), 77))
+    for name, (vr, values) in tags.items():
+        n_items = len(values) + extra_items
+        out += struct.pack("<64si4siii", name.encode(), len(values), vr.encode(), 3, n_items, 77)
+        for i in range(n_items):
+            data = (str(values[i]).encode() + b"\0") if i < len(values) else b""
+            out += struct.pack("<4i", len(data), len(data), 77, len(data))
+            out += data + b"\0" * (-len(data) % 4)
+    return bytes(out)
+
+
+def mosaic_position(
+    first: Sequence[float],
+    iop: Sequence[float],
+    pixel_spacing: Sequence[float],
+    mosaic_rc: tuple[int, int],
+    tile_rc: tuple[int, int],
+) -> np.ndarray:
+    """ImagePositionPatient a scanner writes for a mosaic whose first slice starts at ``first``
+    (the top-left corner of the whole tiled image: the inverse of the reader's correction)."""
+    iop = np.asarray(iop, dtype=float)
+    return (
+        np.asarray(first, dtype=float)
+        - (mosaic_rc[1] - tile_rc[1]) / 2 * pixel_spacing[1] * iop[:3]
+        - (mosaic_rc[0] - tile_rc[0]) / 2 * pixel_spacing[0] * iop[3:]
+    )
+
+
+def write_mosaic_series(
+    folder: Path,
+    volumes: Sequence[np.ndarray],
+    *,
+    iop: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    pixel_spacing: tuple[float, float] = (2.5, 2.0),
+    first: Sequence[float] = (-30.0, -40.0, 10.0),
+    slice_spacing: float = 3.0,
+    tile_count: str | None = "private",
+    csa_normal: Sequence[float] | None = None,
+    csa_extra: dict[str, tuple[str, Sequence[str]]] | None = None,
+    with_csa: bool = True,
+    per_volume: Sequence[dict[str, Any]] | None = None,
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"),
+) -> list[Path]:
+    """Write each ``(i, j, k)`` volume as one Siemens mosaic MR file (uint16), time point ``t``.
+
+    Args:
+        tile_count: Where NumberOfImagesInMosaic goes: "private" (0019,xx0A), "csa" (the CSA
+            header), "times" (only MosaicRefAcqTimes in the CSA header) or None (nowhere).
+        csa_normal: SliceNormalVector written to the CSA header (default: row x column
+            cosine); slices are written along it.
+        csa_extra: More CSA tags, e.g. diffusion fields.
+        with_csa: Write the CSA image header at all.
+        per_volume: Per time point: DICOM keywords to set, ``siemens_b`` /
+            ``siemens_direction`` for the private (0019,xx0C) / (0019,xx0E) elements and
+            ``csa`` for more CSA tags of that file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    iop_s = [ds_str(v) for v in iop]
+    iop_f = ds_round(iop)
+    ps_s = [ds_str(v) for v in pixel_spacing]
+    normal = np.cross(iop_f[:3], iop_f[3:])
+    normal = np.asarray(csa_normal, dtype=float) if csa_normal is not None else normal
+    series_uid, study_uid = new_uid(), new_uid()
+    paths = []
+    for t, vol in enumerate(volumes):
+        cols_t, rows_t, n = vol.shape
+        m = int(np.ceil(np.sqrt(n)))
+        mosaic = np.zeros((m * rows_t, m * cols_t), dtype=np.uint16)
+        for k in range(n):  # row-major tiles; tile k holds slice k as (rows, cols)
+            a, b = divmod(k, m)
+            mosaic[a * rows_t : (a + 1) * rows_t, b * cols_t : (b + 1) * cols_t] = vol[:, :, k].T
+        ipp = mosaic_position(first, iop_f, ds_round(pixel_spacing), mosaic.shape, (rows_t, cols_t))
+        path = folder / f"{uuid.uuid4().hex[:12]}"
+        ds = _base_dataset(path, MR_IMAGE_STORAGE, new_uid())
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.Modality = "MR"
+        ds.Manufacturer = "SIEMENS"
+        ds.SeriesDescription = "synthetic mosaic"
+        ds.SeriesNumber = 7
+        ds.ImageType = list(image_type)
+        ds.InstanceNumber = t + 1
+        ds.AcquisitionTime = f"1200{t:02d}.000000"
+        ds.ImageOrientationPatient = iop_s
+        ds.ImagePositionPatient = [ds_str(v) for v in ipp]
+        ds.PixelSpacing = ps_s
+        ds.SliceThickness = ds_str(slice_spacing * 0.9)
+        ds.SpacingBetweenSlices = ds_str(slice_spacing)
+        mr = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+        if tile_count == "private":
+            mr.add_new(0x0A, "US", n)
+        extra = dict((per_volume[t] if per_volume else None) or {})
+        csa_more = extra.pop("csa", {})
+        if "siemens_b" in extra:
+            mr.add_new(0x0C, "IS", str(extra.pop("siemens_b")))
+        if "siemens_direction" in extra:
+            mr.add_new(0x0E, "FD", [float(v) for v in extra.pop("siemens_direction")])
+        for key, value in extra.items():
+            setattr(ds, key, value)
+        tags: dict[str, tuple[str, Sequence[str]]] = {
+            "AcquisitionMatrixText": ("SH", [f"{rows_t}p*{cols_t}"]),
+            "SliceNormalVector": ("FD", [f"{v:.8f}" for v in normal]),
+        }
+        if tile_count == "csa":
+            tags["NumberOfImagesInMosaic"] = ("US", [str(n)])
+        if tile_count == "times":
+            tags["MosaicRefAcqTimes"] = ("FD", [f"{37.5 * k:.4f}" for k in range(n)])
+        tags.update(csa_extra or {})
+        tags.update(csa_more)
+        if with_csa:
+            csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+            csa.add_new(0x08, "CS", "IMAGE NUM 4")
+            csa.add_new(0x10, "OB", csa_header_bytes(tags))
+        _set_pixels(ds, mosaic)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

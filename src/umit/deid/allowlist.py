@@ -92,6 +92,10 @@ CATALOG_ATTRIBUTES: tuple[CatalogAttribute, ...] = (
     CatalogAttribute("inversion_time", ("InversionTime",)),
     CatalogAttribute("photometric", ("PhotometricInterpretation",)),
     CatalogAttribute("transfer_syntax", ("TransferSyntaxUID",)),
+    # One entry per volume (time point) of a diffusion series, filled by the loader from every
+    # image; also read from vendor private fallbacks (umit.ingest.dicom.diffusion).
+    CatalogAttribute("b_values", ("DiffusionBValue",)),
+    CatalogAttribute("gradient_directions", ("DiffusionGradientOrientation",)),
     # Not read by the DICOM reader: derived by ingest or given by the operator / dataset files.
     CatalogAttribute(
         "age_band",

@@ -81,6 +81,8 @@ class LoadedCase:
         subject_key: Raw subject identifier (e.g. PatientID); only ever stored as a pseudonym.
         split: "train"/"val"/"test" when the source defines one.
         target: Classification target (JSON-encodable) when the source has one.
+        time_last: The channels are ``(i, j, k, t)`` time series, written as 4D files (a DICOM
+            4D series loaded with ``split_4d=False``).
     """
 
     channels: list[tuple[str, np.ndarray, ImageMeta]]
@@ -89,6 +91,7 @@ class LoadedCase:
     subject_key: str | None = None
     split: str | None = None
     target: Any = None
+    time_last: bool = False
 
 
 @dataclass
@@ -113,7 +116,11 @@ class IngestItem:
     payload: dict[str, Any]
     case_id: str | None = None
 
-    def load(self) -> LoadedCase:
+    def load(self, *, split_4d: bool = True) -> LoadedCase:
+        """Read the item; ``split_4d``: a 4D DICOM series becomes one channel per time point
+        (True) or one 4D channel (False)."""
+        if self.fmt == "dicom":
+            return _load_dicom(self, split_4d=split_4d)
         loader = _LOADERS[self.fmt]
         return loader(self)
 
@@ -455,19 +462,23 @@ def _load_file(item: IngestItem) -> LoadedCase:
     return LoadedCase(channels=[(name, array, meta)], label=label, attributes=dict(meta.extra))
 
 
-def _load_dicom(item: IngestItem) -> LoadedCase:
+def _load_dicom(item: IngestItem, split_4d: bool = True) -> LoadedCase:
     series = item.payload["series"]
     array, meta = load_series(
         series, resample_nonuniform=item.payload.get("resample_nonuniform", False)
     )
     attrs = dict(meta.extra)
     attrs["modality"] = meta.modality
-    if array.ndim == 4:  # (i, j, k, t): a 4D series is stored as one channel per time point
-        chans = [(f"{meta.modality}_t{t:03d}", array[..., t], meta) for t in range(array.shape[3])]
+    time_last = array.ndim == 4 and not split_4d
+    if array.ndim == 4:
         attrs["n_timepoints"] = array.shape[3]
-    else:
+    if array.ndim == 4 and split_4d:  # (i, j, k, t): one channel per time point
+        chans = [(f"{meta.modality}_t{t:03d}", array[..., t], meta) for t in range(array.shape[3])]
+    else:  # a 3D volume, or the whole 4D series as one channel (time last)
         chans = [(meta.modality, array, meta)]
-    return LoadedCase(channels=chans, attributes=attrs, subject_key=series.patient_key)
+    return LoadedCase(
+        channels=chans, attributes=attrs, subject_key=series.patient_key, time_last=time_last
+    )
 
 
 _LOADERS = {

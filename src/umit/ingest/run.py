@@ -30,6 +30,7 @@ from umit.data.meta import ImageMeta
 from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
 from umit.deid.secret import load_or_create_secret, pseudonym, replace_uid
 from umit.errors import InputError
+from umit.ingest.bvecs import write_fsl_gradients
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
 from umit.ingest.dicom import age_band
 from umit.ingest.formats import (
@@ -77,6 +78,9 @@ class IngestConfig(UmitConfig):
     """DICOM stacks whose slice spacing changes (e.g. 4.2 mm then 7.4 mm): resample them onto
     uniform slices at their smallest spacing (linear, recorded in the catalog's ``transform``)
     instead of recording a failure."""
+    split_4d: bool = True
+    """A 4D DICOM series (fMRI, DWI, perfusion) becomes one 3D file per time point (True) or one
+    4D file with time last and, for diffusion, FSL .bval/.bvec files beside it (False)."""
 
 
 @dataclass
@@ -273,7 +277,7 @@ def ingest_item(item: IngestItem, cfg: IngestConfig, secret: bytes) -> list[Seri
         burned_in = _burned_in_gate(item, cfg)
         if item.fmt == "dicom":
             item.payload["resample_nonuniform"] = cfg.resample_nonuniform
-        case = item.load()
+        case = item.load(split_4d=cfg.split_4d)
         if burned_in:
             case = _mask_top_rows(case, cfg.burned_in_mask_band)
         return _write_case(item, case, cfg, secret)
@@ -366,7 +370,8 @@ def _write_case(
         raise InputError(item.source, "no image data")
     ref_array, ref_meta = case.channels[0][1], case.channels[0][2]
     for name, array, meta in case.channels:
-        validate_volume(array, meta.source or item.source, f"channel {name}")
+        for volume in np.moveaxis(array, -1, 0) if case.time_last else [array]:
+            validate_volume(volume, meta.source or item.source, f"channel {name}")
         if (
             array.shape != ref_array.shape
             or np.abs(meta.affine - ref_meta.affine).max() > cfg.label_tolerance_mm
@@ -394,6 +399,8 @@ def _write_case(
         extra = {k: v for k, v in attrs.items() if k not in _COLUMN_ATTRS}
         if item.fmt == "dicom":  # UIDs as `umit deid` writes them with this secret
             extra.update(_deid_uids(item.payload["series"], secret))
+        if array.ndim == 4 and attrs.get("b_values"):  # a 4D diffusion series: FSL files
+            extra.update(_gradient_files(cfg.out, rel, attrs, meta.affine))
         records.append(
             SeriesRecord(
                 series_id=f"{case_id}_{ch:04d}",
@@ -425,6 +432,16 @@ def _write_case(
             )
         )
     return records
+
+
+def _gradient_files(
+    out: Path, rel: str, attrs: dict[str, Any], affine: np.ndarray
+) -> dict[str, str]:
+    """Write ``.bval``/``.bvec`` beside the image ``rel``; their paths (relative to ``out``)."""
+    written = write_fsl_gradients(
+        out / rel, attrs["b_values"], attrs.get("gradient_directions"), affine
+    )
+    return {f"{kind}_path": str(path.relative_to(out)) for kind, path in written.items()}
 
 
 def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:

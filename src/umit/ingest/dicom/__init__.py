@@ -36,6 +36,10 @@ Modules:
 * :mod:`~umit.ingest.dicom.pixels`: pixel decoding and assembling the volume array.
 * :mod:`~umit.ingest.dicom.series`: :class:`DicomSeries`, :class:`SeriesList`, :class:`SetAside`.
 * :mod:`~umit.ingest.dicom.attributes`: header value parsing and the allowlisted metadata.
+* :mod:`~umit.ingest.dicom.mosaic`: Siemens mosaics (one volume tiled in one image) -> slices.
+* :mod:`~umit.ingest.dicom.csa`: the Siemens CSA header parser; :mod:`~umit.ingest.dicom.private`:
+  vendor private elements by creator.
+* :mod:`~umit.ingest.dicom.diffusion`: b-value and gradient direction of DWI images, per time point.
 """
 
 from umit.ingest.dicom.attributes import EXTRA_FIELDS, _extra, age_band, parse_age

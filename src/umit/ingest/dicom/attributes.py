@@ -138,6 +138,9 @@ def _extra(ds: Dataset) -> dict[str, Any]:
         "inversion_time": lambda: _float(ds.get("InversionTime")),
         "photometric": lambda: text("PhotometricInterpretation"),
         "transfer_syntax": lambda: str(ts) if ts else None,
+        # per volume, from every image: filled by load_series (umit.ingest.dicom.diffusion)
+        "b_values": lambda: None,
+        "gradient_directions": lambda: None,
     }
     missing = set(EXTRA_FIELDS) - set(readers)
     if missing:  # a new allowlist reader field needs a reader here

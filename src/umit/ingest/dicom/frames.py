@@ -1,7 +1,8 @@
 """Per-image headers: geometry, rescale and ordering keys of one 2D image.
 
 ``_Frame`` is what the loader needs of one image: ImagePositionPatient, ImageOrientationPatient,
-PixelSpacing, rescale slope/intercept and the keys that order time points. ``_frame_single``
+PixelSpacing, rescale slope/intercept, the keys that order time points and the diffusion
+encoding (:mod:`~umit.ingest.dicom.diffusion`). ``_frame_single``
 reads it from a classic single-frame file, ``_frames_multi`` from each frame of an enhanced
 multi-frame file (per-frame or shared functional groups).
 """
@@ -22,6 +23,7 @@ from umit.ingest.dicom.attributes import (
     _shared_groups,
     _time_seconds,
 )
+from umit.ingest.dicom.diffusion import Diffusion, read_diffusion
 
 
 @dataclass
@@ -38,6 +40,7 @@ class _Frame:
     acq_time: float | None = None
     echo: float | None = None
     instance: float | None = None
+    diffusion: Diffusion | None = None  # b-value and gradient direction of a DWI image
 
 
 def _rescale(ds: Dataset, item: Dataset | None = None) -> tuple[float, float]:
@@ -49,7 +52,8 @@ def _rescale(ds: Dataset, item: Dataset | None = None) -> tuple[float, float]:
     )
 
 
-def _frame_single(ds: Dataset, path: Path) -> _Frame:
+def _frame_single(ds: Dataset, path: Path, csa: dict[str, list[str]] | None = None) -> _Frame:
+    """The one image of a classic file (``csa``: its parsed Siemens CSA header, if any)."""
     iop = _floats(ds.get("ImageOrientationPatient", []), 6)
     ipp = _floats(ds.get("ImagePositionPatient", []), 3)
     spacing = _floats(ds.get("PixelSpacing", []), 2)
@@ -71,6 +75,7 @@ def _frame_single(ds: Dataset, path: Path) -> _Frame:
         acq_time=_time_seconds(ds.get("AcquisitionTime")),
         echo=_float(ds.get("EchoNumbers")),  # multi-valued -> None
         instance=_float(ds.get("InstanceNumber")),
+        diffusion=read_diffusion(ds, csa),
     )
 
 
@@ -118,6 +123,7 @@ def _frames_multi(ds: Dataset, path: Path, n_frames: int) -> list[_Frame]:
                 temporal=temporal,
                 acq_time=acq,
                 instance=float(f),
+                diffusion=read_diffusion(ds, None, _fg_item(ds, item, "MRDiffusionSequence")),
             )
         )
     return frames

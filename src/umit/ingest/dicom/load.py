@@ -1,10 +1,12 @@
 """The volume loader: :func:`load_series` reads one stack into ``(array, ImageMeta)``.
 
-``load_series`` runs named steps: check the request, read the files (``_read_stack``), check the
-stack is one volume and order its slices (:mod:`~umit.ingest.dicom.stacks`), build the affine
+``load_series`` runs named steps: check the request, read the files (``_read_stack``; a Siemens
+mosaic file is split into its slices there, :mod:`~umit.ingest.dicom.mosaic`), check the stack is
+one volume and order its slices (:mod:`~umit.ingest.dicom.stacks`), build the affine
 (:mod:`~umit.ingest.dicom.geometry`), assemble the array (:mod:`~umit.ingest.dicom.pixels`),
 resample non-uniform slices when asked (:mod:`~umit.ingest.dicom.regrid`) and build the metadata
-(``_meta``).
+(``_meta``, with the b-values and gradient directions of a diffusion series,
+:mod:`~umit.ingest.dicom.diffusion`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from pydicom.dataset import Dataset
 from umit.data.meta import ImageMeta
 from umit.errors import GeometryError, InputError
 from umit.ingest.dicom.attributes import _extra, _int
+from umit.ingest.dicom.csa import CsaError
+from umit.ingest.dicom.diffusion import DiffusionTable, diffusion_table
 from umit.ingest.dicom.frames import _Frame, _frame_single, _frames_multi
 from umit.ingest.dicom.geometry import _affine, _mean_step, _slice_positions, slice_normal
+from umit.ingest.dicom.mosaic import is_mosaic, untile
 from umit.ingest.dicom.pixels import _assemble, _pixels
+from umit.ingest.dicom.private import image_csa
 from umit.ingest.dicom.regrid import regrid_slices
 from umit.ingest.dicom.series import DicomSeries
 from umit.ingest.dicom.stacks import (
@@ -64,10 +70,14 @@ def load_series(
     Returns:
         ``(array, meta)``: int16 when every slope is 1, every intercept integral and the values
         fit, else float32; shape ``(i, j, k)`` or ``(i, j, k, t)`` for 4D series (or
-        ``(i, j, k, c)`` for colour images).
+        ``(i, j, k, c)`` for colour images). A Siemens mosaic file is one volume; several at
+        one position are a 4D series. ``meta.extra["b_values"]`` and
+        ``["gradient_directions"]`` hold one entry per volume (time point) of a diffusion
+        series (directions in the DICOM patient frame, LPS; None when unknown).
 
     Raises:
-        InputError: unreadable/undecodable file, a single slice (2D).
+        InputError: unreadable/undecodable file, a single slice (2D), a mosaic without a tile
+            count or slice spacing.
         GeometryError: mixed orientations or pixel spacings, missing slices, non-uniform
             spacing (unless resampled), duplicate positions, inconsistent 4D pattern.
     """
@@ -106,7 +116,8 @@ def load_series(
     else:
         step = _mean_step(ipps)
         _warn_spacing_jitter(where, deviation, max_relative_spacing_deviation, step)
-    meta = _meta(stack.first, where, _affine(iop, pixel_spacing, step, ipps[0]))
+    diffusion = diffusion_table([f.diffusion for f in stack.frames], groups, where)
+    meta = _meta(stack.first, where, _affine(iop, pixel_spacing, step, ipps[0]), diffusion)
     if transform is not None:
         meta.extra["transform"] = transform
     return array, meta
@@ -134,14 +145,26 @@ def _read_file(path: Path, multiframe: bool) -> tuple[list[_Frame], np.ndarray, 
     except Exception as exc:
         raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     n_frames = _int(ds.get("NumberOfFrames")) or 1
+    csa, csa_problem = _read_csa(ds)
     if multiframe or "PerFrameFunctionalGroupsSequence" in ds:
         frames = _frames_multi(ds, path, n_frames)
     elif n_frames > 1:
         raise GeometryError(path, f"multi-frame file ({n_frames} frames) without functional groups")
     else:
-        frames = [_frame_single(ds, path)]
+        frames = [_frame_single(ds, path, csa)]
     arr, rescaled = _pixels(ds, path, n_frames)
+    if len(frames) == 1 and is_mosaic(ds, csa):  # one volume tiled in one image
+        frames, arr = untile(ds, csa, csa_problem, frames[0], arr[0], path)
     return frames, arr, rescaled, ds
+
+
+def _read_csa(ds: Dataset) -> tuple[dict[str, list[str]] | None, str | None]:
+    """The Siemens CSA image header, or ``(None, why)`` when it is there but unreadable (only a
+    mosaic needs it, so a bad one is an error only then)."""
+    try:
+        return image_csa(ds), None
+    except CsaError as exc:
+        return None, str(exc)
 
 
 def _read_stack(series: DicomSeries) -> _ReadStack:
@@ -161,9 +184,15 @@ def _read_stack(series: DicomSeries) -> _ReadStack:
     return _ReadStack(frames, pixels, rescaled, first)
 
 
-def _meta(ds: Dataset, where: Path, affine: np.ndarray) -> ImageMeta:
-    """ImageMeta of the volume: the affine and only the allowlisted :data:`EXTRA_FIELDS`."""
+def _meta(
+    ds: Dataset, where: Path, affine: np.ndarray, diffusion: DiffusionTable | None = None
+) -> ImageMeta:
+    """ImageMeta of the volume: the affine and only the allowlisted :data:`EXTRA_FIELDS`, the
+    diffusion fields filled from every image (not only the first file)."""
     extra = _extra(ds)
+    if diffusion is not None:
+        extra["b_values"] = diffusion.b_values
+        extra["gradient_directions"] = diffusion.directions
     return ImageMeta(
         affine=affine,
         source=str(where),
