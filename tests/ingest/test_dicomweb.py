@@ -5,6 +5,7 @@ real Orthanc (``pacs``)."""
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -300,3 +301,31 @@ def test_wrong_password_is_an_authentication_error(orthanc):
         client.check()
     with pytest.raises(AuthenticationError):
         DicomWebClient(orthanc.dicomweb_url).check()  # no credentials at all
+
+
+# -- the Orthanc launcher itself ---------------------------------------------------------------
+def test_orthanc_paths_gives_a_skip_reason_when_not_installed(monkeypatch, tmp_path):
+    from _orthanc import orthanc_paths
+
+    monkeypatch.setenv("UMIT_ORTHANC", str(tmp_path / "no-orthanc"))
+    reason = orthanc_paths()
+    assert isinstance(reason, str) and "Orthanc not found" in reason and "apt-get" in reason
+
+
+@pytest.mark.pacs
+def test_orthanc_launcher_refuses_strangers_and_leaves_nothing_running(orthanc, tmp_path):
+    import socket
+
+    from _orthanc import start_orthanc
+
+    server = start_orthanc(tmp_path / "second")  # a second one: the session's keeps running
+    with server:
+        assert server.rest("/system")["Version"]
+        config = json.loads((server.workdir / "orthanc.json").read_text())
+        assert config["RemoteAccessAllowed"] is False and config["AuthenticationEnabled"]
+        assert server.auth[1] != orthanc.auth[1]  # a password per run
+        with pytest.raises(AuthenticationError):
+            DicomWebClient(server.dicomweb_url, auth=(server.auth[0], "x")).check()
+    assert server.process.poll() is not None
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.http_port), 1):
+        pass
