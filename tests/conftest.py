@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _orthanc import Orthanc, orthanc_paths, start_orthanc
+
 
 @pytest.fixture(scope="session")
 def tiny_ct_store(tmp_path_factory) -> Path:
@@ -56,3 +58,26 @@ def register_models():
     yield add
     for name in added:
         unregister_model(name)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory) -> Orthanc:
+    """A real PACS for the session: Orthanc with DICOMweb on 127.0.0.1, its own user and
+    password, free ports, storage in a temp folder (``tests/_orthanc.py`` has the API). Shared
+    by every test of the session: use ``orthanc_empty`` to start from an empty server. Skips
+    with a reason where Orthanc is not installed; stopped (SIGTERM, then SIGKILL) at the end."""
+    found = orthanc_paths()
+    if isinstance(found, str):
+        pytest.skip(found)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def orthanc_empty(orthanc) -> Orthanc:
+    """The session's Orthanc with every study deleted first."""
+    orthanc.clear()
+    return orthanc

@@ -3,8 +3,10 @@
 The catalog is the hand-over from ``umit ingest`` to ``umit preprocess`` and to the bias
 analysis: it holds geometry and acquisition metadata and the subgroup attributes (sex, age band,
 site, contrast), never patient identifiers. Beside the ``series`` table, ``failures`` lists what
-could not be ingested and ``set_aside`` what was left out on purpose (localizers). Each series is committed in its own transaction, so a
-killed ingest can be resumed: a source whose ``source_key`` is present is not redone.
+could not be ingested, ``set_aside`` what was left out on purpose (localizers) and
+``remote_series`` which series of a DICOMweb source (a PACS) are done, by pseudonymised UID.
+Each series is committed in its own transaction, so a killed ingest can be resumed: a source
+whose ``source_key`` is present is not redone, nor a remote series that has its row.
 
 Layout of a RAW folder (paths in the catalog are relative to it)::
 
@@ -79,6 +81,16 @@ CREATE TABLE IF NOT EXISTS set_aside (
     series_number   INTEGER,
     deid_series_uid TEXT,
     set_aside_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS remote_series (
+    deid_series_uid TEXT PRIMARY KEY,
+    deid_study_uid  TEXT NOT NULL,
+    modality        TEXT,
+    n_instances     INTEGER NOT NULL,
+    n_bytes         INTEGER NOT NULL,
+    n_items         INTEGER NOT NULL,
+    n_failed        INTEGER NOT NULL,
+    retrieved_at    TEXT NOT NULL
 );
 """
 
@@ -272,6 +284,39 @@ class Catalog:
                 ),
             )
 
+    def add_remote_series(
+        self,
+        deid_series_uid: str,
+        deid_study_uid: str,
+        *,
+        modality: str | None,
+        n_instances: int,
+        n_bytes: int,
+        n_items: int,
+        n_failed: int,
+        clear_failure: str | None = None,
+    ) -> None:
+        """Mark a series of a DICOMweb source done (after its items are committed), by its
+        pseudonymised UIDs: ``n_items`` stacks and unreadable files found in it, ``n_failed``
+        of them failure rows. ``clear_failure`` is the source key of an earlier failed
+        retrieval of it, removed in the same transaction."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO remote_series VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    deid_series_uid,
+                    deid_study_uid,
+                    modality,
+                    n_instances,
+                    n_bytes,
+                    n_items,
+                    n_failed,
+                    _now(),
+                ),
+            )
+            if clear_failure is not None:
+                con.execute("DELETE FROM failures WHERE source_key = ?", (clear_failure,))
+
     def set_info(self, key: str, value: Any) -> None:
         with self.transaction() as con:
             con.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (key, json.dumps(value)))
@@ -304,6 +349,11 @@ class Catalog:
     def set_aside(self) -> list[dict[str, Any]]:
         """Rows of images set aside on purpose (localizers), ordered by source."""
         rows = self._con.execute("SELECT * FROM set_aside ORDER BY source").fetchall()
+        return [dict(r) for r in rows]
+
+    def remote_series(self) -> list[dict[str, Any]]:
+        """Series of DICOMweb sources that are done, by pseudonymised UID."""
+        rows = self._con.execute("SELECT * FROM remote_series ORDER BY retrieved_at").fetchall()
         return [dict(r) for r in rows]
 
     def info(self) -> dict[str, Any]:

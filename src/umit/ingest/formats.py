@@ -357,10 +357,21 @@ class SetAsideItem:
 
 
 def folder_items(
-    root: Path,
+    root: Path, source_prefix: str | None = None
 ) -> tuple[list[IngestItem], list[tuple[str, str, str]], list[SetAsideItem]]:
     """Items found under ``root``, ``(key, source, reason)`` of unreadable files and the
-    localizers set aside."""
+    localizers set aside.
+
+    Args:
+        source_prefix: How sources name ``root`` (default: paths relative to it, ``.`` for
+            itself), e.g. ``dicomweb:<series>`` for a series retrieved into a temporary folder.
+    """
+
+    def rel(path: Path) -> str:
+        name = str(path.relative_to(root)) if path != root else "."
+        if source_prefix is None:
+            return name
+        return source_prefix if name == "." else f"{source_prefix}/{name}"
 
     items: list[IngestItem] = []
     failures: list[tuple[str, str, str]] = []
@@ -413,14 +424,11 @@ def folder_items(
         root, exclude=lambda p: p in non_dicom or inside_collection(p)
     )
     for path, reason in unreadable:
-        failures.append(
-            (source_key("file", Path(path).resolve()), str(Path(path).relative_to(root)), reason)
-        )
+        failures.append((source_key("file", Path(path).resolve()), rel(Path(path)), reason))
     set_aside = [
         SetAsideItem(
             key=source_key("dicom-set-aside", s.key),
-            source=f"{s.folder.relative_to(root) if s.folder != root else '.'} "
-            f"[{len(s.files)} image{'s' if len(s.files) > 1 else ''}]",
+            source=f"{rel(s.folder)} [{len(s.files)} image{'s' if len(s.files) > 1 else ''}]",
             set_aside=s,
         )
         for s in series_list.set_aside
@@ -430,7 +438,7 @@ def folder_items(
         items.append(
             IngestItem(
                 key=source_key("dicom", series.key),
-                source=f"{folder.relative_to(root) if folder != root else '.'} [{series.n_slices} slices]",
+                source=f"{rel(folder)} [{series.n_slices} slices]",
                 fmt="dicom",
                 case_hint=None,
                 payload={"series": series},

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from umit import __version__
@@ -33,6 +33,7 @@ from umit.errors import InputError
 from umit.ingest.bvecs import write_fsl_gradients
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
 from umit.ingest.dicom import age_band
+from umit.ingest.dicomweb import is_remote_source
 from umit.ingest.formats import (
     IngestItem,
     LoadedCase,
@@ -53,8 +54,9 @@ SEX_CODES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O",
 class IngestConfig(UmitConfig):
     """Settings of ``umit ingest``."""
 
-    src: Path
-    """Source: a folder (DICOM / NIfTI / NRRD / MHA files, dataset.json collections) or a MedMNIST .npz."""
+    src: Path | str
+    """Source: a folder (DICOM / NIfTI / NRRD / MHA files, dataset.json collections), a MedMNIST
+    .npz, or a DICOMweb service ``dicomweb+http(s)://HOST:PORT/ROOT`` (a PACS: docs/pacs.md)."""
     out: Path
     """RAW output folder: catalog.db, images/, labels/ (created; an existing one is resumed)."""
     workers: int = Field(default=1, ge=1)
@@ -68,7 +70,7 @@ class IngestConfig(UmitConfig):
     compress: bool = True
     """Write .nii.gz (True) or .nii (False)."""
     limit: int | None = Field(default=None, ge=1)
-    """Ingest at most this many new items (for quick trials)."""
+    """Ingest at most this many new items (for quick trials; of a DICOMweb source: series)."""
     burned_in: Literal["reject", "mask"] = "reject"
     """DICOM series with images that may carry burned-in text (BurnedInAnnotation=YES, secondary
     captures, ultrasound...): reject (a failure row naming the file) or mask the top rows."""
@@ -81,6 +83,37 @@ class IngestConfig(UmitConfig):
     split_4d: bool = True
     """A 4D DICOM series (fMRI, DWI, perfusion) becomes one 3D file per time point (True) or one
     4D file with time last and, for diffusion, FSL .bval/.bvec files beside it (False)."""
+    pacs_study: list[str] = Field(default_factory=list)
+    """DICOMweb source: StudyInstanceUIDs to ingest (default: every study pacs_query matches)."""
+    pacs_query: dict[str, str] = Field(default_factory=dict)
+    """DICOMweb source: QIDO-RS study search, DICOM keywords to values, e.g.
+    ``{ModalitiesInStudy: CT, StudyDate: 20240101-20240131}`` (empty: every study)."""
+    pacs_auth_file: Path | None = None
+    """DICOMweb source: file whose first line is ``user:password`` (else ``$UMIT_PACS_AUTH``).
+    Only this path is recorded; the credentials never reach RAW or the logs."""
+    pacs_workers: int = Field(default=4, ge=1, le=64)
+    """DICOMweb source: series retrieved at once (threads; also the most series waiting on disk).
+    Decoding and writing run in the main process, one series at a time (``workers`` is unused)."""
+    pacs_timeout_s: float = Field(default=30.0, gt=0)
+    """DICOMweb source: connect timeout and read timeout (seconds without data) of each request."""
+    pacs_retries: int = Field(default=3, ge=0, le=20)
+    """DICOMweb source: retries after the first attempt, on connection errors, HTTP
+    429/502/503/504 and broken transfers (back-off 0, 2, 4... x pacs_backoff_s, at most 30 s)."""
+    pacs_backoff_s: float = Field(default=0.5, ge=0)
+    """DICOMweb source: back-off factor between retries, in seconds."""
+    pacs_transfer_syntax: str = "*"
+    """DICOMweb source: transfer syntax asked for: ``*`` as stored (no transcoding on the
+    server), or a UID, e.g. ``1.2.840.10008.1.2.1`` to have the server decompress."""
+    pacs_ca_file: Path | None = None
+    """DICOMweb source over https: CA bundle to trust (default: the system's)."""
+
+    @field_validator("src", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """A ``scheme://`` source stays a string (a Path would fold ``//``); others are paths."""
+        if isinstance(value, str) and "://" in value:
+            return value
+        return Path(value) if isinstance(value, str) else value
 
 
 @dataclass
@@ -96,6 +129,10 @@ class IngestResult:
     failures: list[dict[str, str]] = field(default_factory=list)
     set_aside: list[dict[str, Any]] = field(default_factory=list)
     """Rows of the catalog's ``set_aside`` table: localizers left out on purpose, not failures."""
+    retrieved: int = 0
+    """DICOMweb source: series retrieved by this run."""
+    retrieved_bytes: int = 0
+    """DICOMweb source: bytes of DICOM retrieved by this run."""
 
     @property
     def items_per_second(self) -> float:
@@ -120,9 +157,45 @@ def discover(
     return folder_items(src)
 
 
-def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
-    """Ingest ``cfg.src`` into ``cfg.out``; returns counts (failures are rows, not exceptions)."""
+def run(
+    cfg: IngestConfig, progress: bool = True, *, auth: tuple[str, str] | None = None
+) -> IngestResult:
+    """Ingest ``cfg.src`` into ``cfg.out``; returns counts (failures are rows, not exceptions).
+
+    Args:
+        auth: DICOMweb source only: ``(user, password)``; default: ``cfg.pacs_auth_file``, else
+            ``$UMIT_PACS_AUTH``, else none.
+    """
+    if is_remote_source(cfg.src):
+        from umit.ingest.pacs import run_dicomweb  # imports this module: import it on use
+
+        return run_dicomweb(cfg, progress=progress, auth=auth)
+    if isinstance(cfg.src, str):  # a URL of another kind (not echoed: it may hold a password)
+        raise InputError(
+            None,
+            f"unsupported source URL scheme {cfg.src.split('://')[0]!r}: a PACS is read over "
+            "DICOMweb as dicomweb+http(s)://HOST:PORT/ROOT",
+        )
+    if cfg.pacs_study or cfg.pacs_query:
+        raise InputError(cfg.src, "pacs_study / pacs_query need a dicomweb+http(s):// source")
     start = time.perf_counter()
+    out = prepare_out(cfg)
+    secret = load_or_create_secret(out)
+    result = IngestResult(out=out)
+    with Catalog(out / CATALOG_NAME) as catalog:
+        catalog.set_info("umit_version", __version__)
+        found = discover(cfg.src)
+        ingest_found(found, cfg, secret, catalog, result, progress, limit=cfg.limit)
+        result.failures = catalog.failures()
+        result.failed = len(result.failures)
+        result.set_aside = catalog.set_aside()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def prepare_out(cfg: IngestConfig) -> Path:
+    """Create the RAW folder (or take up an existing one): its sub-folders, stale temp files of
+    a killed run removed, the resolved config written."""
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     for sub in (IMAGES_DIR, LABELS_DIR):
@@ -131,35 +204,57 @@ def run(cfg: IngestConfig, progress: bool = True) -> IngestResult:
         if removed:
             log.info("removed %d half-written file(s) left by an interrupted run", removed)
     save_config(cfg, out)
-    secret = load_or_create_secret(out)
-    result = IngestResult(out=out)
-    with Catalog(out / CATALOG_NAME) as catalog:
-        catalog.set_info("umit_version", __version__)
-        items, discovery_failures, set_aside = discover(cfg.src)
-        _record_set_aside(set_aside, catalog, secret)
-        result.found = len(items) + len(discovery_failures)
-        label_names = next((it.payload["labels"] for it in items if it.payload.get("labels")), None)
-        if label_names:  # the collection's label dictionary, for the plan and reports
-            catalog.set_info("labels", label_names)
-        done = catalog.done_keys()
-        if cfg.retry_failed:
-            done -= {f["source_key"] for f in catalog.failures()}
-        for key, source, reason in discovery_failures:
-            if key not in done:
-                reason = failure_line(source, reason)
-                catalog.add_failure(key, source, reason)
-                log.warning("failed: %s", reason)
-        todo = [it for it in items if it.key not in done]
-        result.skipped = len(items) - len(todo)
-        if cfg.limit is not None:
-            todo = todo[: cfg.limit]
-        todo = _assign_case_ids(todo, catalog, secret)
-        _process(todo, cfg, secret, catalog, result, progress)
-        result.failures = catalog.failures()
-        result.failed = len(result.failures)
-        result.set_aside = catalog.set_aside()
-    result.seconds = time.perf_counter() - start
-    return result
+    return out
+
+
+Found = tuple[list[IngestItem], list[tuple[str, str, str]], list[SetAsideItem]]
+"""What :func:`discover` (or :func:`~umit.ingest.formats.folder_items`) found: work items,
+``(key, source, reason)`` of unreadable files, and the localizers set aside."""
+
+
+def ingest_found(
+    found: Found,
+    cfg: IngestConfig,
+    secret: bytes,
+    catalog: Catalog,
+    result: IngestResult,
+    progress: bool,
+    *,
+    limit: int | None = None,
+    workers: int | None = None,
+) -> None:
+    """The ingest pipeline for what one source holds: record what was set aside and what could
+    not be read, skip what the catalog has, then load, check, write and commit the rest.
+
+    A local folder goes through here once; a DICOMweb source once per retrieved series folder,
+    so that both are ingested alike (same keys, case ids, checks and pseudonyms).
+
+    Args:
+        limit: Process at most this many new items.
+        workers: Loader processes (default ``cfg.workers``).
+    """
+    items, discovery_failures, set_aside = found
+    _record_set_aside(set_aside, catalog, secret)
+    result.found += len(items) + len(discovery_failures)
+    label_names = next((it.payload["labels"] for it in items if it.payload.get("labels")), None)
+    if label_names:  # the collection's label dictionary, for the plan and reports
+        catalog.set_info("labels", label_names)
+    done = catalog.done_keys()
+    if cfg.retry_failed:
+        done -= {f["source_key"] for f in catalog.failures()}
+    for key, source, reason in discovery_failures:
+        if key not in done:
+            reason = failure_line(source, reason)
+            catalog.add_failure(key, source, reason)
+            log.warning("failed: %s", reason)
+    todo = [it for it in items if it.key not in done]
+    result.skipped += len(items) - len(todo)
+    if limit is not None:
+        todo = todo[:limit]
+    todo = _assign_case_ids(todo, catalog, secret)
+    _process(
+        todo, cfg, secret, catalog, result, progress, cfg.workers if workers is None else workers
+    )
 
 
 def _record_set_aside(found: list[SetAsideItem], catalog: Catalog, secret: bytes) -> None:
@@ -231,6 +326,7 @@ def _process(
     catalog: Catalog,
     result: IngestResult,
     progress: bool,
+    workers: int,
 ) -> None:
     bar = tqdm(total=len(todo), desc="ingest", unit="item", disable=not progress)
 
@@ -250,16 +346,16 @@ def _process(
                 catalog.add_failure(item.key, item.source, str(exc))
         bar.update(1)
 
-    if cfg.workers == 1 or len(todo) < 2:
+    if workers == 1 or len(todo) < 2:
         for item in todo:
             commit(item, ingest_item(item, cfg, secret))
     else:
-        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             pending: dict[Any, IngestItem] = {}
             queue = iter(todo)
             for item in queue:  # keep a bounded number of items in flight
                 pending[pool.submit(ingest_item, item, cfg, secret)] = item
-                if len(pending) >= 2 * cfg.workers:
+                if len(pending) >= 2 * workers:
                     break
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)

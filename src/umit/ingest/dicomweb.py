@@ -1,0 +1,692 @@
+"""A small DICOMweb client: QIDO-RS search, WADO-RS series retrieval to disk, STOW-RS store.
+
+Built on urllib3 alone, on purpose, because what leaves the machine must be exactly what the
+user asked for:
+
+* Requests go only to the scheme, host and port of the URL the client was given. Redirects are
+  refused (never followed, so credentials cannot be forwarded), URLs the server returns
+  (RetrieveURL, BulkDataURI) are never used, and no proxy or ``.netrc`` is read from the
+  environment (urllib3 does neither; ``requests`` does both).
+* Every request has a connect and a read timeout, and a bounded number of retries with
+  exponential back-off on connection errors and on HTTP 429/502/503/504. A series whose transfer
+  breaks off mid-stream is retried from the start, as often again.
+* WADO-RS responses (``multipart/related``) are parsed as they stream in and each part is written
+  straight to its own file: memory stays at one chunk, whatever the size of the series.
+* Credentials travel only in the ``Authorization`` header; no message, log line or exception of
+  this module contains them (errors name :attr:`DicomWebClient.url`, which cannot hold any).
+
+Used by ``umit ingest dicomweb+http://...`` (:mod:`umit.ingest.pacs`) and by anything that
+stores results back into a PACS (:meth:`DicomWebClient.store_instances`). Example::
+
+    with DicomWebClient("http://127.0.0.1:8042/dicom-web", auth=("user", "secret")) as client:
+        client.check()
+        for study in client.search_studies({"ModalitiesInStudy": "CT"}):
+            study_uid = dicom_json_value(study, "StudyInstanceUID")
+            for series in client.search_series(study_uid):
+                series_uid = dicom_json_value(series, "SeriesInstanceUID")
+                client.retrieve_series(study_uid, series_uid, Path("tmp") / series_uid)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError, ReadTimeoutError
+from urllib3.util import Retry, Timeout
+
+from umit.errors import UmitError
+
+log = logging.getLogger(__name__)
+
+URL_SCHEME_PREFIX = "dicomweb+"
+"""``umit ingest`` takes ``dicomweb+http://HOST:PORT/ROOT`` (or ``dicomweb+https://``)."""
+AUTH_ENV = "UMIT_PACS_AUTH"
+"""Environment variable holding ``user:password`` when neither ``--auth`` nor a file is given."""
+RETRY_STATUS = (429, 502, 503, 504)
+"""HTTP statuses worth retrying (busy or restarting server); everything else fails at once."""
+QIDO_PARAMETERS = {"limit", "offset", "fuzzymatching", "includefield"}
+"""QIDO-RS query keys that are not attribute matches."""
+DICOM_MEDIA = 'multipart/related; type="application/dicom"'
+
+
+class DicomWebError(UmitError):
+    """A DICOMweb request failed; the message names the server URL and why (never credentials)."""
+
+
+class AuthenticationError(DicomWebError):
+    """The server refused the credentials (HTTP 401) or the access (HTTP 403)."""
+
+
+class ServerUnreachable(DicomWebError):
+    """No connection to the server after every allowed attempt."""
+
+
+class _BrokenTransfer(DicomWebError):
+    """A response body ended or timed out mid-stream (worth retrying from the start)."""
+
+
+@dataclass
+class RetrievedSeries:
+    """What :meth:`DicomWebClient.retrieve_series` wrote.
+
+    Attributes:
+        folder: The folder holding one file per instance, ``00000.dcm``, ``00001.dcm``...
+        n_instances: Number of files written.
+        n_bytes: Bytes written (the instances' encoded size).
+        seconds: Wall time of the transfer, retries included.
+        attempts: Transfers started (1 unless one broke off and was retried).
+    """
+
+    folder: Path
+    n_instances: int
+    n_bytes: int
+    seconds: float
+    attempts: int = 1
+
+
+def parse_url(url: str) -> str:
+    """The base ``http(s)://host[:port]/root`` of a DICOMweb service, checked.
+
+    Accepts ``dicomweb+http(s)://...`` as ``umit ingest`` writes it, or a plain ``http(s)://``
+    URL. A URL with credentials in it (``user:pw@host``), a query or a fragment is refused: the
+    URL ends up in logs and in ``config.yaml``, credentials must not (use an auth file). The
+    error never repeats the URL, since it may hold a password.
+
+    Raises:
+        ValueError: not an http(s) URL, or one with credentials, a query or a fragment.
+    """
+    raw = url.removeprefix(URL_SCHEME_PREFIX)
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "a DICOMweb source must look like dicomweb+http://HOST:PORT/dicom-web "
+            f"(or dicomweb+https://...); got scheme {parts.scheme or 'none'!r}"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "the DICOMweb URL holds credentials (user:password@host); they would be written to "
+            f"logs and config.yaml: give them with --auth-file or ${AUTH_ENV} instead"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(
+            "the DICOMweb URL must not have a query or fragment; search with --query instead"
+        )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"the DICOMweb URL has an invalid port ({exc})") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{host}:{port}" if port else host
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def is_remote_source(src: object) -> bool:
+    """Whether an ingest source names a DICOMweb service (``dicomweb+http(s)://...``)."""
+    return isinstance(src, str) and src.startswith(URL_SCHEME_PREFIX)
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the URL's host is this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = urlsplit(url.removeprefix(URL_SCHEME_PREFIX)).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_auth(
+    spec: str | None = None, file: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> tuple[str, str] | None:
+    """Credentials ``(user, password)`` from ``spec`` (``"user:password"``), else the first line
+    of ``file``, else ``$UMIT_PACS_AUTH``; None when none is given.
+
+    Raises:
+        ValueError: a value without ``:`` or an unreadable file (the message never holds the
+            password).
+    """
+    env = os.environ if env is None else env
+    where, value = None, None
+    if spec is not None:
+        where, value = "--auth", spec
+    elif file is not None:
+        path = Path(file)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the auth file ({exc.strerror})") from None
+        where, value = str(path), (lines[0].strip() if lines else "")
+        if path.stat().st_mode & 0o077:
+            log.warning("%s: readable by other users; chmod 600 it", path)
+    elif env.get(AUTH_ENV):
+        where, value = f"${AUTH_ENV}", env[AUTH_ENV]
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user:
+        raise ValueError(f"{where}: credentials must be 'user:password'")
+    return user, password
+
+
+def dicom_json_value(dataset: Mapping[str, Any], keyword: str, default: Any = None) -> Any:
+    """First value of attribute ``keyword`` (e.g. ``"SeriesInstanceUID"``) in a DICOM JSON
+    dataset, as QIDO-RS returns them; ``default`` when absent or empty."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"unknown DICOM keyword {keyword!r}")
+    values = (dataset.get(f"{tag:08X}") or {}).get("Value") or []
+    return values[0] if values else default
+
+
+def check_query(query: Mapping[str, str]) -> dict[str, str]:
+    """QIDO-RS query keys checked: DICOM keywords, ``ggggeeee`` tags or QIDO parameters.
+
+    Raises:
+        ValueError: naming an unknown key (a typo would otherwise match everything).
+    """
+    from pydicom.datadict import tag_for_keyword
+
+    out = {}
+    for key, value in query.items():
+        ok = (
+            key in QIDO_PARAMETERS
+            or tag_for_keyword(key) is not None
+            or re.fullmatch(r"[0-9A-Fa-f]{8}", key) is not None
+        )
+        if not ok:
+            raise ValueError(
+                f"unknown QIDO-RS query key {key!r}: use DICOM keywords such as "
+                "ModalitiesInStudy, StudyDate, StudyInstanceUID (or ggggeeee tags)"
+            )
+        out[key] = str(value)
+    return out
+
+
+class DicomWebClient:
+    """QIDO-RS / WADO-RS / STOW-RS against one DICOMweb service (thread-safe).
+
+    Args:
+        url: Base URL, e.g. ``http://127.0.0.1:8042/dicom-web`` (``dicomweb+`` prefix allowed).
+        auth: ``(user, password)`` for HTTP Basic authentication, or None.
+        timeout_s: Connect timeout and read timeout (per socket read, not per transfer).
+        retries: Retries after the first attempt, on connection errors, on HTTP
+            429/502/503/504 and on a transfer that breaks off.
+        backoff_s: Back-off factor: waits of 0, 2·b, 4·b... seconds between retries (at most 30).
+        ca_file: CA bundle for https (default: the system's).
+        max_connections: Connections kept open (one per concurrent retrieval).
+        page_size: QIDO-RS results asked for per request (``limit``/``offset`` paging).
+        chunk_bytes: Bytes read from the socket at a time while streaming.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        ca_file: str | Path | None = None,
+        max_connections: int = 4,
+        page_size: int = 1000,
+        chunk_bytes: int = 1 << 20,
+    ):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.url = parse_url(url)
+        """The service's base URL (no credentials, no trailing slash): the one host talked to."""
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.page_size = page_size
+        self.chunk_bytes = chunk_bytes
+        self._timeout = Timeout(connect=timeout_s, read=timeout_s)
+        self._headers = {"User-Agent": "umit-dicomweb"}
+        if auth is not None:
+            self._headers.update(urllib3.make_headers(basic_auth=f"{auth[0]}:{auth[1]}"))
+        pool_kw: dict[str, Any] = {"maxsize": max(1, max_connections), "block": False}
+        if ca_file is not None:
+            pool_kw["ca_certs"] = str(ca_file)
+        self._pool = urllib3.PoolManager(num_pools=2, **pool_kw)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._pool.clear()
+
+    def __enter__(self) -> DicomWebClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # never the headers: they hold the credentials
+        return f"DicomWebClient({self.url!r})"
+
+    def _retry(self) -> Retry:
+        return Retry(
+            total=self.retries,
+            connect=self.retries,
+            read=self.retries,
+            status=self.retries,
+            other=0,
+            redirect=False,
+            # read errors and statuses are retried for GET only (a POST may have been
+            # stored); connection errors, where nothing was sent, for every method
+            allowed_methods=frozenset({"GET"}),
+            status_forcelist=RETRY_STATUS,
+            backoff_factor=self.backoff_s,
+            backoff_max=30.0,
+            raise_on_status=False,
+            respect_retry_after_header=False,  # a server's "come back in an hour" would hang us
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        stream: bool = False,
+    ) -> urllib3.BaseHTTPResponse:
+        """One request to ``self.url + path``; raises a :class:`DicomWebError` on any failure
+        but a 2xx answer (the body is read unless ``stream``)."""
+        target = self.url + path + (f"?{urlencode(params)}" if params else "")
+        try:
+            response = self._pool.request(
+                method,
+                target,
+                headers={**self._headers, **(headers or {})},
+                body=body,
+                retries=self._retry(),
+                timeout=self._timeout,
+                redirect=False,
+                preload_content=not stream,
+            )
+        except MaxRetryError as exc:
+            reason = exc.reason
+            if isinstance(reason, ReadTimeoutError):
+                raise DicomWebError(
+                    f"{self.url}: no answer within {self._timeout.read_timeout} s to {method} "
+                    f"{path} after {self.retries + 1} attempt(s)"
+                ) from None
+            raise ServerUnreachable(
+                f"cannot reach {self.url} after {self.retries + 1} attempt(s): "
+                f"{_short_reason(reason)}; is the server running and the URL right?"
+            ) from None
+        except ReadTimeoutError:
+            raise DicomWebError(
+                f"{self.url}: no answer within {self._timeout.read_timeout} s to {method} {path}"
+            ) from None
+        except HTTPError as exc:
+            raise DicomWebError(
+                f"{self.url}: {method} {path} failed: {_short_reason(exc)}"
+            ) from None
+        if response.status < 300:
+            return response
+        detail = "" if stream else _body_excerpt(response.data)
+        response.release_conn()
+        if response.status == 401:
+            raise AuthenticationError(
+                f"authentication failed for {self.url} (HTTP 401): check the user and password "
+                "(--auth-file, --auth or $" + AUTH_ENV + ")"
+            )
+        if response.status == 403:
+            raise AuthenticationError(f"access refused by {self.url} (HTTP 403) for {path}")
+        if 300 <= response.status < 400:
+            raise DicomWebError(
+                f"{self.url}: {method} {path} was redirected (HTTP {response.status}) to "
+                f"{response.headers.get('Location', '?')!r}; umit talks only to the URL it is "
+                "given: use the final URL"
+            )
+        raise DicomWebError(
+            f"{self.url}: {method} {path} failed with HTTP {response.status}"
+            + (f": {detail}" if detail else "")
+        )
+
+    def _get_json(self, path: str, params: Mapping[str, Any] | None = None) -> list[dict]:
+        response = self._request(
+            "GET", path, params=params, headers={"Accept": "application/dicom+json"}
+        )
+        if response.status == 204 or not response.data:
+            return []
+        try:
+            data = json.loads(response.data)
+        except ValueError:
+            raise DicomWebError(
+                f"{self.url}: {path} did not answer with DICOM JSON: {_body_excerpt(response.data)}"
+            ) from None
+        return [data] if isinstance(data, dict) else list(data)
+
+    def _search(self, path: str, query: Mapping[str, str] | None) -> list[dict]:
+        """All QIDO-RS matches, paged with ``limit``/``offset`` unless the query sets them."""
+        params = check_query(query or {})
+        if "limit" in params or "offset" in params:
+            return self._get_json(path, params)
+        out: list[dict] = []
+        while True:
+            page = self._get_json(path, {**params, "limit": self.page_size, "offset": len(out)})
+            out.extend(page)
+            if len(page) < self.page_size:
+                return out
+
+    # -- the three services ------------------------------------------------------------------
+    def check(self) -> None:
+        """One cheap authenticated request (a QIDO-RS study search of one result), so that a
+        wrong password or an unreachable server fails before anything is written."""
+        self._get_json("/studies", {"limit": 1})
+
+    def search_studies(self, query: Mapping[str, str] | None = None) -> list[dict]:
+        """QIDO-RS ``/studies``: DICOM JSON of every matching study (all pages)."""
+        return self._search("/studies", query)
+
+    def search_series(
+        self, study_uid: str | None = None, query: Mapping[str, str] | None = None
+    ) -> list[dict]:
+        """QIDO-RS series of one study (or of all studies when ``study_uid`` is None)."""
+        path = f"/studies/{_uid(study_uid)}/series" if study_uid else "/series"
+        return self._search(path, query)
+
+    def search_instances(
+        self, study_uid: str, series_uid: str, query: Mapping[str, str] | None = None
+    ) -> list[dict]:
+        """QIDO-RS instances of one series."""
+        return self._search(
+            f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}/instances", query
+        )
+
+    def retrieve_series(
+        self, study_uid: str, series_uid: str, folder: str | Path, transfer_syntax: str = "*"
+    ) -> RetrievedSeries:
+        """WADO-RS: every instance of a series into ``folder`` (created; emptied first), one
+        file per instance, streamed (memory: one chunk).
+
+        Args:
+            transfer_syntax: ``"*"`` (as stored: no transcoding on the server) or a transfer
+                syntax UID to ask the server for, e.g. ``1.2.840.10008.1.2.1`` (uncompressed).
+
+        Raises:
+            DicomWebError: after ``retries`` broken transfers, or on an HTTP error.
+        """
+        folder = Path(folder)
+        path = f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}"
+        accept = f"{DICOM_MEDIA}; transfer-syntax={transfer_syntax}"
+        start = time.perf_counter()
+        for attempt in range(1, self.retries + 2):
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True, mode=0o700)
+            try:
+                response = self._request("GET", path, headers={"Accept": accept}, stream=True)
+                try:
+                    n, size = self._write_parts(response, folder, path)
+                finally:
+                    response.release_conn()
+                return RetrievedSeries(folder, n, size, time.perf_counter() - start, attempt)
+            except _BrokenTransfer as exc:
+                if attempt > self.retries:
+                    raise DicomWebError(f"{exc} (after {attempt} attempt(s))") from None
+                wait = min(30.0, self.backoff_s * 2**attempt)
+                log.warning("%s; retrying in %.1f s", exc, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _write_parts(
+        self, response: urllib3.BaseHTTPResponse, folder: Path, path: str
+    ) -> tuple[int, int]:
+        boundary = _boundary(response.headers.get("Content-Type", ""))
+        if boundary is None:
+            raise DicomWebError(
+                f"{self.url}: {path} answered {response.headers.get('Content-Type')!r}, "
+                "expected multipart/related"
+            )
+        parser = _MultipartToFiles(boundary, folder)
+        try:
+            for chunk in response.stream(self.chunk_bytes):
+                parser.feed(chunk)
+        except (ProtocolError, ReadTimeoutError, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+                raise  # a local disk error is not the network's fault
+            raise _BrokenTransfer(
+                f"{self.url}: transfer of {path} broke off after {parser.n_parts} instance(s): "
+                f"{_short_reason(exc)}"
+            ) from None
+        finally:
+            parser.close_file()
+        if not parser.finished:
+            raise _BrokenTransfer(
+                f"{self.url}: transfer of {path} ended early after {parser.n_parts} instance(s) "
+                "(no closing boundary)"
+            )
+        return parser.n_parts, parser.n_bytes
+
+    def store_instances(
+        self,
+        paths: Iterable[str | Path],
+        study_uid: str | None = None,
+        max_request_bytes: int = 64 << 20,
+    ) -> list[dict]:
+        """STOW-RS: POST DICOM files to ``/studies`` (or ``/studies/{study_uid}``), in requests
+        of at most ``max_request_bytes`` (a single larger file goes alone).
+
+        Returns:
+            The server's DICOM JSON answer of each request.
+
+        Raises:
+            DicomWebError: on an HTTP error, or when the server lists failed instances
+                (FailedSOPSequence), naming how many and the first failure reason.
+        """
+        path = f"/studies/{_uid(study_uid)}" if study_uid else "/studies"
+        answers = []
+        batch: list[bytes] = []
+        size = 0
+
+        def send() -> None:
+            boundary = uuid.uuid4().hex
+            body = _multipart_body(batch, boundary)
+            response = self._request(
+                "POST",
+                path,
+                headers={
+                    "Content-Type": f"{DICOM_MEDIA}; boundary={boundary}",
+                    "Accept": "application/dicom+json",
+                },
+                body=body,
+            )
+            answer = json.loads(response.data) if response.data else {}
+            failed = (answer.get("00081198") or {}).get("Value") or []
+            if failed:
+                reason = (failed[0].get("00081197") or {}).get("Value") or ["?"]
+                raise DicomWebError(
+                    f"{self.url}: STOW-RS refused {len(failed)} of {len(batch)} instance(s) "
+                    f"(first FailureReason {reason[0]})"
+                )
+            answers.append(answer)
+
+        for p in paths:
+            data = Path(p).read_bytes()
+            if batch and size + len(data) > max_request_bytes:
+                send()
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        if batch:
+            send()
+        return answers
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _uid(uid: str) -> str:
+    if not re.fullmatch(r"[0-9.]{1,64}", uid):
+        raise ValueError(f"not a DICOM UID: {uid!r}")
+    return quote(uid)
+
+
+def _short_reason(exc: BaseException | None) -> str:
+    """The last, most specific line of a urllib3 error, without object addresses."""
+    text = str(exc) if exc is not None else "unknown error"
+    text = re.sub(r"<[^>]* at 0x[0-9a-f]+>: ?", "", text)
+    return text.strip().rstrip(")") or type(exc).__name__
+
+
+def _body_excerpt(data: bytes, limit: int = 300) -> str:
+    text = data[:limit].decode("utf-8", "replace")
+    return " ".join(text.split())
+
+
+def _boundary(content_type: str) -> bytes | None:
+    media, *params = [p.strip() for p in content_type.split(";")]
+    if media.lower() != "multipart/related":
+        return None
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "boundary" and value:
+            return value.strip().strip('"').encode()
+    return None
+
+
+def _multipart_body(parts: Sequence[bytes], boundary: str) -> bytes:
+    out = bytearray()
+    for data in parts:
+        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        out += data
+        out += b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out)
+
+
+class _MultipartToFiles:
+    """Incremental ``multipart/related`` parser writing part ``i`` to ``folder/{i:05d}.dcm``.
+
+    Holds at most one chunk plus a delimiter's length in memory. A part with a
+    ``Content-Length`` header is copied by count; otherwise its end is found by scanning for the
+    delimiter ``CRLF--boundary``.
+    """
+
+    _MAX_HEADER = 64 << 10
+
+    def __init__(self, boundary: bytes, folder: Path):
+        self.delimiter = b"\r\n--" + boundary
+        self.folder = folder
+        self.buf = bytearray(b"\r\n")  # so the first boundary matches the delimiter too
+        self.state = "preamble"  # -> headers -> body -> after -> ... -> done
+        self.remaining: int | None = None
+        self.file: Any = None
+        self.n_parts = 0
+        self.n_bytes = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "done"
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Consume what the buffer allows; True when called again may make progress."""
+        buf, d = self.buf, self.delimiter
+        if self.state == "preamble":
+            i = buf.find(d)
+            if i < 0:
+                del buf[: max(0, len(buf) - len(d))]
+                return False
+            del buf[: i + len(d)]
+            self.state = "after"
+            return True
+        if self.state == "after":  # just past a delimiter: "--" ends, CRLF starts a part
+            if len(buf) < 2:
+                return False
+            if buf[:2] == b"--":
+                self.state = "done"
+                buf.clear()
+                return False
+            i = buf.find(b"\r\n")
+            if i < 0:
+                return False
+            del buf[: i + 2]  # transport padding + CRLF
+            self.state = "headers"
+            return True
+        if self.state == "headers":
+            i = buf.find(b"\r\n\r\n")
+            if i < 0:
+                if buf.startswith(b"\r\n"):  # a part without headers
+                    i = -2
+                elif len(buf) > self._MAX_HEADER:
+                    raise _BrokenTransfer("multipart part headers too long")
+                else:
+                    return False
+            headers = bytes(buf[: max(i, 0)]).decode("latin-1")
+            del buf[: i + 4]
+            length = re.search(r"(?im)^content-length:\s*(\d+)\s*$", headers)
+            self.remaining = int(length.group(1)) if length else None
+            self.file = open(self.folder / f"{self.n_parts:05d}.dcm", "wb")  # noqa: SIM115
+            self.state = "body"
+            return True
+        if self.state == "body":
+            if self.remaining is not None:
+                take = min(self.remaining, len(buf))
+                self._write(buf[:take])
+                del buf[:take]
+                self.remaining -= take
+                if self.remaining:
+                    return False
+                self.remaining = None
+                self.state = "end-of-part"
+                return True
+            i = buf.find(d)
+            if i < 0:
+                keep = len(d) - 1
+                if len(buf) > keep:
+                    self._write(buf[: len(buf) - keep])
+                    del buf[: len(buf) - keep]
+                return False
+            self._write(buf[:i])
+            del buf[: i + len(d)]
+            self._end_part()
+            self.state = "after"
+            return True
+        if self.state == "end-of-part":  # counted body done: the delimiter must follow
+            if len(buf) < len(d):
+                return False
+            if buf[: len(d)] != d:
+                raise _BrokenTransfer("multipart part longer than its Content-Length")
+            del buf[: len(d)]
+            self._end_part()
+            self.state = "after"
+            return True
+        return False  # done: ignore the epilogue
+
+    def _write(self, data: bytes | bytearray) -> None:
+        self.file.write(data)
+        self.n_bytes += len(data)
+
+    def _end_part(self) -> None:
+        self.close_file()
+        self.n_parts += 1
