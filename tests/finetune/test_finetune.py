@@ -114,6 +114,13 @@ def test_segmentation_finetune_then_evaluate(tiny_ct_store, tmp_path):
     assert (out / "report.html").stat().st_size > 1000 and (out / "per_case.csv").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert "sex" in summary["result"]["attributes"]
+    # the report names structures (dataset.json -> plan -> model), not label values
+    assert summary["structures"]["4"] == "liver"
+    page = (out / "report.html").read_text()
+    assert "<td>liver</td>" in page and "<td>kidney_left</td>" in page
+    assert "dice_4" not in page and "dice_mean" not in page
+    assert "Best, median and worst case" in page and "median and worst" in page  # 2 cases
+    assert page.count("data:image/png;base64,") >= 2  # the two case figures
 
 
 def test_classification_finetune_with_label_count(tiny_ct_store, tmp_path):
