@@ -170,3 +170,32 @@ def test_bad_inputs(tmp_path, result):
         plot_subgroup_metric(result, "site", "hd95")
     with pytest.raises(ValueError, match="series 'a'"):
         plot_curves([1, 2, 3], {"a": [0.1, 0.2]})
+
+
+def test_label_efficiency_figure_error_bars_over_seeds_or_test_cases(tmp_path):
+    import json
+
+    from umit.eval.data_efficiency import Budget, cell_dir, label_efficiency_figure
+
+    budgets = [Budget("n2", "n2", count=2, size=2), Budget("all", "all", size=8)]
+    results = [
+        {"arm": a, "budget": b.key, "seed": s, "n_test": 6, "test": {"dice": 0.5 + 0.1 * s}}
+        for a in ("pretrained", "scratch")
+        for b in budgets
+        for s in (0, 1, 2)
+    ]
+    fig = label_efficiency_figure(tmp_path, results, budgets, "dice")
+    assert fig is not None and fig.png.startswith(PNG)
+    assert "Error bars: mean ± sd over seeds (3 seeds)" in fig.caption
+    assert "Dice, mean over structures" in fig.caption
+    # one seed: the cell's bootstrap CI over test cases, read from its evaluation summary
+    one = [r for r in results if r["seed"] == 0]
+    for r in one:
+        path = cell_dir(tmp_path, r["arm"], next(b for b in budgets if b.key == r["budget"]), 0)
+        overall = {"dice": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}
+        (path / "eval").mkdir(parents=True)
+        (path / "eval" / "summary.json").write_text(json.dumps({"result": {"overall": overall}}))
+    fig = label_efficiency_figure(tmp_path, one, budgets, "dice")
+    assert "one seed: its 95% bootstrap CI over the 6 test cases" in fig.caption
+    nothing = [{**r, "test": {"dice": None}} for r in one]
+    assert label_efficiency_figure(tmp_path, nothing, budgets, "dice") is None

@@ -48,10 +48,18 @@ _EDGES = {  # letters at the (left, right, top, bottom) edges of a displayed sli
 # -- choosing cases ---------------------------------------------------------------------------------
 
 
+def _number(v: Any) -> float:
+    """A float from a number or a CSV cell (NaN when empty or not a number)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def select_cases(mean_dice: Mapping[str, float | None]) -> list[dict[str, Any]]:
     """The best, median and worst case by mean Dice.
 
-    Cases without a finite value are left out. Ties go to the smaller case id; the median of an
+    Cases without a finite value are left out (values may be CSV strings). Ties go to the smaller case id; the median of an
     even count is the lower one. A case that fills several roles (one or two cases) appears once,
     with the roles joined ("median and worst").
 
@@ -59,7 +67,8 @@ def select_cases(mean_dice: Mapping[str, float | None]) -> list[dict[str, Any]]:
         ``[{"role", "case_id", "dice", "rank"}]`` in the order best, median, worst; ``rank`` is
         1 for the best of ``n`` cases.
     """
-    ok = {str(c): float(v) for c, v in mean_dice.items() if v is not None and math.isfinite(v)}
+    ok = {str(c): _number(v) for c, v in mean_dice.items()}
+    ok = {c: v for c, v in ok.items() if math.isfinite(v)}
     if not ok:
         return []
     order = sorted(ok, key=lambda c: (-ok[c], c))  # best first
@@ -278,6 +287,17 @@ def structure_name(label: int, structures: Mapping[int, str] | None) -> str:
     return (structures or {}).get(int(label)) or f"label {int(label)}"
 
 
+def worst_structure(dice: Mapping[int, Any]) -> tuple[int, float] | None:
+    """``(label, dice)`` of the structure with the lowest finite Dice (ties: the smaller label);
+    None when no structure has one. Values may be CSV strings."""
+    finite = {int(k): _number(v) for k, v in dice.items()}
+    finite = {k: v for k, v in finite.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    k = min(finite, key=lambda k: (finite[k], k))
+    return k, finite[k]
+
+
 def case_figure(
     pick: Mapping[str, Any],
     image: np.ndarray,
@@ -304,14 +324,17 @@ def case_figure(
     spacing = tuple(float(s) for s in spacing)
     if affine is not None:
         (image, spacing), (pred, _), (ref, _) = (to_ras(a, affine) for a in (image, pred, ref))
-    finite = {int(k): float(v) for k, v in dice.items() if v is not None and math.isfinite(v)}
-    worst = min(finite, key=lambda k: (finite[k], k)) if finite else None
-    centre = structure_centre(np.asarray(ref), np.asarray(pred), worst)
+    finite = {int(k): _number(v) for k, v in dice.items()}
+    finite = {k: v for k, v in finite.items() if math.isfinite(v)}
+    worst = worst_structure(finite)
+    centre = structure_centre(
+        np.asarray(ref), np.asarray(pred), None if worst is None else worst[0]
+    )
     role, case_id = str(pick["role"]), str(pick["case_id"])
     of = f" of {n_cases}" if n_cases else ""
     where = (
         f"Slices through the centre of mass of its worst structure, "
-        f"{structure_name(worst, structures)} (Dice {finite[worst]:.3f})."
+        f"{structure_name(worst[0], structures)} (Dice {worst[1]:.3f})."
         if worst is not None
         else "Slices through the centre of mass of the reference foreground."
     )

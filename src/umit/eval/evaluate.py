@@ -26,7 +26,7 @@ from umit.config import UmitConfig, save_config
 from umit.data.cases import case_label
 from umit.data.store import Store
 from umit.errors import InputError
-from umit.eval.case_views import case_figure, select_cases, structure_name
+from umit.eval.case_views import case_figure, select_cases, structure_name, worst_structure
 from umit.eval.report import (
     Section,
     Table,
@@ -144,19 +144,33 @@ def evaluate_cases(
     return rows
 
 
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _per_label(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
-    """Label -> nan-mean of ``<metric>_<label>`` over the cases that have a finite value."""
+    """Label -> mean of ``<metric>_<label>`` over the cases with a finite value (numbers or CSV
+    strings)."""
     out: dict[int, float] = {}
     for key in {k for r in rows for k in r}:
         base, _, lab = key.partition("_")
         if base == metric and lab.isdigit():
-            vals = [float(r[key]) for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+            vals = [v for v in (_number(r.get(key)) for r in rows) if np.isfinite(v)]
             out[int(lab)] = float(np.mean(vals)) if vals else float("nan")
     return out
 
 
 def structure_table(result: dict[str, Any], rows: list[dict[str, Any]], names: dict[int, str]):
-    """One row per structure: Dice [CI], mean HD95 and NSD, cases with a value."""
+    """One row per structure: Dice [CI], mean HD95 and NSD, cases with a value.
+
+    Args:
+        result: The :func:`~umit.eval.subgroup.analyze_subgroups` result (``dice_<label>``).
+        rows: Per-case rows (from :func:`evaluate_cases` or ``per_case.csv``).
+        names: Label value -> structure name.
+    """
     hd95, nsd = _per_label(rows, "hd95"), _per_label(rows, "nsd")
     labels = sorted(_per_label(rows, "dice"))
     pct = int(round(100 * result["ci"]))
@@ -184,7 +198,12 @@ def structure_table(result: dict[str, Any], rows: list[dict[str, Any]], names: d
 def case_section(
     model, ckpt: dict[str, Any], store, rows: list[dict[str, Any]], names: dict[int, str]
 ) -> Section | None:
-    """The best, median and worst case by mean Dice, each in three views (predicted again)."""
+    """The best, median and worst case by mean Dice, each in three views (predicted again).
+
+    Args:
+        rows: Per-case rows of :func:`evaluate_cases` (or read back from ``per_case.csv``).
+        names: Label value -> structure name.
+    """
     picks = select_cases({r["case_id"]: r.get("dice_mean") for r in rows})
     if not picks:
         return None
@@ -199,14 +218,13 @@ def case_section(
             for k, v in by_id[c].items()
             if k.startswith("dice_") and k.split("_", 1)[1].isdigit()
         }
-        finite = {k: v for k, v in dice.items() if v is not None and np.isfinite(v)}
-        worst = min(finite, key=lambda k: (finite[k], k)) if finite else None
+        worst = worst_structure(dice)
         table.append(
             [
                 pick["role"],
                 c,
                 f"{pick['dice']:.3f}",
-                "-" if worst is None else f"{structure_name(worst, names)} ({finite[worst]:.3f})",
+                "-" if worst is None else f"{structure_name(worst[0], names)} ({worst[1]:.3f})",
             ]
         )
         figures.append(
