@@ -36,7 +36,7 @@ ORIENTATION_NOTE = (
     "front, superior up) views show the patient's right on the image left; sagittal views show "
     "anterior on the left, superior up."
 )
-_REF_WIDTH, _PRED_WIDTH = 2.6, 1.3  # points: the prediction's line runs inside the reference's
+_REF_WIDTH, _PRED_WIDTH = 3.0, 1.3  # points: the prediction's line runs inside the reference's
 _AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis a view cuts across
 _EDGES = {  # letters at the (left, right, top, bottom) edges of a displayed slice
     "axial": ("R", "L", "A", "P"),

@@ -136,7 +136,8 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 caption{font-weight:600;text-align:left;padding-bottom:.3em}
 .warn{background:#fff4e5;border-left:4px solid #f0a030;padding:.4em .8em;margin:.4em 0}
-figure{margin:1em 0 2em}figcaption{color:#444;font-size:.92em;max-width:60em}
+figure{display:inline-table;vertical-align:top;margin:1em 1.5em 1.5em 0}
+figcaption{display:table-caption;caption-side:bottom;color:#444;font-size:.92em;padding-top:.3em}
 img{max-width:100%;height:auto}.scroll{overflow-x:auto}
 """
 
