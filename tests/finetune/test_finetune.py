@@ -123,6 +123,19 @@ def test_segmentation_finetune_then_evaluate(tiny_ct_store, tmp_path):
     assert page.count("data:image/png;base64,") >= 2  # the two case figures
 
 
+def test_evaluate_cli_prints_structure_names(tiny_ct_store, tmp_path, capsys):
+    from umit.cli.main import main as cli_main
+
+    run(_seg_cfg(tiny_ct_store, tmp_path / "seg"))
+    model = str(tmp_path / "seg" / "best.pt")
+    args = ["evaluate", "--model", model, "--data", str(tiny_ct_store), "n_boot=5"]
+    assert cli_main([*args, "case_figures=false", "attributes=[site]"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice: liver" in printed and "Dice, mean over structures" in printed
+    assert "dice_4" not in printed
+    assert "warning: 2 subgroups with fewer than 10 cases not shown: site=site_a (1)" in printed
+
+
 def test_classification_finetune_with_label_count(tiny_ct_store, tmp_path):
     cfg = FinetuneConfig.model_validate(
         {
