@@ -4,7 +4,7 @@ phantoms -> ingest -> preprocess -> MAE pretraining of a small ViT on every trai
 unlabeled -> segmentation fine-tuning with a few of them labeled (pretrained UNETR vs the same
 UNETR from scratch vs a residual U-Net CNN) -> evaluation on the held-out test phantoms, overall
 and per subgroup (site, sex) -> one HTML report with the comparison, the label-budget curve,
-subgroup tables and slice overlays.
+subgroup tables and the best, median and worst test case in three views.
 
 The recipe is the one measured in docs/evidence.md (phantom segmentation, 3 seeds); the demo runs
 one seed of it. Pretraining and the fine-tuning cells run in ``workers`` single-thread processes
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from umit.config import UmitConfig, build_config, deep_merge, load_yaml, save_config
@@ -28,16 +27,19 @@ from umit.data.phantoms.stage import run as make_phantoms
 from umit.data.store import Store
 from umit.eval.data_efficiency import (
     DataEfficiencyConfig,
+    cell_ci,
     cell_dir,
     cell_pool,
+    label_efficiency_figure,
     make_budgets,
     pool_size,
     run_cell,
 )
 from umit.eval.data_efficiency import run as data_efficiency
-from umit.eval.evaluate import EvaluateConfig
+from umit.eval.evaluate import EvaluateConfig, case_section, structure_names, structure_table
 from umit.eval.evaluate import run as evaluate
-from umit.eval.report import Section, Table, plot_curves, subgroup_section, write_report
+from umit.eval.paired import read_per_case
+from umit.eval.report import Section, Table, display_names, subgroup_section, write_report
 from umit.ingest.catalog import CATALOG_NAME, Catalog
 from umit.ingest.run import IngestConfig
 from umit.ingest.run import run as ingest
@@ -45,6 +47,7 @@ from umit.preprocess.run import PreprocessConfig
 from umit.preprocess.run import run as preprocess
 from umit.ssl.pretrain import PretrainConfig
 from umit.ssl.pretrain import run as pretrain
+from umit.train.checkpoint import load_model
 
 PRETRAINED, SCRATCH, CNN = "UNETR pretrained", "UNETR scratch", "ResUNet (CNN)"
 ALL = 1_000_000_000
@@ -286,40 +289,41 @@ def write_demo_report(
         ),
     ]
     table = de["table"]
-    rows = [
-        [arm] + [f"{cells[b.key]['mean']:.3f}" if b.key in cells else "-" for b in budgets]
-        for arm, cells in table.items()
-    ]
-    runs = {
-        arm: np.array([[cells.get(b.key, {}).get("mean", np.nan) for b in budgets]])
-        for arm, cells in table.items()
-    }
+    store = Store(out / "prep")
+    structures = dict(
+        sorted((int(v), k) for k, v in (store.plan.labels or {}).items() if int(v) > 0)
+    )
+
+    def cell(arm: str, b: Any) -> str:
+        c = table.get(arm, {}).get(b.key)
+        if c is None or not c["n"]:
+            return "-"
+        ci = cell_ci(out / "finetune", arm, b, cfg.seed, "dice")
+        return f"{c['mean']:.3f}" + ("" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+    curve = label_efficiency_figure(
+        out / "finetune", de["cells"], budgets, "dice", xlabel="labeled training phantoms"
+    )
     sections.append(
         Section(
             title="Segmentation with few labels: test Dice",
             text=(
-                "Mean foreground Dice over 9 labels on the held-out test phantoms, one seed. "
-                "The same recipe with 3 seeds and 16 test phantoms is in docs/evidence.md "
+                f"Dice on the held-out test phantoms, averaged over the {len(structures)} "
+                f"structures ({', '.join(structures.values())}), one seed; in brackets the 95% "
+                "bootstrap CI over test phantoms. The same recipe with 3 seeds and 16 test "
+                "phantoms is in docs/evidence.md "
                 "(umit data-efficiency --config configs/experiments/phantom_seg_evidence.yaml)."
             ),
             tables=[
                 Table(
                     header=["model"] + [f"{b.size} labeled" for b in budgets],
-                    rows=rows,
+                    rows=[[arm] + [cell(arm, b) for b in budgets] for arm in table],
                 )
             ],
-            figures=[
-                plot_curves(
-                    [float(b.size) for b in budgets],
-                    runs,
-                    xlabel="labeled training phantoms",
-                    ylabel="test Dice",
-                    title="Label efficiency",
-                )
-            ],
+            figures=[curve] if curve is not None else [],
         )
     )
-    # subgroups and overlays of the pretrained model with the fewest labels
+    # per structure, subgroups and case figures of the pretrained model with the fewest labels
     fewest = budgets[0]
     best_model = cell_dir(out / "finetune", PRETRAINED, fewest, cfg.seed) / "run" / "best.pt"
     ev = evaluate(
@@ -330,15 +334,32 @@ def write_demo_report(
             attributes=["site", "sex"],
             n_boot=500,
             min_group_size=5,
-            overlays=4,
+            case_figures=False,  # drawn below for this page
         )
     )
-
+    model, ckpt = load_model(best_model)
+    names = structure_names(ckpt, store)
+    rows = read_per_case(out / "eval_pretrained" / "per_case.csv")
+    who = f"pretrained UNETR, {fewest.size} labeled phantoms"
+    sections.append(
+        Section(
+            title=f"Per structure: {who}",
+            text="Its full evaluation report: eval_pretrained/report.html.",
+            tables=[structure_table(ev["result"], rows, names)],
+        )
+    )
+    cases = case_section(model, ckpt, store, rows, names)
+    if cases is not None:
+        cases.title = f"Best, median and worst test phantom: {who}"
+        sections.append(cases)
     sections.append(
         subgroup_section(
-            ev["result"], title=f"Subgroups: pretrained UNETR, {fewest.size} labeled phantoms"
+            ev["result"],
+            title=f"Subgroups: {who}",
+            names=display_names(list(ev["result"]["overall"]), names),
+            metrics=["dice", "hd95", "nsd"],
+            text="Per-structure results per subgroup are in eval_pretrained/subgroups.csv.",
         )
     )
-    sections.append(Section(title="Predictions", text=f"Slice overlays in {ev['report']}"))
     paths = write_report(out, "UMIT demo report", sections)
     return paths["html"]

@@ -4,6 +4,7 @@ beside the pretraining, the report and summary are written, and a rerun recomput
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -38,7 +39,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     for cells in table.values():
         assert set(cells) == {"n2", "all"} and cells["n2"]["n_labeled"] == 2
         assert all(0.0 <= c["mean"] <= 1.0 for c in cells.values())
-    assert (out / "report.html").is_file()
+    page = (out / "report.html").read_text()
+    assert "Best, median and worst test phantom" in page and "<td>kidney_left</td>" in page
+    assert "Error bars: one seed: its 95% bootstrap CI over the 2 test cases" in page
+    assert not re.search(r"\bdice_\d", page)
     results = sorted((out / "finetune" / "cells").rglob("result.json"))
     assert len(results) == 6
     stamps = [p.stat().st_mtime_ns for p in results]

@@ -114,6 +114,26 @@ def test_segmentation_finetune_then_evaluate(tiny_ct_store, tmp_path):
     assert (out / "report.html").stat().st_size > 1000 and (out / "per_case.csv").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert "sex" in summary["result"]["attributes"]
+    # the report names structures (dataset.json -> plan -> model), not label values
+    assert summary["structures"]["4"] == "liver"
+    page = (out / "report.html").read_text()
+    assert "<td>liver</td>" in page and "<td>kidney_left</td>" in page
+    assert "dice_4" not in page and "dice_mean" not in page
+    assert "Best, median and worst case" in page and "median and worst" in page  # 2 cases
+    assert page.count("data:image/png;base64,") >= 2  # the two case figures
+
+
+def test_evaluate_cli_prints_structure_names(tiny_ct_store, tmp_path, capsys):
+    from umit.cli.main import main as cli_main
+
+    run(_seg_cfg(tiny_ct_store, tmp_path / "seg"))
+    model = str(tmp_path / "seg" / "best.pt")
+    args = ["evaluate", "--model", model, "--data", str(tiny_ct_store), "n_boot=5"]
+    assert cli_main([*args, "case_figures=false", "attributes=[site]"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice: liver" in printed and "Dice, mean over structures" in printed
+    assert "dice_4" not in printed
+    assert "warning: 2 subgroups with fewer than 10 cases not shown: site=site_a (1)" in printed
 
 
 def test_classification_finetune_with_label_count(tiny_ct_store, tmp_path):

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from umit.config import build_config
     from umit.eval.evaluate import EvaluateConfig, run
+    from umit.eval.report import display_names, subgroup_notes
 
     cfg = build_config(
         EvaluateConfig,
@@ -35,11 +36,15 @@ def main(args: argparse.Namespace) -> int:
     )
     s = run(cfg)
     print(f"evaluate: {s['n_cases']} cases of split '{s['split']}' ({s['task']})")
-    for name, v in s["result"]["overall"].items():
+    structures = {int(k): v for k, v in (s.get("structures") or {}).items()}
+    names = display_names(list(s["result"]["overall"]), structures)
+    width = max(18, *(len(n) for n in names.values()))
+    for key, v in s["result"]["overall"].items():
         lo, hi = v.get("ci_low"), v.get("ci_high")
         ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-        print(f"  {name:<18} {v['value']:.4f}{ci}" if v["value"] is not None else f"  {name:<18} -")
-    for w in s["result"].get("warnings", [])[:10]:
+        value = f"{v['value']:.4f}{ci}" if v["value"] is not None else "-"
+        print(f"  {names[key]:<{width}} {value}")
+    for w in subgroup_notes(s["result"], names):
         print(f"  warning: {w}")
     print(f"  report: {s['report']}")
     return 0

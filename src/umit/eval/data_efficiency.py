@@ -12,7 +12,9 @@ a linear probe on random-init features, on the same labeled subsets; :mod:`umit.
 ``comparisons`` (paired differences a - b of the headline metric per budget, optionally against
 ``b`` at ``b_budget_factor`` times the budget, with a hierarchical bootstrap CI over test cases
 and seeds; :mod:`umit.eval.paired`). The table (mean ± std over seeds), the comparisons and the
-plot of metric versus budget go to ``table.md``, ``results.json`` and ``report.html``.
+plot of metric versus budget go to ``table.md``, ``results.json`` and ``report.html``; the plot's
+error bars are mean ± sd over seeds, or a cell's bootstrap 95% CI over test cases where a point
+has one seed (:func:`label_efficiency_figure`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from umit.eval.evaluate import EvaluateConfig, _rows_to_csv
 from umit.eval.evaluate import run as evaluate
 from umit.eval.floors import FLOOR_PROBE, FLOOR_VOXELS, floor_rows
 from umit.eval.paired import full_metric, paired_difference, read_per_case
-from umit.eval.report import Section, plot_curves, write_report
+from umit.eval.report import Figure, Section, Table, display_name, plot_curves, write_report
 from umit.finetune.run import FinetuneConfig, split_finetune_cases
 from umit.finetune.run import run as finetune
 from umit.utils.fileio import atomic_write_json, atomic_write_text
@@ -426,6 +428,146 @@ def markdown_table(table: dict, fractions: list[float] | list[str], metric: str)
     return "\n".join(lines) + "\n"
 
 
+def summary_table(table: dict, budgets: list[Budget], metric: str) -> Table:
+    """The table of :func:`summarize` for the report: one row per arm, one column per budget."""
+    rows = []
+    for arm, cells in table.items():
+        row: list[Any] = [arm]
+        for b in budgets:
+            c = cells.get(b.key)
+            sd = f" ± {c['std']:.3f}" if c is not None and c["n"] > 1 else ""
+            row.append(
+                "-"
+                if c is None or not c["n"]
+                else f"{c['mean']:.3f}{sd} ({c['n_labeled']}, n={c['n']})"
+            )
+        rows.append(row)
+    return Table(
+        ["arm", *(b.key for b in budgets)],
+        rows,
+        caption=f"Test {display_name(metric)}: mean ± sd over seeds (labeled cases, seeds)",
+    )
+
+
+def comparisons_section(rows: list[dict[str, Any]], metric: str) -> Section:
+    """The paired comparisons as a report section."""
+
+    def f(x: float | None, sign: str = "") -> str:
+        return "-" if x is None else f"{x:{sign}.3f}"
+
+    return Section(
+        title="Paired comparisons",
+        text=f"Paired differences a - b of test {display_name(metric)} (mean over paired seeds; "
+        "95% CI: hierarchical bootstrap over test cases and seeds).",
+        tables=[
+            Table(
+                ["a", "budget a", "b", "budget b", "a", "b", "a - b [95% CI]", "CI excludes 0",
+                 "seeds"],
+                [
+                    [r["a"], r["a_budget"], r["b"], r["b_budget"], f(r.get("a_mean")),
+                     f(r.get("b_mean")),
+                     "-" if r["diff"] is None else f"{f(r['diff'], '+')} [{f(r['ci_low'], '+')}, "
+                     f"{f(r['ci_high'], '+')}]",
+                     "yes" if r["excludes_zero"] else "no", r["n_seeds"]]
+                    for r in rows
+                ],
+            )
+        ],
+    )  # fmt: skip
+
+
+def cell_ci(out: Path, arm: str, budget: Budget, seed: int, metric: str):
+    """A cell's bootstrap CI over test cases, from its ``eval/summary.json`` (None if absent)."""
+    path = cell_dir(out, arm, budget, seed) / "eval" / "summary.json"
+    try:
+        m = json.loads(path.read_text())["result"]["overall"][metric]
+    except (OSError, KeyError, ValueError):
+        return None
+    if m.get("ci_low") is None or m.get("ci_high") is None:
+        return None
+    return float(m["ci_low"]), float(m["ci_high"])
+
+
+def label_efficiency_figure(
+    out: Path,
+    results: list[dict[str, Any]],
+    budgets: list[Budget],
+    metric: str,
+    *,
+    xlabel: str = "labeled training cases",
+    use_counts: bool = True,
+    log_x: bool = True,
+) -> Figure | None:
+    """Test ``metric`` vs label budget per arm, with error bars.
+
+    A point with two or more seeds shows mean ± sd over seeds; a point with one seed shows that
+    cell's percentile-bootstrap 95% CI over the test cases (read from ``eval/summary.json``). The
+    caption says which. None when no cell has a value (e.g. an AUC undefined on one-class tests).
+
+    Args:
+        out: Experiment folder (for the cells' evaluation summaries).
+        results: Cell results (``result.json`` contents).
+        budgets: The budgets in order (x positions: their sizes, or fractions when not
+            ``use_counts``).
+    """
+    xs = [float(b.size) if use_counts else float(b.fraction or 0) for b in budgets]
+    series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    seeds_used: set[int] = set()
+    kinds: set[str] = set()
+    n_test: set[int] = set()
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        mean, lo, hi = (np.full(len(budgets), np.nan) for _ in range(3))
+        for i, b in enumerate(budgets):
+            cells = [r for r in results if r["arm"] == arm and _budget_key(r) == b.key]
+            vals = {
+                r["seed"]: float(r["test"][metric])
+                for r in cells
+                if r["test"].get(metric) is not None and np.isfinite(r["test"][metric])
+            }
+            if not vals:
+                continue
+            seeds_used |= set(vals)
+            n_test |= {int(r["n_test"]) for r in cells if r.get("n_test")}
+            v = np.array(list(vals.values()))
+            mean[i] = v.mean()
+            if v.size > 1:
+                sd = v.std(ddof=1)
+                lo[i], hi[i] = mean[i] - sd, mean[i] + sd
+                kinds.add("sd")
+            else:
+                ci = cell_ci(out, arm, b, next(iter(vals)), metric)
+                if ci is not None:
+                    lo[i], hi[i] = ci
+                    kinds.add("ci")
+        if np.isfinite(mean).any():
+            series[arm] = (mean, lo, hi)
+    if not series:
+        return None
+    bars = []
+    if "sd" in kinds:
+        bars.append(f"mean ± sd over seeds ({len(seeds_used)} seeds)")
+    if "ci" in kinds:
+        cases = f" {min(n_test)}" if len(n_test) == 1 else ""
+        bars.append(
+            f"{'where a point has one seed, ' if 'sd' in kinds else 'one seed: '}its 95% "
+            f"bootstrap CI over the{cases} test cases"
+        )
+    caption = (
+        f"Label efficiency: test {display_name(metric)} vs {xlabel}. Error bars: "
+        + ("; ".join(bars) if bars else "none (one seed, no CI)")
+        + ". Points of different arms are drawn slightly apart along x."
+    )
+    return plot_curves(
+        xs,
+        series,
+        xlabel=xlabel,
+        ylabel=f"test {display_name(metric).split(',')[0]}",
+        title="Label efficiency",
+        log_x=log_x and all(x > 0 for x in xs),
+        caption=caption,
+    )
+
+
 def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     """Run every missing cell, then write the table, results and report."""
 
@@ -500,58 +642,35 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
         },
     )
     atomic_write_text(cfg.out / "table.md", md)
-    xs = [float(b.fraction) if cfg.counts is None else float(b.size) for b in budgets]
-    series = {
-        arm: np.array([[cells.get(k, {}).get("mean", np.nan) for k in keys]])
-        for arm, cells in table.items()
-    }
-    runs = {
-        arm: np.array(
-            [
-                [
-                    next(
-                        (
-                            r["test"].get(metric, np.nan)
-                            for r in results
-                            if r["arm"] == arm and _budget_key(r) == k and r["seed"] == s
-                        ),
-                        np.nan,
-                    )
-                    for k in keys
-                ]
-                for s in cfg.seeds
-            ],
-            dtype=float,
-        )
-        for arm in table
-    }
-    finite = any(np.isfinite(v).any() for v in runs.values())
-    figs = (  # nothing to draw (e.g. an AUC undefined on a one-class test set): table only
-        [
-            plot_curves(
-                xs,
-                runs or series,
-                xlabel="labeled training cases"
-                if cfg.counts is not None
-                else "labeled fraction of training cases",
-                ylabel=metric,
-                title="Label efficiency",
-                log_x=True,
-            )
-        ]
-        if finite
-        else []
-    )
-    paths = write_report(
+    fig = label_efficiency_figure(
         cfg.out,
-        "UMIT label-efficiency experiment",
-        [Section(title="Test metric vs label budget", text=md, figures=figs)],
+        results,
+        budgets,
+        metric,
+        xlabel="labeled training cases"
+        if cfg.counts is not None
+        else "labeled fraction of training cases",
+        use_counts=cfg.counts is not None,
     )
+    sections = [
+        Section(
+            title="Test metric vs label budget",
+            text=f"Test {display_name(metric)} of every arm at every label budget, mean ± sd "
+            "over seeds (labeled training cases and seeds with a value in brackets).",
+            tables=[summary_table(t, budgets, m) for m, t in [(metric, table), *tables.items()]
+                    if _has_values(t)],
+            figures=[fig] if fig is not None else [],
+        )
+    ]  # fmt: skip
+    if comparisons:
+        sections.append(comparisons_section(comparisons, metric))
+    paths = write_report(cfg.out, "UMIT label-efficiency experiment", sections)
     return {
         "out": str(cfg.out),
         "metric": metric,
         "table": table,
         "comparisons": comparisons,
+        "cells": results,
         "markdown": md,
         "report": str(paths["html"]),
     }

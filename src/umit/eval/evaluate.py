@@ -4,7 +4,11 @@ Per case: Dice, HD95 and normalized surface Dice per label (segmentation, on the
 its spacing), or class probabilities (classification). Then overall and per-subgroup metrics
 (any index attribute: sex, age band, site, scanner, contrast) with bootstrap 95% CIs, group sizes,
 the largest gap between groups and small-group warnings. Writes ``per_case.csv``,
-``summary.json``, ``subgroups.csv`` and ``report.md`` / ``report.html`` (plots, slice overlays).
+``summary.json``, ``subgroups.csv`` (machine-readable keys such as ``dice_4``) and
+``report.md`` / ``report.html`` for a reader: structures by name (from the model's inference
+spec, else the store's plan, i.e. the dataset's ``dataset.json``), a per-structure table, the
+best, median and worst case in three views with reference and predicted outlines, and the
+subgroup tables and plots.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from umit.config import UmitConfig, save_config
 from umit.data.cases import case_label
 from umit.data.store import Store
 from umit.errors import InputError
+from umit.eval.case_views import case_figure, select_cases, structure_name, worst_structure
 from umit.eval.report import (
     Section,
     Table,
+    display_names,
+    fmt,
     fmt_ci,
-    plot_slice_overlays,
     subgroup_section,
     write_report,
 )
@@ -61,8 +67,9 @@ class EvaluateConfig(UmitConfig):
     """Groups smaller than this are flagged too small to judge."""
     nsd_tolerance_mm: float = Field(default=2.0, gt=0)
     """Tolerance of the normalized surface Dice."""
-    overlays: int = Field(default=4, ge=0)
-    """Cases shown as slice overlays in the report (segmentation)."""
+    case_figures: bool = True
+    """Show the best, median and worst case by mean Dice in the report, each in three views
+    (segmentation; the three cases are predicted once more for the figures)."""
     seed: int = 0
     """Seed of the bootstrap."""
 
@@ -88,13 +95,20 @@ def _rows_to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def structure_names(ckpt: dict[str, Any], store: Store) -> dict[int, str]:
+    """Label value -> structure name: the model's inference spec, else the store's plan (the
+    dataset's ``dataset.json`` labels); background left out."""
+    names = ckpt.get("label_names") or store.plan.labels or {}
+    return {int(v): str(k) for k, v in names.items() if int(v) > 0}
+
+
 def evaluate_cases(
     model, ckpt: dict[str, Any], store, cases: list[str], cfg: EvaluateConfig
-) -> tuple[list[dict], list[dict]]:
-    """Per-case rows (metrics + attributes) and overlay material."""
+) -> list[dict[str, Any]]:
+    """Per-case rows: metrics (``dice_<label>``, ``dice_mean``, ...) and attributes."""
     spec = InferenceSpec.model_validate(ckpt["spec"])
     task = spec.task
-    rows, overlays = [], []
+    rows = []
     names = list(ckpt.get("class_names") or [])
     for c in cases:
         entry = store.index[c]
@@ -118,15 +132,6 @@ def evaluate_cases(
             for k in ("dice", "hd95", "nsd"):
                 vals = [m[k] for m in per.values() if m[k] == m[k] and np.isfinite(m[k])]
                 row[f"{k}_mean"] = float(np.mean(vals)) if vals else float("nan")
-            if len(overlays) < cfg.overlays:
-                overlays.append(
-                    {
-                        "case_id": c,
-                        "image": np.asarray(store.case(c).read()[0], np.float32),
-                        "pred": pred,
-                        "ref": ref,
-                    }
-                )
         else:
             label = str(case_label(entry, ckpt.get("label_key", "target")))
             if label not in names:
@@ -136,7 +141,114 @@ def evaluate_cases(
             row["score"] = float(probs[1]) if len(names) == 2 else [float(p) for p in probs]
             row["pred"] = names[int(np.argmax(probs))]
         rows.append(row)
-    return rows, overlays
+    return rows
+
+
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _per_label(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """Label -> mean of ``<metric>_<label>`` over the cases with a finite value (numbers or CSV
+    strings)."""
+    out: dict[int, float] = {}
+    for key in {k for r in rows for k in r}:
+        base, _, lab = key.partition("_")
+        if base == metric and lab.isdigit():
+            vals = [v for v in (_number(r.get(key)) for r in rows) if np.isfinite(v)]
+            out[int(lab)] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def structure_table(result: dict[str, Any], rows: list[dict[str, Any]], names: dict[int, str]):
+    """One row per structure: Dice [CI], mean HD95 and NSD, cases with a value.
+
+    Args:
+        result: The :func:`~umit.eval.subgroup.analyze_subgroups` result (``dice_<label>``).
+        rows: Per-case rows (from :func:`evaluate_cases` or ``per_case.csv``).
+        names: Label value -> structure name.
+    """
+    hd95, nsd = _per_label(rows, "hd95"), _per_label(rows, "nsd")
+    labels = sorted(_per_label(rows, "dice"))
+    pct = int(round(100 * result["ci"]))
+    body = []
+    for lab in labels:
+        d = result["overall"][f"dice_{lab}"]
+        body.append(
+            [
+                structure_name(lab, names),
+                lab,
+                fmt_ci(d["value"], d["ci_low"], d["ci_high"]),
+                fmt(hd95.get(lab), 1),
+                fmt(nsd.get(lab)),
+                d["n_with_value"],
+            ]
+        )
+    return Table(
+        ["structure", "label", f"Dice [{pct}% CI]", "HD95 (mm), mean", "NSD, mean", "cases"],
+        body,
+        caption="Per structure (means over the cases with the structure in the reference or "
+        "the prediction)",
+    )
+
+
+def case_section(
+    model, ckpt: dict[str, Any], store, rows: list[dict[str, Any]], names: dict[int, str]
+) -> Section | None:
+    """The best, median and worst case by mean Dice, each in three views (predicted again).
+
+    Args:
+        rows: Per-case rows of :func:`evaluate_cases` (or read back from ``per_case.csv``).
+        names: Label value -> structure name.
+    """
+    picks = select_cases({r["case_id"]: r.get("dice_mean") for r in rows})
+    if not picks:
+        return None
+    spec = InferenceSpec.model_validate(ckpt["spec"])
+    by_id = {r["case_id"]: r for r in rows}
+    figures, table = [], []
+    for pick in picks:
+        c = pick["case_id"]
+        case = store.case(c)
+        dice = {
+            int(k.split("_", 1)[1]): v
+            for k, v in by_id[c].items()
+            if k.startswith("dice_") and k.split("_", 1)[1].isdigit()
+        }
+        worst = worst_structure(dice)
+        table.append(
+            [
+                pick["role"],
+                c,
+                f"{pick['dice']:.3f}",
+                "-" if worst is None else f"{structure_name(worst[0], names)} ({worst[1]:.3f})",
+            ]
+        )
+        figures.append(
+            case_figure(
+                pick,
+                np.asarray(case.read()[0], np.float32),
+                predict_case_segmentation(model, store, c, spec),
+                np.asarray(case.read_label()),
+                dice=dice,
+                structures=names,
+                affine=case.affine,
+                n_cases=len(rows),
+            )
+        )
+    return Section(
+        title="Best, median and worst case",
+        text=(
+            f"The cases with the highest, the median and the lowest mean Dice of the {len(rows)} "
+            "evaluated, each in axial, coronal and sagittal slices through the centre of its "
+            "worst structure. Reference outlines are green, predicted outlines magenta."
+        ),
+        tables=[Table(["case", "case id", "mean Dice", "worst structure (Dice)"], table)],
+        figures=figures,
+    )
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -155,8 +267,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     out = cfg.out or Path(cfg.model).parent / f"eval_{cfg.split}"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, name="evaluate_config.yaml")
-    rows, overlays = evaluate_cases(model, ckpt, store, cases, cfg)
+    rows = evaluate_cases(model, ckpt, store, cases, cfg)
     attributes = [a for a in cfg.attributes if any(r.get(a) is not None for r in rows)]
+    structures = structure_names(ckpt, store) if task == "segmentation" else {}
     if task == "segmentation":
         labels = sorted(
             {
@@ -164,7 +277,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                 for r in rows
                 for k in r
                 if k.startswith("dice_") and k != "dice_mean"
-            }
+            },
+            key=int,
         )
         metrics = [
             MetricSpec.mean("dice_mean", "dice"),
@@ -172,10 +286,12 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
             MetricSpec.mean("nsd_mean", "nsd"),
         ]
         metrics += [MetricSpec.mean(f"dice_{lab}") for lab in labels]
+        headline = ["dice", "hd95", "nsd"]
     else:
         metrics = [MetricSpec.auc(), MetricSpec.accuracy(), MetricSpec.balanced_accuracy()]
         if len(ckpt.get("class_names") or []) == 2:
             metrics.append(MetricSpec.ece())
+        headline = [m.name for m in metrics]
     result = analyze_subgroups(
         rows,
         metrics,
@@ -192,35 +308,71 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "split": cfg.split,
         "task": task,
         "n_cases": len(rows),
+        "structures": {str(k): v for k, v in structures.items()},
         "result": result,
         "dp": ckpt.get("dp"),
     }
     atomic_write_json(out / "summary.json", summary)
-    overall = result["overall"]
-    table = Table(
-        header=["metric", "value (95% CI)", "cases"],
-        rows=[
-            [m, fmt_ci(v["value"], v["ci_low"], v["ci_high"]), v.get("n_with_value")]
-            for m, v in overall.items()
-        ],
-        caption=f"{task} on split '{cfg.split}' ({len(rows)} cases)",
-    )
-    sections = [Section(title="Overall", tables=[table], warnings=list(result.get("warnings", [])))]
+    names = display_names(list(result["overall"]), structures)
+    sections = report_sections(cfg, task, rows, result, names, headline, structures)
+    if task == "segmentation" and cfg.case_figures:
+        sec = case_section(model, ckpt, store, rows, structures)
+        if sec is not None:
+            sections.insert(2, sec)  # after the overall and per-structure tables
     if ckpt.get("dp"):  # trained with DP-SGD: state the guarantee next to the metrics
-        sections.append(Section(title="Differential privacy", text=format_dp(ckpt["dp"])))
-    if attributes:
-        sections.append(subgroup_section(result))
-    if overlays:
-        label_names = (
-            {int(v): k for k, v in (ckpt.get("label_names") or {}).items()}
-            if ckpt.get("label_names")
-            else None
-        )
-        fig = (
-            plot_slice_overlays(overlays) if label_names is None else plot_slice_overlays(overlays)
-        )
-        sections.append(Section(title="Predictions", figures=[fig]))
+        sections.insert(1, Section(title="Differential privacy", text=format_dp(ckpt["dp"])))
     paths = write_report(out, f"UMIT evaluation: {Path(cfg.model).parent.name}", sections)
     summary["report"] = str(paths["html"])
     summary["out"] = str(out)
     return summary
+
+
+def report_sections(
+    cfg: EvaluateConfig,
+    task: str,
+    rows: list[dict[str, Any]],
+    result: dict[str, Any],
+    names: dict[str, str],
+    headline: list[str],
+    structures: dict[int, str],
+) -> list[Section]:
+    """Overall, per structure (segmentation), subgroups."""
+    overall = result["overall"]
+    pct = int(round(100 * result["ci"]))
+    about = (
+        f"{len(rows)} cases of split '{cfg.split}' of {cfg.data}; model {cfg.model}. "
+        f"Values are means over cases with {pct}% bootstrap confidence intervals "
+        f"({result['n_boot']} replicates)."
+    )
+    if task == "segmentation":
+        about += (
+            f" Per structure: Dice, 95th-percentile Hausdorff distance (HD95, mm) and normalized "
+            f"surface Dice (NSD, {cfg.nsd_tolerance_mm:g} mm tolerance), on the preprocessed grid."
+        )
+    table = Table(
+        header=["metric", f"value ({pct}% CI)", "cases"],
+        rows=[
+            [names[m], fmt_ci(v["value"], v["ci_low"], v["ci_high"]), v.get("n_with_value")]
+            for m, v in overall.items()
+            if m in headline
+        ],
+        caption=f"{task} on split '{cfg.split}' ({len(rows)} cases)",
+    )
+    sections = [Section(title="Overall", text=about, tables=[table])]
+    if task == "segmentation":
+        sections.append(
+            Section(title="Per structure", tables=[structure_table(result, rows, structures)])
+        )
+    if result["attributes"]:
+        sections.append(
+            subgroup_section(
+                result,
+                names=names,
+                metrics=headline,
+                overall=False,
+                text="Per-structure results per subgroup are in subgroups.csv."
+                if task == "segmentation"
+                else "",
+            )
+        )
+    return sections
