@@ -203,6 +203,24 @@ def test_seg_of_a_series_deidentified_by_umit_references_its_pseudonymous_uids(t
     dciodvfy(written.path)
 
 
+def test_an_empty_prediction_still_gives_a_valid_seg(tmp_path):
+    """Nothing found is a result too: the named segments are described, every frame is empty."""
+    vol = synthetic_volume()
+    paths = write_ct_series(tmp_path / "ct", vol)
+    _, meta = read_volume(tmp_path / "ct")
+    empty = np.zeros(vol.shape, np.uint8)
+    written = write_dicom_seg(
+        empty, tmp_path / "ct", tmp_path / "empty.dcm", affine=meta.affine,
+        label_names={"liver": 1}, algorithm=ALGO,
+    )  # fmt: skip
+    assert [(s.coding.label, s.voxels) for s in written.segments] == [("liver", 0)]
+    np.testing.assert_array_equal(read_back_by_source(written.path, sop_uids(paths)), empty)
+    dciodvfy(written.path)
+    with pytest.raises(ValueError, match="nothing to write"):
+        write_dicom_seg(empty, tmp_path / "ct", tmp_path / "x.dcm", affine=meta.affine,
+                        label_names={}, algorithm=ALGO)  # fmt: skip
+
+
 def test_masks_off_the_series_grid_and_unreferenceable_series_are_refused(tmp_path):
     vol = synthetic_volume()
     write_ct_series(tmp_path / "ct", vol)

@@ -16,6 +16,7 @@ predict --stow`` reads them from ``UMIT_STOW_USER``/``UMIT_STOW_PASSWORD`` or
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -203,7 +204,12 @@ def stow_rs(
                 if failed:
                     last = f"HTTP {exc.code} {exc.reason}; failed instances {failed}"
                 raise StowError(f"STOW-RS to {target} refused: {last}") from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        except (
+            urllib.error.URLError,
+            TimeoutError,
+            ConnectionError,
+            http.client.HTTPException,
+        ) as exc:
             reason = getattr(exc, "reason", exc)
             last = f"{type(reason).__name__}: {reason}"
         else:
