@@ -2,6 +2,9 @@
 
 Segmentation masks are written on the input's own grid (they overlay the input voxel for voxel);
 classification probabilities are printed and written to predictions.csv / predictions.json.
+With --dicom-seg, the mask of a DICOM series is also written as a DICOM Segmentation
+(<name>.seg.dcm) that references the series' images; --stow URL sends it to a PACS (STOW-RS;
+credentials from UMIT_STOW_USER / UMIT_STOW_PASSWORD or UMIT_STOW_TOKEN).
 """
 
 from __future__ import annotations
@@ -23,6 +26,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="best.pt from umit finetune")
     p.add_argument("--out", default=None, help="output folder (or an image path for one input)")
     p.add_argument("--tta", action="store_true", default=None, help="average over axis flips")
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        default=None,
+        help="also write a DICOM SEG of each DICOM series input (<name>.seg.dcm)",
+    )
+    p.add_argument(
+        "--seg-type",
+        choices=["binary", "labelmap"],
+        default=None,
+        help="SEG encoding (default binary; labelmap is the 2024 SOP class many PACS reject)",
+    )
+    p.add_argument(
+        "--stow",
+        metavar="URL",
+        default=None,
+        help="DICOMweb root to send each SEG to by STOW-RS (implies --dicom-seg)",
+    )
     add_config_args(p)
     p.set_defaults(func=main)
 
@@ -39,6 +60,9 @@ def main(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
         tta=args.tta,
+        dicom_seg=args.dicom_seg,
+        seg_type=args.seg_type,
+        stow=args.stow,
     )
     s = run(cfg)
     n_ok, n_bad = len(s["outputs"]), len(s["failures"])
@@ -51,6 +75,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {row['input']}: {row['predicted']} ({probs})")
         else:
             print(f"  {row['input']} -> {row['mask']}")
+            if row.get("dicom_seg"):
+                seg = row["dicom_seg"]
+                sent = f", sent to {seg['stow']['url']}" if seg.get("stow") else ""
+                print(
+                    f"    DICOM SEG ({seg['type']}, {len(seg['segments'])} segments) "
+                    f"-> {seg['path']}{sent}"
+                )
     for path, why in s["failures"].items():
         print(f"  FAILED {path}: {why}")
     return 1 if n_bad else 0

@@ -10,6 +10,11 @@ A model file (``best.pt``) carries the preprocessing plan it was trained with. F
 * classification: class probabilities of the centred input, printed and written to
   ``predictions.csv`` / ``predictions.json``.
 
+With ``dicom_seg`` (``--dicom-seg``), the mask of each DICOM series input is also written as a
+DICOM Segmentation beside it (``<name>.seg.dcm``, :mod:`umit.inference.dicom_seg`): the same
+label map, referencing the series' own images; with ``stow`` (``--stow URL``) each SEG is then
+sent to the PACS by STOW-RS (:mod:`umit.inference.stow`).
+
 A folder of inputs is a batch: a failing input is recorded in ``failures.json`` with its reason
 and the others still run.
 """
@@ -21,12 +26,13 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from umit import __version__
 from umit.config import UmitConfig, save_config
 from umit.data.cases import centre_crop_or_pad
 from umit.data.io import IMAGE_SUFFIXES, image_suffix, write_image
@@ -34,12 +40,16 @@ from umit.data.meta import ImageMeta
 from umit.data.plan import Plan
 from umit.errors import InputError, UmitError
 from umit.inference.segment import full_resolution, segment_volume
+from umit.inference.stow import StowError, auth_from_env, stow_rs, studies_url
 from umit.ingest.dicom import is_dicom_file
 from umit.ingest.read import read_volume
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.resample import restore_original
 from umit.train.checkpoint import InferenceSpec, load_model
 from umit.utils.fileio import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from umit.inference.dicom_seg import Algorithm
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,18 @@ class PredictConfig(UmitConfig):
     """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``."""
     suffix: str | None = None
     """Mask file format (default: the input's; DICOM inputs give .nii.gz)."""
+    dicom_seg: bool = False
+    """Also write each DICOM series input's mask as a DICOM Segmentation (``<name>.seg.dcm``)."""
+    seg_type: Literal["binary", "labelmap"] = "binary"
+    """SEG encoding: ``binary`` (Segmentation Storage, widely supported) or ``labelmap`` (the
+    2024 Label Map Segmentation Storage class, which many PACS still reject)."""
+    stow: str | None = None
+    """DICOMweb root (or ``.../studies``) to send each SEG to by STOW-RS; implies ``dicom_seg``.
+    Credentials: ``UMIT_STOW_USER``/``UMIT_STOW_PASSWORD`` or ``UMIT_STOW_TOKEN``."""
+    stow_timeout: float = Field(default=60.0, gt=0)
+    """Seconds to wait for each STOW-RS attempt."""
+    stow_retries: int = Field(default=3, ge=0)
+    """STOW-RS retries after a connection error, timeout or HTTP 408/429/5xx."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +163,7 @@ class Predictor:
         self.overlap = cfg.overlap if cfg.overlap is not None else spec.overlap
         self.class_names: list[str] = list(spec.class_names)
         self.label_names: dict[str, int] = dict(spec.label_names)
+        self.model_name = str(ckpt.get("model_name") or "unknown")
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -207,16 +230,32 @@ def mask_path(out: Path, path: Path, suffix: str | None, single: bool) -> Path:
     return out / f"{input_name(path)}{suffix}"
 
 
+def seg_path(mask: Path) -> Path:
+    """The DICOM SEG beside a mask: ``CT_1.nii.gz`` -> ``CT_1.seg.dcm``."""
+    suffix = image_suffix(mask) or mask.suffix
+    return mask.with_name(f"{mask.name[: -len(suffix)] if suffix else mask.name}.seg.dcm")
+
+
 def run(cfg: PredictConfig) -> dict[str, Any]:
     """Predict every input; returns a summary (outputs, failures, seconds)."""
     inputs = find_inputs(cfg.inputs)
     if cfg.suffix is not None and cfg.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {cfg.suffix!r}")
+    want_seg = cfg.dicom_seg or cfg.stow is not None
+    if cfg.stow is not None:
+        studies_url(cfg.stow)  # a bad URL fails before any prediction
     predictor = Predictor(cfg)
+    if want_seg and predictor.task != "segmentation":
+        raise ValueError(f"dicom_seg needs a segmentation model, {cfg.model} is {predictor.task}")
+    algorithm = None
+    if want_seg:  # highdicom is imported only when a SEG is asked for
+        from umit.inference.dicom_seg import Algorithm, file_sha256
+
+        algorithm = Algorithm(predictor.model_name, __version__, file_sha256(cfg.model))
     single = len(inputs) == 1 and inputs[0] == cfg.inputs  # IN is one file or one series
     folder = cfg.out.parent if single and image_suffix(cfg.out) is not None else cfg.out
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "predict_config.yaml")
+    save_config(cfg, folder, "predict_config.yaml")
     outputs: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -240,7 +279,15 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
             row["labels"] = {
                 str(v): int(n) for v, n in zip(*np.unique(result, return_counts=True), strict=True)
             }
+            if algorithm is not None:
+                seg = _write_seg(cfg, predictor, path, result, meta, target, algorithm)
+                if isinstance(seg, str):
+                    failures[str(path)] = seg
+                else:
+                    row["dicom_seg"] = seg
         outputs.append(row)
+    if cfg.stow is not None:
+        _stow_segs(cfg, outputs, failures)
     if predictor.task == "classification":
         _write_classification(folder, outputs, predictor.class_names)
     if failures:
@@ -255,6 +302,53 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
         "seconds": time.perf_counter() - t0,
         "label_names": predictor.label_names,
     }
+
+
+def _write_seg(
+    cfg: PredictConfig,
+    predictor: Predictor,
+    path: Path,
+    mask: np.ndarray,
+    meta: ImageMeta,
+    target: Path,
+    algorithm: Algorithm,
+) -> dict[str, Any] | str:
+    """Write the SEG of one input; returns its summary, or why there is none."""
+    from umit.inference.dicom_seg import summary, write_dicom_seg
+
+    if not path.is_dir():
+        return "dicom_seg: the input is not a DICOM series folder (the mask was written)"
+    try:
+        written = write_dicom_seg(
+            mask,
+            path,
+            seg_path(target),
+            affine=meta.affine,
+            label_names=predictor.label_names,
+            algorithm=algorithm,
+            seg_type=cfg.seg_type,
+        )
+    except (UmitError, ValueError, OSError) as exc:
+        log.error("predict: DICOM SEG of %s failed: %s", path, exc)
+        return f"dicom_seg: {exc} (the mask was written)"
+    return {**summary(written), "seconds": round(written.seconds, 3)}
+
+
+def _stow_segs(cfg: PredictConfig, outputs: list[dict[str, Any]], failures: dict[str, str]) -> None:
+    """Send every written SEG to ``cfg.stow``; a failed upload is recorded, the files stay."""
+    auth = auth_from_env()
+    for row in outputs:
+        seg = row.get("dicom_seg")
+        if not seg:
+            continue
+        try:
+            res = stow_rs([seg["path"]], cfg.stow, auth, cfg.stow_timeout, cfg.stow_retries)
+        except StowError as exc:
+            failures[row["input"]] = f"stow: {exc} (the SEG was written: {seg['path']})"
+            continue
+        seg["stow"] = {"url": res.url, "status": res.status, "attempts": res.attempts}
+        if res.failed:
+            failures[row["input"]] = f"stow: the PACS refused {res.failed} (HTTP {res.status})"
 
 
 def _write_classification(folder: Path, rows: list[dict[str, Any]], names: list[str]) -> None:

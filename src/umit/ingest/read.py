@@ -26,6 +26,18 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
     path = Path(path)
     if not path.is_dir():
         return read_image(path)
+    array, meta = dicom.load_series(one_series(path))
+    check_finite(array, path)
+    return array, meta
+
+
+def one_series(path: str | Path) -> dicom.DicomSeries:
+    """The one DICOM image series (stack) in folder ``path``: the stack :func:`read_volume` reads.
+
+    Raises:
+        InputError: the folder holds no readable DICOM image series, or several.
+    """
+    path = Path(path)
     found, _ = dicom.discover_series(path)
     if not found:
         extra = []
@@ -49,6 +61,4 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
             f"folder holds {len(found)} DICOM series ({listing}); read_volume needs exactly one: "
             "use `umit ingest` to convert every series, or point at a folder of one series",
         )
-    array, meta = dicom.load_series(found[0])
-    check_finite(array, path)
-    return array, meta
+    return found[0]
