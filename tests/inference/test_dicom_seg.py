@@ -5,6 +5,7 @@ enhanced multi-frame, de-identified by umit) and on the real JPEG 2000 CT and ob
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -13,8 +14,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
-from _fake_dicomweb import fake_stow, stored_reply
 from _seg_checks import (
     LABELMAP_VALIDATOR_ERRORS,
     dciodvfy,
@@ -23,21 +22,18 @@ from _seg_checks import (
     read_back_in_space,
     sop_uids,
 )
-from torch import nn
 
 from umit.cli.main import main as cli
 from umit.data.io import write_image
 from umit.data.meta import ImageMeta
-from umit.data.plan import ChannelPlan, Plan
 from umit.errors import GeometryError, InputError
-from umit.finetune.run import FinetuneConfig, save_model
 from umit.inference.dicom_seg import Algorithm, file_sha256, plan_segments, write_dicom_seg
 from umit.inference.predict import PredictConfig, run
 from umit.ingest.read import read_volume
-from umit.models import create_model
-from umit.preprocess.normalize import normalize_channel
 from umit.preprocess.resample import reorient_to_ras
 
+from _fake_dicomweb import fake_stow, stored_reply
+from _orthanc import free_port
 from _shared import IDENTIFIERS, require_shared, rotation, write_ct_series, write_enhanced_ct
 
 ALGO = Algorithm("tiny_unet", "0.1.0", "0123456789abcdef" * 4)
@@ -260,43 +256,6 @@ def test_masks_off_the_series_grid_and_unreferenceable_series_are_refused(tmp_pa
 
 
 # ------------------------------------------------------------------------------ umit predict
-class ThresholdSegmenter(nn.Module):
-    """Two-class 'model': class 1 where the normalized intensity exceeds ``threshold``."""
-
-    def __init__(self, threshold: float = 0.0, in_chans: int = 1):
-        super().__init__()
-        self.threshold = nn.Parameter(torch.tensor(float(threshold)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x[:, :1] - self.threshold  # (B, 1, X, Y, Z)
-        return torch.cat([-d, d], dim=1)  # (B, 2, X, Y, Z)
-
-
-def seg_test_threshold(**kwargs) -> ThresholdSegmenter:
-    return ThresholdSegmenter(**kwargs)
-
-
-@pytest.fixture
-def tiny_model(tmp_path, register_models) -> Path:
-    """best.pt of a threshold 'model' at 500 HU, label 1 named liver, on a 1.5 mm grid."""
-    register_models(seg_test_threshold)
-    plan = Plan(
-        target_spacing=(1.5, 1.5, 1.5),
-        channels=[
-            ChannelPlan(
-                name="image", modality="CT", scheme="ct_window", clip_low=-1000, clip_high=1000
-            )
-        ],
-        crop_foreground=False,
-    )
-    t = float(normalize_channel(np.full((1, 1, 1), 500.0, np.float32), plan.channels[0])[0].item())
-    cfg = FinetuneConfig(data=tmp_path, crop_size=(16, 16, 16), sw_overlap=0.25)
-    return save_model(
-        create_model("seg_test_threshold", threshold=t), tmp_path / "best.pt", plan=plan,
-        cfg=cfg, extra={"label_names": {"background": 0, "liver": 1}},
-    )  # fmt: skip
-
-
 def test_predict_dicom_seg_end_to_end_equals_the_nifti_mask(tmp_path, tiny_model):
     vol = synthetic_volume()
     paths = write_ct_series(tmp_path / "in" / "ct1", vol, iop=oblique_iop(), slice_step=2.0)
@@ -407,28 +366,61 @@ def test_real_oblique_head_mr_threshold_mask(tmp_path):
     assert warnings  # the source's own retired person-name forms are copied along (reported)
 
 
-def test_predict_stow_sends_the_seg_and_records_a_refusal(tmp_path, tiny_model, monkeypatch):
+def test_predict_stow_sends_the_seg_and_records_a_refusal(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    """The answers a real PACS will not give on demand (a refusal, a 403); the round trip into
+    a real Orthanc is test_pacs_roundtrip.py."""
     vol = synthetic_volume()
     write_ct_series(tmp_path / "ct", vol)
-    monkeypatch.setenv("UMIT_STOW_USER", "radiology")
-    monkeypatch.setenv("UMIT_STOW_PASSWORD", "s3cret")
+    monkeypatch.setenv("UMIT_PACS_AUTH", "radiology:s3cret")
     with fake_stow((200, stored_reply(["x"]), 0)) as server:
         s = run(PredictConfig(inputs=tmp_path / "ct", model=tiny_model, out=tmp_path / "o",
-                              stow=server.url, stow_retries=0))  # fmt: skip
+                              stow=f"dicomweb+{server.url}", stow_retries=0))  # fmt: skip
     assert not s["failures"]
     seg = s["outputs"][0]["dicom_seg"]  # --stow implies --dicom-seg
-    assert seg["stow"] == {"url": server.url + "/studies", "status": 200, "attempts": 1}
+    assert {k: seg["stow"][k] for k in ("url", "status", "attempts")} == {
+        "url": server.url + "/studies", "status": 200, "attempts": 1,
+    }  # fmt: skip
     (req,) = server.received
     assert req.parts == [("application/dicom", Path(seg["path"]).read_bytes())]
-    assert req.headers["Authorization"].startswith("Basic ")
+    assert req.headers["Authorization"] == "Basic " + base64.b64encode(b"radiology:s3cret").decode()
     saved = (tmp_path / "o" / "predict_config.yaml").read_text()
     assert "s3cret" not in saved and "radiology" not in saved
 
+    # the PACS refuses the instance: recorded per instance, the SEG stays
+    reply = stored_reply([], failed={"x": 0xA900})
+    with fake_stow((202, reply, 0)) as server:
+        s = run(PredictConfig(inputs=tmp_path / "ct", model=tiny_model, out=tmp_path / "o1",
+                              stow=server.url, stow_retries=0))  # fmt: skip
+    why = s["failures"][str(tmp_path / "ct")]
+    assert "refused 1 of 1 instance(s) (HTTP 202; first x: FailureReason 0xA900" in why
+    assert s["outputs"][0]["dicom_seg"]["stow"]["status"] == 202
     with fake_stow((403, None, 0)) as server:
         s = run(PredictConfig(inputs=tmp_path / "ct", model=tiny_model, out=tmp_path / "o2",
                               stow=server.url, stow_retries=2))  # fmt: skip
     why = s["failures"][str(tmp_path / "ct")]
     assert why.startswith("stow: ") and "HTTP 403" in why and "the SEG was written" in why
     assert len(server.received) == 1 and Path(s["outputs"][0]["dicom_seg"]["path"]).is_file()
-    with pytest.raises(ValueError, match="carries credentials"):
-        run(PredictConfig(inputs=tmp_path / "ct", model=tiny_model, stow="http://u:p@pacs/dw"))
+    assert json.loads((tmp_path / "o2" / "failures.json").read_text()) == s["failures"]
+    # server down: the first SEG is tried (bounded retries), the next ones are not
+    for name in ("a", "b"):
+        write_ct_series(tmp_path / "two" / name, vol)
+    s = run(PredictConfig(inputs=tmp_path / "two", model=tiny_model, out=tmp_path / "o4",
+                          stow=f"http://127.0.0.1:{free_port()}/dw", stow_retries=1,
+                          stow_backoff_s=0))  # fmt: skip
+    first, second = (s["failures"][str(tmp_path / "two" / n)] for n in "ab")
+    assert "cannot reach http://127.0.0.1:" in first and "after 2 attempt(s)" in first
+    assert second.startswith("stow: not sent, cannot reach") and "(the SEG was written" in second
+
+    # refused before any prediction: credentials in the URL, an unreadable auth file
+    with pytest.raises(ValueError, match="holds credentials") as err:
+        run(PredictConfig(inputs=tmp_path / "ct", model=tiny_model, stow="http://u:pw@pacs/dw"))
+    assert "pw@" not in str(err.value)
+    code = cli(["predict", str(tmp_path / "ct"), "--model", str(tiny_model), "--out",
+                str(tmp_path / "o5"), "--stow", "dicomweb+http://u:pw@pacs/dw"])  # fmt: skip
+    assert code == 2 and "holds credentials" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot read the auth file"):
+        run(PredictConfig(inputs=tmp_path / "ct", model=tiny_model, out=tmp_path / "o3",
+                          stow="http://pacs/dw", stow_auth_file=tmp_path / "none"))  # fmt: skip
+    assert not (tmp_path / "o3").exists()

@@ -1,9 +1,11 @@
 """The DICOMweb client: URL and credential checks, the streaming multipart parser, retries,
-timeouts and refused redirects (against a tiny local HTTP server), and QIDO/WADO/STOW against a
-real Orthanc (``pacs``)."""
+timeouts and refused redirects (against a tiny local HTTP server), STOW-RS against a scripted
+server (bodies, retries, per-instance refusals), and QIDO/WADO/STOW against a real Orthanc
+(``pacs``)."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import threading
@@ -21,6 +23,7 @@ from umit.ingest.dicomweb import (
     DicomWebClient,
     DicomWebError,
     ServerUnreachable,
+    StoreFailed,
     _MultipartToFiles,
     check_query,
     dicom_json_value,
@@ -29,6 +32,7 @@ from umit.ingest.dicomweb import (
     read_auth,
 )
 
+from _fake_dicomweb import fake_stow, stored_reply
 from _orthanc import free_port
 from _shared import write_ct_series
 
@@ -50,6 +54,8 @@ def test_parse_url_accepts_dicomweb_and_plain_http():
         ("dicomweb+http://127.0.0.1:8042/dicom-web?x=1", "query"),
         ("dicomweb+ftp://127.0.0.1/dicom-web", "scheme 'ftp'"),
         ("dicomweb+http://127.0.0.1:99999/dicom-web", "port"),
+        ("dicomweb+http://127.0.0.1:8042/dicom-web/studies", "the DICOMweb root"),
+        ("http://127.0.0.1:8042/dicom-web/studies/1.2.3", "not a resource below it"),
     ],
 )
 def test_parse_url_refuses_with_a_reason_that_never_repeats_a_password(url, words):
@@ -259,6 +265,93 @@ def test_credentials_only_in_the_authorization_header(fake_server):
     assert "s3cr3t" not in repr(client)
 
 
+# -- STOW-RS against a scripted server ---------------------------------------------------------
+@pytest.fixture
+def files(tmp_path) -> list[Path]:
+    """Two 'DICOM files' of binary content with CRLFs and a boundary-like run."""
+    paths = []
+    for n, size in enumerate((1000, 4097)):
+        data = bytes(range(256)) * (size // 256) + b"\r\n--umit-\r\n" + bytes([n]) * (size % 256)
+        (tmp_path / f"f{n}.dcm").write_bytes(data)
+        paths.append(tmp_path / f"f{n}.dcm")
+    return paths
+
+
+def test_stow_sends_each_file_byte_for_byte_as_an_application_dicom_part(files):
+    with fake_stow((200, stored_reply(["1.2.3", "1.2.4"]), 0)) as server:
+        client = DicomWebClient(server.url, auth=("user", "pa:ss"), retries=0)
+        result = client.store_instances(files)
+        client.store_instances(files[:1], study_uid="1.2.9")
+    first, second = server.received
+    assert first.path == "/dicom-web/studies" and second.path == "/dicom-web/studies/1.2.9"
+    assert first.headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
+    assert first.headers["Accept"] == "application/dicom+json"
+    assert first.headers["Authorization"] == "Basic " + base64.b64encode(b"user:pa:ss").decode()
+    assert first.parts == [("application/dicom", p.read_bytes()) for p in files]
+    assert (result.url, result.status, result.stored, result.failed) == (
+        server.url + "/studies", 200, ["1.2.3", "1.2.4"], {},
+    )  # fmt: skip
+    assert (result.requests, result.attempts) == (1, 1)
+    with pytest.raises(ValueError, match="at least one file"):
+        client.store_instances([])
+
+
+def test_stow_retries_busy_answers_a_bounded_number_of_times(files):
+    with fake_stow((503, None, 0), (429, None, 0), (200, stored_reply(["1"]), 0)) as server:
+        result = DicomWebClient(server.url, retries=3, backoff_s=0).store_instances(files[:1])
+    assert (result.status, result.attempts, len(server.received)) == (200, 3, 3)
+    with fake_stow((502, None, 0)) as server, pytest.raises(DicomWebError, match="HTTP 502"):
+        DicomWebClient(server.url, retries=2, backoff_s=0).store_instances(files[:1])
+    assert len(server.received) == 3  # first attempt + 2 retries
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413])
+def test_stow_final_http_errors_are_not_retried(files, status):
+    error = AuthenticationError if status in (401, 403) else DicomWebError
+    with fake_stow((status, {"error": "no"}, 0)) as server, pytest.raises(error) as err:
+        DicomWebClient(server.url, auth=("u", "s3cr3t-pw"), retries=3, backoff_s=0).store_instances(
+            files
+        )
+    assert f"HTTP {status}" in str(err.value) and "s3cr3t" not in str(err.value)
+    assert len(server.received) == 1
+
+
+def test_stow_refused_instances_are_reported_one_by_one(files):
+    reply = stored_reply(["1.1"], failed={"1.2": 0xA700})
+    with fake_stow((202, reply, 0)) as server, pytest.raises(StoreFailed) as err:
+        DicomWebClient(server.url, retries=0).store_instances(files)
+    result = err.value.result
+    assert (result.status, result.stored, result.failed) == (202, ["1.1"], {"1.2": 0xA700})
+    assert "refused 1 of 2 instance(s) (HTTP 202; first 1.2: FailureReason 0xA700 out of" in str(
+        err.value
+    )
+    # 409: none stored, reasons given; a final answer (not retried)
+    refused = pytest.raises(StoreFailed, match="HTTP 409; first 1.2: .*0xC000 cannot understand")
+    with fake_stow((409, stored_reply([], failed={"1.2": 0xC000}), 0)) as server, refused:
+        DicomWebClient(server.url, retries=3, backoff_s=0).store_instances(files)
+    assert len(server.received) == 1
+    with fake_stow((409, None, 0)) as server, pytest.raises(DicomWebError, match="HTTP 409"):
+        DicomWebClient(server.url, retries=3, backoff_s=0).store_instances(files)
+    # batches: every batch is sent, the refusals of all are gathered
+    replies = [(202, stored_reply([], failed={"a": 0xA900}), 0), (200, stored_reply(["b"]), 0)]
+    with fake_stow(*replies) as server, pytest.raises(StoreFailed) as err:
+        DicomWebClient(server.url, retries=0).store_instances(files, max_request_bytes=1500)
+    assert len(server.received) == 2
+    assert (err.value.result.stored, err.value.result.failed) == (["b"], {"a": 0xA900})
+
+
+def test_stow_timeouts_and_refused_connections_are_retried_then_reported(files):
+    with fake_stow((200, {}, 1.5)) as server:
+        client = DicomWebClient(server.url, timeout_s=0.3, retries=1, backoff_s=0)
+        with pytest.raises(DicomWebError, match=r"no answer within 0.3 s .*2 attempt\(s\)"):
+            client.store_instances(files[:1])
+    assert len(server.received) == 2
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"  # nobody listens there
+    refused = pytest.raises(ServerUnreachable, match=r"after 2 attempt\(s\).*Connection refused")
+    with refused:
+        DicomWebClient(url, retries=1, backoff_s=0).store_instances(files[:1])
+
+
 # -- against a real Orthanc --------------------------------------------------------------------
 def _two_studies(tmp_path: Path) -> dict[str, list[Path]]:
     rng = np.random.default_rng(0)
@@ -276,8 +369,12 @@ def _two_studies(tmp_path: Path) -> dict[str, list[Path]]:
 def test_stow_qido_wado_round_trip(orthanc_empty, tmp_path):
     files = _two_studies(tmp_path)
     client = orthanc_empty.client(page_size=1)  # page_size=1: paging must gather both
-    answers = client.store_instances([*files["CT"], *files["MR"]], max_request_bytes=3000)
-    assert len(answers) > 1  # split into several STOW-RS requests
+    sent = client.store_instances([*files["CT"], *files["MR"]], max_request_bytes=3000)
+    assert sent.requests > 1  # split into several STOW-RS requests
+    assert (sent.status, sent.attempts, sent.failed) == (200, sent.requests, {})
+    assert sorted(sent.stored) == sorted(
+        pydicom.dcmread(p).SOPInstanceUID for p in [*files["CT"], *files["MR"]]
+    )
     studies = client.search_studies()
     assert len(studies) == 2
     mr = client.search_studies({"ModalitiesInStudy": "MR"})

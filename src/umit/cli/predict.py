@@ -3,8 +3,9 @@
 Segmentation masks are written on the input's own grid (they overlay the input voxel for voxel);
 classification probabilities are printed and written to predictions.csv / predictions.json.
 With --dicom-seg, the mask of a DICOM series is also written as a DICOM Segmentation
-(<name>.seg.dcm) that references the series' images; --stow URL sends it to a PACS (STOW-RS;
-credentials from UMIT_STOW_USER / UMIT_STOW_PASSWORD or UMIT_STOW_TOKEN).
+(<name>.seg.dcm) that references the series' images; --stow dicomweb+http://HOST:PORT/ROOT
+sends it to a PACS (STOW-RS; credentials from --auth-file or $UMIT_PACS_AUTH, as for
+umit ingest; docs/pacs.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--stow",
         metavar="URL",
         default=None,
-        help="DICOMweb root to send each SEG to by STOW-RS (implies --dicom-seg)",
+        help="DICOMweb root (dicomweb+http(s)://HOST:PORT/ROOT) to send each SEG to by STOW-RS "
+        "(implies --dicom-seg)",
+    )
+    p.add_argument(
+        "--auth-file",
+        default=None,
+        metavar="FILE",
+        help="--stow credentials: a file whose first line is user:password (chmod 600); "
+        "else $UMIT_PACS_AUTH",
     )
     add_config_args(p)
     p.set_defaults(func=main)
@@ -63,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
         dicom_seg=args.dicom_seg,
         seg_type=args.seg_type,
         stow=args.stow,
+        stow_auth_file=args.auth_file,
     )
     s = run(cfg)
     n_ok, n_bad = len(s["outputs"]), len(s["failures"])
@@ -77,10 +87,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {row['input']} -> {row['mask']}")
             if row.get("dicom_seg"):
                 seg = row["dicom_seg"]
-                sent = f", sent to {seg['stow']['url']}" if seg.get("stow") else ""
+                stow = seg.get("stow")
+                sent = f", sent to {stow['url']} in {stow['seconds']:.2f} s" if stow else ""
                 print(
-                    f"    DICOM SEG ({seg['type']}, {len(seg['segments'])} segments) "
-                    f"-> {seg['path']}{sent}"
+                    f"    DICOM SEG ({seg['type']}, {len(seg['segments'])} segments) written in "
+                    f"{seg['seconds']:.2f} s -> {seg['path']}{sent}"
                 )
     for path, why in s["failures"].items():
         print(f"  FAILED {path}: {why}")

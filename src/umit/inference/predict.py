@@ -13,7 +13,8 @@ A model file (``best.pt``) carries the preprocessing plan it was trained with. F
 With ``dicom_seg`` (``--dicom-seg``), the mask of each DICOM series input is also written as a
 DICOM Segmentation beside it (``<name>.seg.dcm``, :mod:`umit.inference.dicom_seg`): the same
 label map, referencing the series' own images; with ``stow`` (``--stow URL``) each SEG is then
-sent to the PACS by STOW-RS (:mod:`umit.inference.stow`).
+sent to the PACS by STOW-RS, with the DICOMweb client ``umit ingest`` uses
+(:class:`umit.ingest.dicomweb.DicomWebClient`: same URLs, credentials, timeouts and retries).
 
 A folder of inputs is a batch: a failing input is recorded in ``failures.json`` with its reason
 and the others still run.
@@ -40,8 +41,16 @@ from umit.data.meta import ImageMeta
 from umit.data.plan import Plan
 from umit.errors import InputError, UmitError
 from umit.inference.segment import full_resolution, segment_volume
-from umit.inference.stow import StowError, auth_from_env, stow_rs, studies_url
 from umit.ingest.dicom import is_dicom_file
+from umit.ingest.dicomweb import (
+    AuthenticationError,
+    DicomWebClient,
+    DicomWebError,
+    ServerUnreachable,
+    StoreFailed,
+    parse_url,
+    read_auth,
+)
 from umit.ingest.read import read_volume
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.resample import restore_original
@@ -83,12 +92,18 @@ class PredictConfig(UmitConfig):
     """SEG encoding: ``binary`` (Segmentation Storage, widely supported) or ``labelmap`` (the
     2024 Label Map Segmentation Storage class, which many PACS still reject)."""
     stow: str | None = None
-    """DICOMweb root (or ``.../studies``) to send each SEG to by STOW-RS; implies ``dicom_seg``.
-    Credentials: ``UMIT_STOW_USER``/``UMIT_STOW_PASSWORD`` or ``UMIT_STOW_TOKEN``."""
-    stow_timeout: float = Field(default=60.0, gt=0)
-    """Seconds to wait for each STOW-RS attempt."""
-    stow_retries: int = Field(default=3, ge=0)
-    """STOW-RS retries after a connection error, timeout or HTTP 408/429/5xx."""
+    """DICOMweb root to send each SEG to by STOW-RS, as ``umit ingest`` takes it
+    (``dicomweb+http(s)://HOST:PORT/ROOT``; plain ``http(s)://`` too); implies ``dicom_seg``.
+    Credentials: ``stow_auth_file``, else ``$UMIT_PACS_AUTH`` (never in the URL)."""
+    stow_auth_file: Path | None = None
+    """File whose first line is ``user:password`` for ``stow`` (chmod 600). Only this path is
+    recorded in ``predict_config.yaml``; the credentials never are."""
+    stow_timeout_s: float = Field(default=60.0, gt=0)
+    """STOW-RS connect timeout and read timeout (seconds without data) of each attempt."""
+    stow_retries: int = Field(default=3, ge=0, le=20)
+    """STOW-RS retries after a connection error, a read timeout or HTTP 429/502/503/504."""
+    stow_backoff_s: float = Field(default=1.0, ge=0)
+    """Back-off factor between STOW-RS retries: waits of 0, 2, 4... x this, at most 30 s."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,14 +251,28 @@ def seg_path(mask: Path) -> Path:
     return mask.with_name(f"{mask.name[: -len(suffix)] if suffix else mask.name}.seg.dcm")
 
 
-def run(cfg: PredictConfig) -> dict[str, Any]:
-    """Predict every input; returns a summary (outputs, failures, seconds)."""
+def run(cfg: PredictConfig, *, auth: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Predict every input; returns a summary (outputs, failures, seconds).
+
+    Args:
+        auth: ``stow`` only: ``(user, password)``; default: ``cfg.stow_auth_file``, else
+            ``$UMIT_PACS_AUTH``.
+
+    Raises:
+        InputError: an unusable input, ``stow`` URL or auth file (before any prediction).
+        ValueError: a bad setting.
+    """
     inputs = find_inputs(cfg.inputs)
     if cfg.suffix is not None and cfg.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {cfg.suffix!r}")
     want_seg = cfg.dicom_seg or cfg.stow is not None
-    if cfg.stow is not None:
-        studies_url(cfg.stow)  # a bad URL fails before any prediction
+    if cfg.stow is not None:  # a bad URL or auth file fails before any prediction
+        try:
+            parse_url(cfg.stow)
+            if auth is None:
+                auth = read_auth(file=cfg.stow_auth_file)
+        except ValueError as exc:  # the message never holds the URL or a password
+            raise InputError(None, f"stow: {exc}") from None
     predictor = Predictor(cfg)
     if want_seg and predictor.task != "segmentation":
         raise ValueError(f"dicom_seg needs a segmentation model, {cfg.model} is {predictor.task}")
@@ -287,7 +316,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
                     row["dicom_seg"] = seg
         outputs.append(row)
     if cfg.stow is not None:
-        _stow_segs(cfg, outputs, failures)
+        _stow_segs(cfg, auth, outputs, failures)
     if predictor.task == "classification":
         _write_classification(folder, outputs, predictor.class_names)
     if failures:
@@ -334,21 +363,50 @@ def _write_seg(
     return {**summary(written), "seconds": round(written.seconds, 3)}
 
 
-def _stow_segs(cfg: PredictConfig, outputs: list[dict[str, Any]], failures: dict[str, str]) -> None:
-    """Send every written SEG to ``cfg.stow``; a failed upload is recorded, the files stay."""
-    auth = auth_from_env()
-    for row in outputs:
-        seg = row.get("dicom_seg")
-        if not seg:
-            continue
-        try:
-            res = stow_rs([seg["path"]], cfg.stow, auth, cfg.stow_timeout, cfg.stow_retries)
-        except StowError as exc:
-            failures[row["input"]] = f"stow: {exc} (the SEG was written: {seg['path']})"
-            continue
-        seg["stow"] = {"url": res.url, "status": res.status, "attempts": res.attempts}
-        if res.failed:
-            failures[row["input"]] = f"stow: the PACS refused {res.failed} (HTTP {res.status})"
+def _stow_segs(
+    cfg: PredictConfig,
+    auth: tuple[str, str] | None,
+    outputs: list[dict[str, Any]],
+    failures: dict[str, str],
+) -> None:
+    """Send every written SEG to ``cfg.stow``, one STOW-RS request each; a failed upload is
+    recorded in ``failures`` (the files stay). After refused credentials or an unreachable
+    server the remaining SEGs are not tried (each would wait through the same retries)."""
+    client = DicomWebClient(
+        cfg.stow,
+        auth=auth,
+        timeout_s=cfg.stow_timeout_s,
+        retries=cfg.stow_retries,
+        backoff_s=cfg.stow_backoff_s,
+        max_connections=1,
+    )
+    fatal = None
+    with client:
+        for row in outputs:
+            seg = row.get("dicom_seg")
+            if not seg:
+                continue
+            kept = f" (the SEG was written: {seg['path']})"
+            if fatal is not None:
+                failures[row["input"]] = f"stow: not sent, {fatal}{kept}"
+                continue
+            try:
+                res = client.store_instances([seg["path"]])
+            except StoreFailed as exc:  # answered, but refused: what and why is in the result
+                res = exc.result
+                failures[row["input"]] = f"stow: {exc}{kept}"
+            except DicomWebError as exc:
+                failures[row["input"]] = f"stow: {exc}{kept}"
+                log.error("predict: STOW-RS of %s failed: %s", seg["path"], exc)
+                if isinstance(exc, AuthenticationError | ServerUnreachable):
+                    fatal = str(exc)
+                continue
+            seg["stow"] = {
+                "url": res.url,
+                "status": res.status,
+                "attempts": res.attempts,
+                "seconds": round(res.seconds, 3),
+            }
 
 
 def _write_classification(folder: Path, rows: list[dict[str, Any]], names: list[str]) -> None:

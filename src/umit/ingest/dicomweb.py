@@ -8,15 +8,17 @@ user asked for:
   (RetrieveURL, BulkDataURI) are never used, and no proxy or ``.netrc`` is read from the
   environment (urllib3 does neither; ``requests`` does both).
 * Every request has a connect and a read timeout, and a bounded number of retries with
-  exponential back-off on connection errors and on HTTP 429/502/503/504. A series whose transfer
-  breaks off mid-stream is retried from the start, as often again.
+  exponential back-off on connection errors and on HTTP 429/502/503/504 (for STOW-RS too: an
+  instance stored twice keeps its UID, so the PACS keeps one copy). A series whose transfer
+  breaks off mid-stream is retried from the start, as often again. Other answers are final.
 * WADO-RS responses (``multipart/related``) are parsed as they stream in and each part is written
   straight to its own file: memory stays at one chunk, whatever the size of the series.
 * Credentials travel only in the ``Authorization`` header; no message, log line or exception of
   this module contains them (errors name :attr:`DicomWebClient.url`, which cannot hold any).
 
-Used by ``umit ingest dicomweb+http://...`` (:mod:`umit.ingest.pacs`) and by anything that
-stores results back into a PACS (:meth:`DicomWebClient.store_instances`). Example::
+Used by ``umit ingest dicomweb+http://...`` (:mod:`umit.ingest.pacs`) and by ``umit predict
+--stow`` (:mod:`umit.inference.predict`), which stores DICOM SEG results back into the PACS
+(:meth:`DicomWebClient.store_instances`). Example::
 
     with DicomWebClient("http://127.0.0.1:8042/dicom-web", auth=("user", "secret")) as client:
         client.check()
@@ -38,7 +40,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -60,6 +62,16 @@ RETRY_STATUS = (429, 502, 503, 504)
 QIDO_PARAMETERS = {"limit", "offset", "fuzzymatching", "includefield"}
 """QIDO-RS query keys that are not attribute matches."""
 DICOM_MEDIA = 'multipart/related; type="application/dicom"'
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+}
+"""STOW-RS Failure Reason codes (PS3.18 Table I.2-1 and PS3.4 status codes), for messages."""
 
 
 class DicomWebError(UmitError):
@@ -72,6 +84,15 @@ class AuthenticationError(DicomWebError):
 
 class ServerUnreachable(DicomWebError):
     """No connection to the server after every allowed attempt."""
+
+
+class StoreFailed(DicomWebError):
+    """The server answered a STOW-RS request but refused some instances (HTTP 202 or 409 with a
+    Failed SOP Sequence); :attr:`result` says which were stored and which not, and why."""
+
+    def __init__(self, message: str, result: StoreResult):
+        super().__init__(message)
+        self.result = result
 
 
 class _BrokenTransfer(DicomWebError):
@@ -95,6 +116,31 @@ class RetrievedSeries:
     n_bytes: int
     seconds: float
     attempts: int = 1
+
+
+@dataclass
+class StoreResult:
+    """What the server answered to :meth:`DicomWebClient.store_instances`.
+
+    Attributes:
+        url: Where the instances went (``<root>/studies`` or ``<root>/studies/<uid>``).
+        status: The highest status answered: 200 when every request was answered 200; 202:
+            stored, with warnings or some instances refused; 409: none of a request stored.
+        stored: SOP Instance UIDs the server reports stored (Referenced SOP Sequence).
+        failed: ``{SOP Instance UID: Failure Reason}`` of refused instances (Failed SOP
+            Sequence; the reason is None when the server gave none).
+        requests: STOW-RS requests (batches) sent.
+        attempts: HTTP attempts in all, retries included.
+        seconds: Wall time, retries included.
+    """
+
+    url: str
+    status: int = 200
+    stored: list[str] = field(default_factory=list)
+    failed: dict[str, int | None] = field(default_factory=dict)
+    requests: int = 0
+    attempts: int = 0
+    seconds: float = 0.0
 
 
 def parse_url(url: str) -> str:
@@ -123,6 +169,11 @@ def parse_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError(
             "the DICOMweb URL must not have a query or fragment; search with --query instead"
+        )
+    if "studies" in parts.path.split("/"):
+        raise ValueError(
+            "give the DICOMweb root (e.g. dicomweb+http://HOST:PORT/dicom-web), not a resource "
+            "below it (.../studies...): umit builds every request from the root"
         )
     try:
         port = parts.port
@@ -185,13 +236,19 @@ def read_auth(
 def dicom_json_value(dataset: Mapping[str, Any], keyword: str, default: Any = None) -> Any:
     """First value of attribute ``keyword`` (e.g. ``"SeriesInstanceUID"``) in a DICOM JSON
     dataset, as QIDO-RS returns them; ``default`` when absent or empty."""
+    values = dicom_json_value_list(dataset, keyword)
+    return values[0] if values else default
+
+
+def dicom_json_value_list(dataset: Mapping[str, Any], keyword: str) -> list[Any]:
+    """Every value of attribute ``keyword`` in a DICOM JSON dataset (the items of a sequence);
+    empty when absent."""
     from pydicom.datadict import tag_for_keyword
 
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise ValueError(f"unknown DICOM keyword {keyword!r}")
-    values = (dataset.get(f"{tag:08X}") or {}).get("Value") or []
-    return values[0] if values else default
+    return list((dataset.get(f"{tag:08X}") or {}).get("Value") or [])
 
 
 def check_query(query: Mapping[str, str]) -> dict[str, str]:
@@ -223,7 +280,8 @@ class DicomWebClient:
 
     Args:
         url: Base URL, e.g. ``http://127.0.0.1:8042/dicom-web`` (``dicomweb+`` prefix allowed).
-        auth: ``(user, password)`` for HTTP Basic authentication, or None.
+        auth: ``(user, password)`` for HTTP Basic authentication, or None (a warning when
+            they would travel over plain http to another machine).
         timeout_s: Connect timeout and read timeout (per socket read, not per transfer).
         retries: Retries after the first attempt, on connection errors, on HTTP
             429/502/503/504 and on a transfer that breaks off.
@@ -255,6 +313,8 @@ class DicomWebClient:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.url = parse_url(url)
         """The service's base URL (no credentials, no trailing slash): the one host talked to."""
+        if auth is not None and self.url.startswith("http://") and not is_loopback(self.url):
+            log.warning("%s: credentials are sent unencrypted over plain http; use https", self.url)
         self.retries = retries
         self.backoff_s = backoff_s
         self.page_size = page_size
@@ -281,7 +341,7 @@ class DicomWebClient:
     def __repr__(self) -> str:  # never the headers: they hold the credentials
         return f"DicomWebClient({self.url!r})"
 
-    def _retry(self) -> Retry:
+    def _retry(self, retry_post: bool = False) -> Retry:
         return Retry(
             total=self.retries,
             connect=self.retries,
@@ -289,9 +349,9 @@ class DicomWebClient:
             status=self.retries,
             other=0,
             redirect=False,
-            # read errors and statuses are retried for GET only (a POST may have been
-            # stored); connection errors, where nothing was sent, for every method
-            allowed_methods=frozenset({"GET"}),
+            # read errors and statuses are retried for GET, and for POST only where sending it
+            # twice does no harm (STOW-RS); connection errors, where nothing was sent, always
+            allowed_methods=frozenset({"GET", "POST"} if retry_post else {"GET"}),
             status_forcelist=RETRY_STATUS,
             backoff_factor=self.backoff_s,
             backoff_max=30.0,
@@ -308,9 +368,12 @@ class DicomWebClient:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
         stream: bool = False,
+        retry_post: bool = False,
+        answer_statuses: tuple[int, ...] = (),
     ) -> urllib3.BaseHTTPResponse:
         """One request to ``self.url + path``; raises a :class:`DicomWebError` on any failure
-        but a 2xx answer (the body is read unless ``stream``)."""
+        but a 2xx answer or one of ``answer_statuses`` (the body is read unless ``stream``).
+        ``retry_post``: a POST that is harmless to repeat, retried like a GET."""
         target = self.url + path + (f"?{urlencode(params)}" if params else "")
         try:
             response = self._pool.request(
@@ -318,7 +381,7 @@ class DicomWebClient:
                 target,
                 headers={**self._headers, **(headers or {})},
                 body=body,
-                retries=self._retry(),
+                retries=self._retry(retry_post),
                 timeout=self._timeout,
                 redirect=False,
                 preload_content=not stream,
@@ -342,7 +405,7 @@ class DicomWebClient:
             raise DicomWebError(
                 f"{self.url}: {method} {path} failed: {_short_reason(exc)}"
             ) from None
-        if response.status < 300:
+        if response.status < 300 or response.status in answer_statuses:
             return response
         detail = "" if stream else _body_excerpt(response.data)
         response.release_conn()
@@ -485,25 +548,37 @@ class DicomWebClient:
         paths: Iterable[str | Path],
         study_uid: str | None = None,
         max_request_bytes: int = 64 << 20,
-    ) -> list[dict]:
-        """STOW-RS: POST DICOM files to ``/studies`` (or ``/studies/{study_uid}``), in requests
-        of at most ``max_request_bytes`` (a single larger file goes alone).
+    ) -> StoreResult:
+        """STOW-RS (PS3.18 10.5): POST DICOM files to ``/studies`` (or ``/studies/{study_uid}``)
+        as ``multipart/related; type="application/dicom"``, in requests of at most
+        ``max_request_bytes`` (a single larger file goes alone).
+
+        Each request is retried like a GET (connection errors, read timeouts, HTTP
+        429/502/503/504; ``retries`` times): an instance sent twice keeps its UID. Other
+        HTTP errors are final. Every batch is sent even when the server refuses instances of an
+        earlier one.
 
         Returns:
-            The server's DICOM JSON answer of each request.
+            Where they went, the instances stored, the attempts made.
 
         Raises:
-            DicomWebError: on an HTTP error, or when the server lists failed instances
-                (FailedSOPSequence), naming how many and the first failure reason.
+            StoreFailed: the server refused some instances (a Failed SOP Sequence in a 202 or
+                409 answer); its ``result`` lists them with their Failure Reason.
+            DicomWebError: any other failure (:class:`AuthenticationError`,
+                :class:`ServerUnreachable`, an HTTP error), naming the URL and the status.
+            ValueError: no files.
         """
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("store_instances needs at least one file")
         path = f"/studies/{_uid(study_uid)}" if study_uid else "/studies"
-        answers = []
+        result = StoreResult(url=self.url + path)
+        start = time.perf_counter()
         batch: list[bytes] = []
         size = 0
 
         def send() -> None:
             boundary = uuid.uuid4().hex
-            body = _multipart_body(batch, boundary)
             response = self._request(
                 "POST",
                 path,
@@ -511,28 +586,41 @@ class DicomWebClient:
                     "Content-Type": f"{DICOM_MEDIA}; boundary={boundary}",
                     "Accept": "application/dicom+json",
                 },
-                body=body,
+                body=_multipart_body(batch, boundary),
+                retry_post=True,
+                answer_statuses=(409,),
             )
-            answer = json.loads(response.data) if response.data else {}
-            failed = (answer.get("00081198") or {}).get("Value") or []
-            if failed:
-                reason = (failed[0].get("00081197") or {}).get("Value") or ["?"]
+            history = response.retries.history if response.retries is not None else ()
+            result.requests += 1
+            result.attempts += len(history) + 1
+            stored, failed = _stow_answer(response.data)
+            if response.status == 409 and not failed:
                 raise DicomWebError(
-                    f"{self.url}: STOW-RS refused {len(failed)} of {len(batch)} instance(s) "
-                    f"(first FailureReason {reason[0]})"
+                    f"{self.url}: POST {path} failed with HTTP 409: "
+                    f"{_body_excerpt(response.data) or 'no reason given'}"
                 )
-            answers.append(answer)
+            result.status = max(result.status, response.status)
+            result.stored.extend(stored)
+            result.failed.update(failed)
 
         for p in paths:
-            data = Path(p).read_bytes()
+            data = p.read_bytes()
             if batch and size + len(data) > max_request_bytes:
                 send()
                 batch, size = [], 0
             batch.append(data)
             size += len(data)
-        if batch:
-            send()
-        return answers
+        send()
+        result.seconds = time.perf_counter() - start
+        if result.failed:
+            first, reason = next(iter(result.failed.items()))
+            raise StoreFailed(
+                f"{result.url}: the server refused {len(result.failed)} of {len(paths)} "
+                f"instance(s) (HTTP {result.status}; first {first}: "
+                f"{_failure_reason(reason)})",
+                result,
+            )
+        return result
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -563,6 +651,38 @@ def _boundary(content_type: str) -> bytes | None:
         if key.strip().lower() == "boundary" and value:
             return value.strip().strip('"').encode()
     return None
+
+
+def _stow_answer(data: bytes) -> tuple[list[str], dict[str, int | None]]:
+    """Stored SOP Instance UIDs and ``{refused UID: Failure Reason}`` of a STOW-RS answer
+    (PS3.18 DICOM JSON; nothing when the body is empty or not DICOM JSON)."""
+    try:
+        doc = json.loads(data) if data.strip() else {}
+    except ValueError:
+        return [], {}
+    if isinstance(doc, list):  # some servers wrap the one dataset in a list
+        doc = doc[0] if doc else {}
+    if not isinstance(doc, dict):
+        return [], {}
+    stored = [
+        str(dicom_json_value(item, "ReferencedSOPInstanceUID"))
+        for item in dicom_json_value_list(doc, "ReferencedSOPSequence")
+    ]
+    failed = {
+        str(dicom_json_value(item, "ReferencedSOPInstanceUID")): dicom_json_value(
+            item, "FailureReason"
+        )
+        for item in dicom_json_value_list(doc, "FailedSOPSequence")
+    }
+    return stored, failed
+
+
+def _failure_reason(code: Any) -> str:
+    if code is None:
+        return "no reason given"
+    if not isinstance(code, int):  # a server that does not follow PS3.18
+        return f"FailureReason {code!r}"
+    return f"FailureReason 0x{code:04X} {FAILURE_REASONS.get(code, '')}".rstrip()
 
 
 def _multipart_body(parts: Sequence[bytes], boundary: str) -> bytes:

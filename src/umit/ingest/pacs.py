@@ -50,7 +50,6 @@ from umit.ingest.dicomweb import (
     RetrievedSeries,
     ServerUnreachable,
     dicom_json_value,
-    is_loopback,
     parse_url,
     read_auth,
 )
@@ -94,8 +93,6 @@ def client_for(cfg: IngestConfig, auth: tuple[str, str] | None = None) -> DicomW
             auth = read_auth(file=cfg.pacs_auth_file)
     except ValueError as exc:
         raise InputError(None, str(exc)) from None
-    if auth is not None and url.startswith("http://") and not is_loopback(url):
-        log.warning("%s: credentials are sent unencrypted over plain http; use https", url)
     return DicomWebClient(
         url,
         auth=auth,

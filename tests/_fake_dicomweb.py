@@ -1,8 +1,9 @@
 """A tiny stand-in for a DICOMweb server's STOW-RS endpoint (http.server on 127.0.0.1).
 
 It records every request (path, headers, the DICOM parts of the multipart body) and answers
-from a script of ``(status, json_body, delay_s)`` replies, repeating the last one. The real
-Orthanc round trip is tested where the Orthanc fixture lives.
+from a script of ``(status, json_body, delay_s)`` replies, repeating the last one: for what a
+real PACS will not do on demand (answer 503 twice, time out, refuse one instance of two). What
+a real PACS does with the files is tested against Orthanc (``tests/_orthanc.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -22,7 +24,7 @@ from typing import Any
 @dataclass
 class Received:
     path: str
-    headers: dict[str, str]
+    headers: Message  # case-insensitive, as HTTP header names are
     parts: list[tuple[str, bytes]]  # (content type, payload) of each multipart part
 
 
@@ -69,7 +71,7 @@ def fake_stow(*replies: tuple[int, Any, float]) -> Iterator[FakeStow]:
         def do_POST(self):  # noqa: N802 (http.server's naming)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             parts = split_multipart(self.headers["Content-Type"], body)
-            state.received.append(Received(self.path, dict(self.headers), parts))
+            state.received.append(Received(self.path, self.headers, parts))
             status, doc, delay = state.next_reply()
             time.sleep(delay)
             payload = json.dumps(doc).encode() if doc is not None else b""
