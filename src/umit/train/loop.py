@@ -440,9 +440,11 @@ class Trainer:
 
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         """Restore model, optimizer, scaler, task state, position and this rank's RNG."""
-        ckpt_io.restore_train_state(
-            self.module, self.optimizer, ckpt["model"], ckpt.get("optimizer")
-        )
+        # Opacus' DPOptimizer keeps its state in the optimizer it wraps; torch initialises an
+        # empty state with one zero-gradient step(), which the DP wrapper refuses without
+        # per-sample gradients: restore the wrapped optimizer itself.
+        optimizer = getattr(self.optimizer, "original_optimizer", self.optimizer)
+        ckpt_io.restore_train_state(self.module, optimizer, ckpt["model"], ckpt.get("optimizer"))
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         if ckpt.get("task") is not None and callable(getattr(self.task, "load_state_dict", None)):
