@@ -156,10 +156,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 # ---------------------------------------------------------------------------------------------
 # the server
 # ---------------------------------------------------------------------------------------------
-def _reply_site(msg: Message, names: Mapping[int, str]) -> str:
-    node = msg.metadata.src_node_id
+def _reply_site(msg: Message, names: Mapping[int, str], sent: Mapping[str, int]) -> str:
+    """The site a reply comes from: named in the reply, else by the node the instruction went to
+    (an error the SuperLink makes for an unreachable node does not come from that node)."""
     if not msg.has_error() and SITE_KEY in msg.content:
         return str(msg.content[SITE_KEY]["site"])
+    node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
     return names.get(node, f"node-{node}")
 
 
@@ -180,28 +182,29 @@ class _Recording:
         self.run = run
         self.names = names
         self.offset = offset
-        self._sent: dict[str, set[int]] = {}
+        self._sent: dict[str, list[Message]] = {}
         self._bytes_down = 0
         self._started = 0.0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid) -> Any:
         msgs = list(super().configure_train(server_round + self.offset, arrays, config, grid))
-        self._sent["train"] = {m.metadata.dst_node_id for m in msgs}
+        self._sent["train"] = msgs  # the grid gives them their ids when it sends them
         self._bytes_down = arrays.count_bytes()
         self._started = time.perf_counter()
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid) -> Any:
         msgs = list(super().configure_evaluate(server_round + self.offset, arrays, config, grid))
-        self._sent["eval"] = {m.metadata.dst_node_id for m in msgs}
+        self._sent["eval"] = msgs
         return msgs
 
     def _site_records(
         self, rnd: int, split: str, replies: list[Message]
     ) -> tuple[list[dict[str, Any]], list[Message]]:
         records, ok = [], []
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(split, [])}
         for m in replies:
-            name = _reply_site(m, self.names)
+            name = _reply_site(m, self.names, sent)
             if m.has_error():
                 records.append(
                     {"round": rnd, "split": split, "site": name, "error": _error_text(m)}
@@ -211,8 +214,8 @@ class _Recording:
             ok.append(m)
             metrics = {k: v for k, v in m.content["metrics"].items() if not isinstance(v, list)}
             records.append({"round": rnd, "split": split, "site": name, **metrics})
-        answered = {m.metadata.src_node_id for m in replies}
-        for node in sorted(self._sent.get(split, set()) - answered):
+        answered = {sent.get(m.metadata.reply_to_message_id) for m in replies}
+        for node in sorted(set(sent.values()) - answered):
             name = self.names.get(node, f"node-{node}")
             records.append(
                 {
@@ -231,12 +234,14 @@ class _Recording:
         records, ok = self._site_records(rnd, "train", replies)
         arrays, agg = super().aggregate_train(rnd, ok)
         up = [m.content["arrays"].count_bytes() for m in ok]
+        present = {r["site"] for r in records}
         summary: dict[str, Any] = {
             "round": rnd,
             "split": "train",
             "site": "global",
             "sites_ok": len(ok),
             "sites_failed": len(records) - len(ok),
+            "sites_absent": sorted(set(self.names.values()) - present),
             "bytes_down_per_site": self._bytes_down,
             "bytes_up_per_site": max(up) if up else 0,
             "round_s": time.perf_counter() - self._started,
@@ -250,7 +255,7 @@ class _Recording:
             if "epsilon" in metrics:
                 info["dp"] = {k[3:]: float(v) for k, v in metrics.items() if k.startswith("dp_")}
                 info["dp"]["epsilon"] = float(metrics["epsilon"])
-            sites[_reply_site(m, self.names)] = info
+            sites[_reply_site(m, self.names, {})] = info
         self.run.log([*records, summary])
         state = arrays.to_torch_state_dict() if arrays is not None else None
         self.run.save_round(rnd, state, sites)
@@ -340,8 +345,10 @@ def describe_sites(
     descriptions: dict[str, dict[str, Any]] = {}
     names: dict[int, str] = {}
     records = []
-    for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
-        node = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             records.append(
                 {"round": run.round, "split": "describe", "site": f"node-{node}"}
