@@ -105,10 +105,12 @@ def test_settings_named_like_the_builder_parameters_pass_through():
 # -- shipped presets ------------------------------------------------------------------------------
 def _preset_class(name: str):
     from umit.eval.data_efficiency import DataEfficiencyConfig
+    from umit.federated.config import FederatedConfig
     from umit.ssl.pretrain import PretrainConfig
 
     group = name.split("/")[1]
-    return {"pretrain": PretrainConfig, "experiments": DataEfficiencyConfig}[group]
+    classes = {"pretrain": PretrainConfig, "experiments": DataEfficiencyConfig}
+    return {**classes, "federated": FederatedConfig}[group]
 
 
 @pytest.mark.parametrize("name", list_presets())

@@ -380,6 +380,43 @@ def scheduled_train_config(cfg: FinetuneConfig, n_samples: int) -> TrainConfig:
     return cfg.train.model_copy(update=update) if update else cfg.train
 
 
+def training_data(
+    cfg: FinetuneConfig, store: Store, train_cases: list[str]
+) -> torch.utils.data.Dataset:
+    """Augmented training inputs: labeled random crops (segmentation) or centred cases
+    (classification), seeded by ``cfg.train.seed``."""
+    if cfg.task == "classification":
+        crops: torch.utils.data.Dataset = CentredCases(
+            store, train_cases, cfg.crop_size, cfg.samples_per_case
+        )
+    else:
+        crops = StoreCropDataset(
+            cfg.data,
+            cfg.crop_size,
+            cases=train_cases,
+            samples_per_case=cfg.samples_per_case,
+            foreground_prob=cfg.foreground_prob,
+            seed=cfg.train.seed,
+            with_label=True,
+        )
+    return AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
+
+
+def make_task(
+    cfg: FinetuneConfig, model: torch.nn.Module, targets: dict[str, int]
+) -> SegmentationTask | ClassificationTask:
+    """The training-loop task of ``cfg.task`` around ``model``."""
+    if cfg.task == "segmentation":
+        return SegmentationTask(model, ce_weight=cfg.ce_weight)
+    return ClassificationTask(model, targets)
+
+
+def seg_num_outputs(store: Store, cases: list[str], plan: Plan) -> int:
+    """Output channels of a segmentation model: the largest label value seen or planned + 1."""
+    classes = sorted({int(k) for c in cases for k in store.index[c].get("label_classes", [])})
+    return max(classes + [max((plan.labels or {"_": 0}).values(), default=0)]) + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
@@ -392,14 +429,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     targets: dict[str, int] = {}
     names: list[str] = []
     if cfg.task == "segmentation":
-        classes = sorted(
-            {
-                int(k)
-                for c in cases["train"] + cases["val"]
-                for k in store.index[c].get("label_classes", [])
-            }
-        )
-        num_outputs = max(classes + [max((plan.labels or {"_": 0}).values(), default=0)]) + 1
+        num_outputs = seg_num_outputs(store, cases["train"] + cases["val"], plan)
         train_cases = cases["train"]
     else:
         names = class_names(store, cases["train"] + cases["val"], cfg.label_key)
@@ -419,27 +449,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     seed_everything(cfg.train.seed)  # before anything random is built: the same seed, the same run
     model = build_model(cfg, in_chans, num_outputs)
-    if cfg.task == "classification":
-        crops: torch.utils.data.Dataset = CentredCases(
-            store, train_cases, cfg.crop_size, cfg.samples_per_case
-        )
-    else:
-        crops = StoreCropDataset(
-            cfg.data,
-            cfg.crop_size,
-            cases=train_cases,
-            samples_per_case=cfg.samples_per_case,
-            foreground_prob=cfg.foreground_prob,
-            seed=cfg.train.seed,
-            with_label=True,
-        )
-    dataset = AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
+    dataset = training_data(cfg, store, train_cases)
     train_cfg = scheduled_train_config(cfg, len(dataset))
-    task = (
-        SegmentationTask(model, ce_weight=cfg.ce_weight)
-        if cfg.task == "segmentation"
-        else ClassificationTask(model, targets)
-    )
+    task = make_task(cfg, model, targets)
     cfg.out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {
         "cases": cases,

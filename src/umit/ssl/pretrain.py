@@ -225,6 +225,20 @@ class PretrainTask:
 MAETask = PretrainTask  # the former name
 
 
+def training_data(cfg: PretrainConfig, cases: list[str]) -> AugmentedDataset:
+    """Augmented random crops of ``cases`` (labels unused), seeded by ``cfg.train.seed``."""
+    crops = StoreCropDataset(
+        cfg.data,
+        cfg.crop_size,
+        cases=cases,
+        samples_per_case=cfg.samples_per_case,
+        foreground_prob=cfg.foreground_prob,
+        seed=cfg.train.seed,
+        with_label=False,
+    )
+    return AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
+
+
 def build_validation(store_dir: Path, cases: list[str], cfg: PretrainConfig) -> list[torch.Tensor]:
     """Fixed validation crops (no augmentation), batched one crop per tensor."""
 
@@ -403,16 +417,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     train_cfg = cfg.train.model_copy(update={"out_dir": cfg.out})
     seed_everything(cfg.train.seed)  # same config + seed -> same initial weights
     module = build_method(cfg, in_chans)
-    crops = StoreCropDataset(
-        cfg.data,
-        cfg.crop_size,
-        cases=train_cases,
-        samples_per_case=cfg.samples_per_case,
-        foreground_prob=cfg.foreground_prob,
-        seed=cfg.train.seed,
-        with_label=False,
-    )
-    dataset = AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
+    dataset = training_data(cfg, train_cases)
     val = build_validation(cfg.data, val_cases, cfg)
     monitor = None
     if cfg.monitor_label:

@@ -302,6 +302,7 @@ class Trainer:
         self.samples_in_epoch = 0
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
+        self._resume_checked = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -439,9 +440,11 @@ class Trainer:
 
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         """Restore model, optimizer, scaler, task state, position and this rank's RNG."""
-        ckpt_io.restore_train_state(
-            self.module, self.optimizer, ckpt["model"], ckpt.get("optimizer")
-        )
+        # Opacus' DPOptimizer keeps its state in the optimizer it wraps; torch initialises an
+        # empty state with one zero-gradient step(), which the DP wrapper refuses without
+        # per-sample gradients: restore the wrapped optimizer itself.
+        optimizer = getattr(self.optimizer, "original_optimizer", self.optimizer)
+        ckpt_io.restore_train_state(self.module, optimizer, ckpt["model"], ckpt.get("optimizer"))
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         if ckpt.get("task") is not None and callable(getattr(self.task, "load_state_dict", None)):
@@ -477,6 +480,18 @@ class Trainer:
         )
         if changed and old_cfg:
             log.warning("resuming with changed settings: %s", ", ".join(changed))
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint ``cfg.resume`` names, once (:meth:`fit` calls it too); returns
+        the file resumed from, or None.
+
+        Calling it before :meth:`fit` lets a caller change the restored state, e.g. a federated
+        site loading the new global weights over its own resumed optimizer and data position.
+        """
+        if not self._resume_checked:
+            self._maybe_resume()
+            self._resume_checked = True
+        return self.resumed_from
 
     def _maybe_resume(self) -> None:
         """Load the checkpoint ``cfg.resume`` names; rank 0 picks the file, every rank loads it.
@@ -600,15 +615,22 @@ class Trainer:
             self.module.train()
         return {"split": "eval", "step": self.step, **du.all_reduce_mean(results)}
 
-    def fit(self) -> TrainResult:
-        """Train from scratch or from the checkpoint ``cfg.resume`` names, up to ``total_steps``."""
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train from scratch or from the checkpoint ``cfg.resume`` names, up to ``total_steps``.
+
+        Args:
+            until: stop after this optimizer step instead (writing a checkpoint there); the
+                schedules still span ``total_steps``. A federated round trains a site from step
+                ``(r - 1) * local_steps`` to ``until = r * local_steps`` of one long schedule.
+        """
         cfg = self.cfg
+        end = cfg.total_steps if until is None else min(int(until), cfg.total_steps)
         started = time.perf_counter()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.out_dir, recursive=False)
             save_config(self.run_config if self.run_config is not None else cfg, self.out_dir)
-        self._maybe_resume()
+        self.resume()
         start_step = self.step
         if self.resumed_from is None:
             seed_everything(cfg.seed + self.rank)
@@ -618,17 +640,17 @@ class Trainer:
             )
 
         writer = MetricsWriter(self.out_dir, self.is_main, cfg.tensorboard, start_step=start_step)
-        bar = ProgressBar(cfg.total_steps, start_step, enabled=self.is_main and cfg.progress)
+        bar = ProgressBar(end, start_step, enabled=self.is_main and cfg.progress)
         history: list[dict[str, Any]] = []
         batches = self._batches()
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         window_start = time.perf_counter()
         try:
-            while self.step < cfg.total_steps:
+            while self.step < end:
                 self.train_step(batches)
                 bar.update()
-                last = self.step == cfg.total_steps
+                last = self.step == end
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     rec = self._record(now - window_start, now - started)
