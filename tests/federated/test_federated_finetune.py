@@ -102,7 +102,11 @@ def test_one_site_equals_umit_finetune_and_best_pt_goes_to_evaluate(tiny_ct_stor
     assert art["task"] == "segmentation" and art["federated"]["round"] == 3
     summary = evaluate(
         EvaluateConfig(
-            model=s["artifact"], data=tiny_ct_store, out=tmp_path / "ev", n_boot=10, overlays=0
+            model=s["artifact"],
+            data=tiny_ct_store,
+            out=tmp_path / "ev",
+            n_boot=10,
+            case_figures=False,
         )
     )
     assert summary["n_cases"] == 2  # the two test cases, scored

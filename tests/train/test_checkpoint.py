@@ -190,7 +190,7 @@ def test_save_artifact_round_trips_and_refuses_what_it_cannot_describe(tmp_path)
     assert torch.load(path, weights_only=True)["format_version"] == ck.FORMAT_VERSION  # plain data
     with pytest.raises(ValueError, match="needs its InferenceSpec"):
         save_artifact(tmp_path / "m.pt", "model", enc)
-    with pytest.raises(ValueError, match="writes 'model' or 'encoder'"):
+    with pytest.raises(ValueError, match="writes 'model', 'encoder' or 'network'"):
         save_artifact(tmp_path / "m.pt", "train_state", enc, spec=InferenceSpec())
     with pytest.raises(ValueError, match="no model_name"):
         save_artifact(tmp_path / "m.pt", "encoder", torch.nn.Linear(2, 2))
