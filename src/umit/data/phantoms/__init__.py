@@ -40,8 +40,10 @@ from umit.data.phantoms.mr import (
     MR_BRAIN_LABELS,
     MR_CHANNELS,
     MR_LABELS,
+    MR_TISSUE_CLASSES,
     brain_mask,
     make_mr_phantom,
+    mr_tissue_map,
 )
 from umit.data.phantoms.scanner import (
     CT_REFERENCE_SPACING,
@@ -78,6 +80,7 @@ __all__ = [
     "MR_LABELS",
     "MR_REFERENCE_SPACING",
     "MR_SITES",
+    "MR_TISSUE_CLASSES",
     "SEXES",
     "Phantom",
     "Scanner",
@@ -87,6 +90,7 @@ __all__ = [
     "check_shape",
     "make_ct_phantom",
     "make_mr_phantom",
+    "mr_tissue_map",
     "sample_attributes",
     "site_grid_shape",
     "write_phantom_collection",

@@ -48,6 +48,22 @@ def brain_mask(label: np.ndarray) -> np.ndarray:
 # Tissue classes of the MR painter (not labels): index into the intensity tables below.
 _T_AIR, _T_SCALP, _T_SKULL, _T_CSF, _T_GM, _T_WM = 0, 1, 2, 3, 4, 5
 _T_LESION, _T_NECROSIS, _T_RIM, _T_EDEMA, _T_SOFT, _T_EYE, _T_NOSE = 6, 7, 8, 9, 10, 11, 12
+MR_TISSUE_CLASSES: dict[str, int] = {
+    "air": _T_AIR,
+    "scalp": _T_SCALP,
+    "skull": _T_SKULL,
+    "csf": _T_CSF,
+    "grey_matter": _T_GM,
+    "white_matter": _T_WM,
+    "lesion": _T_LESION,
+    "necrosis": _T_NECROSIS,
+    "lesion_rim": _T_RIM,
+    "edema": _T_EDEMA,
+    "soft_tissue": _T_SOFT,
+    "eye": _T_EYE,
+    "nose_lips": _T_NOSE,
+}
+"""Tissue classes of :func:`mr_tissue_map` (finer than ``MR_LABELS``: the face has its own)."""
 # Label of each tissue class; oedema lies in white matter and keeps its label.
 _T_LABEL = np.array([0, 1, 1, 2, 3, 4, 5, 5, 5, 4, 1, 1, 1], dtype=np.uint8)
 # Relative intensities (T1, T2, FLAIR) per tissue class; WM T1 ~ 0.85.
@@ -225,6 +241,39 @@ def _paint_face(g: _Grid, p: dict[str, Any], t: np.ndarray) -> None:
     t[sl][q < 1.0] = _T_NOSE
 
 
+def _paint_subject(seed: int, shape: tuple[int, int, int], attributes: SubjectAttributes | None):
+    """Draw one subject and paint its canonical RAS tissue map; shared by the phantom and
+    :func:`mr_tissue_map` so that both see the same anatomy."""
+    seed = _check_seed(seed)
+    shape = check_shape(shape)
+    rng_attr, rng_anat, rng_acq = _streams(seed, "mr")
+    attrs, proto, scanner = _resolve_attributes(attributes, rng_attr, "mr")
+    p = _mr_anatomy(rng_anat, attrs)
+    fov = np.asarray(shape) * np.asarray(MR_REFERENCE_SPACING)
+    s = float(min(fov)) / 2
+    g = _Grid(_ras_grid_shape(shape, "mr", proto), proto.spacing, (s, s, s))
+    return attrs, proto, scanner, p, g, _paint_mr(g, p), rng_acq
+
+
+def mr_tissue_map(
+    seed: int,
+    shape: tuple[int, int, int] = (80, 96, 80),
+    attributes: SubjectAttributes | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The painter's tissue classes of ``make_mr_phantom(seed, shape, attributes)``.
+
+    Finer than the labels (which fold the face into "head"): eyes, lids, brows, nose and lips
+    are classes of their own (``MR_TISSUE_CLASSES``), which the defacing measurements need.
+
+    Returns:
+        ``(tissue, affine)``: the uint8 class map on the phantom's stored grid and its affine
+        (equal to the phantom's).
+    """
+    _, proto, _, _, g, tissue, _ = _paint_subject(seed, shape, attributes)
+    _, stored, affine = _to_storage({}, tissue, g.affine(proto.world_center), proto.orientation)
+    return stored, affine
+
+
 def make_mr_phantom(
     seed: int,
     shape: tuple[int, int, int] = (80, 96, 80),
@@ -242,16 +291,7 @@ def make_mr_phantom(
         A ``Phantom`` with float32 channels "T1", "T2", "FLAIR" (bias field, Rician noise),
         integer-valued in 0..32767 like scanner magnitude images (stored as int16 on disk).
     """
-    seed = _check_seed(seed)
-    shape = check_shape(shape)
-    rng_attr, rng_anat, rng_acq = _streams(seed, "mr")
-    attrs, proto, scanner = _resolve_attributes(attributes, rng_attr, "mr")
-    p = _mr_anatomy(rng_anat, attrs)
-
-    fov = np.asarray(shape) * np.asarray(MR_REFERENCE_SPACING)
-    s = float(min(fov)) / 2
-    g = _Grid(_ras_grid_shape(shape, "mr", proto), proto.spacing, (s, s, s))
-    tissue = _paint_mr(g, p)
+    attrs, proto, scanner, p, g, tissue, rng_acq = _paint_subject(seed, shape, attributes)
     label = _T_LABEL[tissue]
 
     table = _MR_TISSUE * p["tissue_jitter"]
