@@ -1,12 +1,13 @@
 """What ``umit deface`` removes from phantom heads, measured against the phantom's own truth.
 
-    python -m benchmarks.deface_phantoms [--n 10] [--brain given,estimated] [--json OUT]
+    python -m benchmarks.deface_phantoms [--n 10] [--brain given,estimated] [--ct] [--json OUT]
 
 Phantom ``seed`` is acquired at MR site ``a``, ``b``, ``c`` in turn (RAS 1 mm, LPS 0.9 x 0.9 x 1.5
 mm, LIA 1.3 x 1 x 1 mm), at the field of view the tests use (160 x 192 x 160 mm, a head to
-scale). Truth comes from the painter's tissue map (:func:`umit.data.phantoms.mr_tissue_map`):
-eyes (vitreous), lids and brows where the phantom paints them, nose and lips, and the labelled
-brain (CSF, grey and white matter, lesion). Per phantom and brain source (``given``: the labelled
+scale); with ``--ct`` the same heads as head CT in HU (:func:`make_ct_head_phantom`: 5 mm
+slices, 15 degree gantry tilt, head holder). Truth comes from the painter's tissue map
+(:func:`umit.data.phantoms.mr_tissue_map`): eyes (vitreous), lids and brows where the phantom
+paints them, nose and lips, and the labelled brain (CSF, grey and white matter, lesion). Per phantom and brain source (``given``: the labelled
 brain as ``--brain-mask``; ``estimated``: the T1 heuristic), it prints the fraction of each
 feature's voxels removed, the labelled brain voxels altered and the share of the head removed.
 No test asserts on these numbers; they feed docs/defacing.md.
@@ -26,19 +27,23 @@ SHAPE = (160, 192, 160)
 SITES = ("site_a", "site_b", "site_c")
 
 
-def measure(seed: int, brain_source: str) -> dict:
+def measure(seed: int, brain_source: str, ct: bool = False) -> dict:
     from umit.data import phantoms as P
     from umit.errors import InputError
     from umit.privacy.deface import deface
 
     site = SITES[seed % len(SITES)]
-    attrs = P.SubjectAttributes("FM"[seed % 2], P.AGE_BANDS[seed % 4], site, "x", "y")
-    ph = P.make_mr_phantom(seed, SHAPE, attrs)
-    tissue, _ = P.mr_tissue_map(seed, SHAPE, attrs)
+    if ct:
+        ph, tissue = P.make_ct_head_phantom(seed, SHAPE)
+        img = ph.images["CT"]
+    else:
+        attrs = P.SubjectAttributes("FM"[seed % 2], P.AGE_BANDS[seed % 4], site, "x", "y")
+        ph = P.make_mr_phantom(seed, SHAPE, attrs)
+        tissue, _ = P.mr_tissue_map(seed, SHAPE, attrs)
+        img = ph.images["T1"]
     classes = P.MR_TISSUE_CLASSES
     brain = P.brain_mask(ph.label)
-    img = ph.images["T1"]
-    row: dict = {"seed": seed, "site": site, "orientation": ph.meta.orientation}
+    row: dict = {"seed": seed, "site": "ct" if ct else site, "orientation": ph.meta.orientation}
     row["brain"] = brain_source
     t0 = time.perf_counter()
     try:
@@ -65,9 +70,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10, help="phantoms (seeds 0..n-1)")
     ap.add_argument("--brain", default="given,estimated", help="given, estimated or both")
+    ap.add_argument("--ct", action="store_true", help="head CT phantoms in HU instead of T1")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    rows = [measure(s, b) for b in args.brain.split(",") for s in range(args.n)]
+    rows = [measure(s, b, args.ct) for b in args.brain.split(",") for s in range(args.n)]
     keys = ["eye_removed", "lid_removed", "brow_removed", "nose_lips_removed"]
     keys = [k for k in keys if any(k in r for r in rows)]
     cols = ["brain", "seed", "orientation", "status", *keys, "brain_voxels_altered"]

@@ -114,9 +114,10 @@ def test_ct_head_brain_untouched():
 def test_estimated_brain_mask_spares_true_brain(seed, site):
     """With the brain estimated from T1 intensities, the labelled brain is still untouched.
 
-    Measured (benchmarks/deface_phantoms.py, 10 phantoms): 10/10 defaced with 0 labelled-brain
-    voxels altered and 0.86-1.00 of the nose and lips removed (the rim protected around an
-    estimate costs some: without it 9-670 brain voxels were cut).
+    Measured (benchmarks/deface_phantoms.py, 10 phantoms): 7/10 defaced with 0 labelled-brain
+    voxels altered and 0.86-1.00 of the nose and lips removed, 3/10 refused (below). The dark
+    rim protected around an estimate costs some of the face: without it 6 of the 7 lost brain
+    voxels (up to 396).
     """
     ph, tissue = _phantom(seed, site)
     img = ph.images["T1"]
@@ -129,14 +130,13 @@ def test_estimated_brain_mask_spares_true_brain(seed, site):
 
 
 def test_implausible_brain_estimate_refused():
-    """When the heuristic finds no brain under the vertex it refuses instead of cutting: here
-    the brain is as dark as CSF (inverted or odd contrast), so the brightest tissue left is the
-    face and neck."""
-    ph, _ = _phantom(2, "site_a")
-    img = ph.images["T1"].copy()
-    img[P.brain_mask(ph.label)] = np.float32(300.0)
+    """When the heuristic finds no brain under the vertex it refuses instead of cutting: on this
+    older head (atrophy, thick CSF) the T1 rule's largest piece is the neck (3 of the 10
+    benchmark phantoms are refused so; none is cut into)."""
+    attrs = P.SubjectAttributes("F", "60-79", "site_a", "x", "y")
+    ph = P.make_mr_phantom(6, SHAPE, attrs)
     with pytest.raises(InputError, match="implausible brain estimate.*--brain-mask"):
-        deface(img, ph.meta, check=False)
+        deface(ph.images["T1"], ph.meta, check=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +345,8 @@ def test_hu_head_ct_defaced(tmp_path, ct_head):
     brain = P.brain_mask(ph.label)
     assert report["modality"] == "CT" and report["brain_voxels_altered"] == 0
     assert not removed[brain].any()
-    assert removed[tissue == _T_NOSE].mean() >= 0.9  # measured 1.00 (main: refused or ~0)
-    assert removed[tissue == T["eye"]].mean() >= 0.5  # measured 0.87 (5 mm slices)
+    assert removed[tissue == _T_NOSE].mean() >= 0.9  # measured 1.00
+    assert removed[tissue == T["eye"]].mean() >= 0.9  # measured 1.00 (main: 0.93)
     assert np.all(defaced[removed] < -900)  # filled with air
     # The holder joins the head at -500 HU but not its measured shape.
     assert report["head_shape"]["width_mm"] < 150

@@ -30,6 +30,7 @@ _MAX_VERTEX_GAP_MM = 30.0  # head top to brain top (scalp + skull + CSF)
 _CSF_ALLOWANCE_MM = 4.0  # added around an estimated brain: the CSF layer it cannot see
 _MR_EROSION_MM = (4.0, 6.0, 8.0, 10.0)  # tried in turn until the brain comes loose
 _CT_EROSION_MM = (3.0, 6.0, 9.0, 12.0)  # the same for CT (a brainstem is ~15-25 mm wide)
+_DARK_FRACTION = 0.3  # of the head's 95th percentile (fat, white matter): T1-dark bone and CSF
 _RIM_MM = 10.0  # reach of the rim protected around an estimated brain (``brain_rim``)
 BRAIN_VOLUME_ML: tuple[float, float] = (300.0, 2600.0)
 """Plausible volume of an estimated brain (tissue, before the CSF allowance): a newborn's
@@ -176,10 +177,11 @@ def _mr_brain(
     if inside.size == 0:
         raise InputError(source, "empty head mask")
     sample = inside[:: max(1, inside.size // 2_000_000)]
-    # Brain tissue is the most frequent intensity of the bright class: a thick skull and CSF
-    # (dark on T1) can outnumber any single tissue once the head mask holds them.
-    bright = sample[sample > _otsu(sample)]
-    mode = _tissue_mode(bright if bright.size > 100 else sample)
+    # Brain tissue is the most frequent intensity once the dark class is set aside: a thick
+    # skull and CSF (T1: < ~0.25 of white matter and fat) can outnumber any single tissue once
+    # the head mask holds them.
+    tissue = sample[sample > _DARK_FRACTION * float(np.percentile(sample, 95))]
+    mode = _tissue_mode(tissue if tissue.size > 100 else sample)
     # Lower bound: between CSF/bone and grey matter (Otsu below the mode), or 0.6 x mode when
     # that is lower; the mode may be white matter, and grey matter darker by bias.
     darker = sample[sample < mode]

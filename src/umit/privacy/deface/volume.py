@@ -164,8 +164,8 @@ def deface(
         head_threshold=threshold,
         fill_value=float(fill),
         head_shape=shape,
-        **info,
     )
+    report.update(info)  # the planes, and with --ears the ear cut ("ears" then holds its limits)
     result = DefaceResult(out, removed, brain, head, float(fill), report)
     if check:
         head_after, _ = head_mask(
