@@ -30,6 +30,7 @@ def _main(args: argparse.Namespace) -> int:
         out=args.out,
         brain_mask=args.brain_mask,
         ears=True if args.ears else None,
+        eyes=False if args.keep_eyes else None,
         margin_mm=args.margin_mm,
         modality=args.modality,
         save_brain_mask=True if args.save_brain_mask else None,
@@ -59,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="output folder (required here or in --config)")
     parser.add_argument("--brain-mask", default=None, help="brain mask on the input's grid")
     parser.add_argument("--ears", action="store_true", help="also remove the ears")
+    parser.add_argument(
+        "--keep-eyes",
+        action="store_true",
+        help="keep the eyes, lids and brows (removed by default)",
+    )
     parser.add_argument(
         "--margin-mm", type=float, default=None, help="gap kept around the brain in mm (5)"
     )

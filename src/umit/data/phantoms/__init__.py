@@ -23,7 +23,8 @@ so its world x is larger than the spleen's whatever the stored orientation (test
 
 The package holds one module per part: ``sites`` (attributes, site protocols and scanners),
 ``scanner`` (grid, PSF, noise scaling, stored orientation; the ``Phantom`` record), ``ct`` (torso),
-``mr`` (head), ``collection`` (collections on disk), ``_common`` (argument checks and random
+``mr`` (head), ``ct_head`` (the MR head's anatomy as a head CT in HU: thick tilted slices, a head
+holder), ``collection`` (collections on disk), ``_common`` (argument checks and random
 streams they share), and ``stage`` (``PhantomsConfig`` and ``run``
 behind ``umit phantoms``; not imported here, so the generators need no config machinery).
 """
@@ -36,12 +37,15 @@ from umit.data.phantoms.collection import (
     write_phantom_collection,
 )
 from umit.data.phantoms.ct import CT_CHANNELS, CT_LABELS, make_ct_phantom
+from umit.data.phantoms.ct_head import make_ct_head_phantom
 from umit.data.phantoms.mr import (
     MR_BRAIN_LABELS,
     MR_CHANNELS,
     MR_LABELS,
+    MR_TISSUE_CLASSES,
     brain_mask,
     make_mr_phantom,
+    mr_tissue_map,
 )
 from umit.data.phantoms.scanner import (
     CT_REFERENCE_SPACING,
@@ -78,6 +82,7 @@ __all__ = [
     "MR_LABELS",
     "MR_REFERENCE_SPACING",
     "MR_SITES",
+    "MR_TISSUE_CLASSES",
     "SEXES",
     "Phantom",
     "Scanner",
@@ -85,8 +90,10 @@ __all__ = [
     "SubjectAttributes",
     "brain_mask",
     "check_shape",
+    "make_ct_head_phantom",
     "make_ct_phantom",
     "make_mr_phantom",
+    "mr_tissue_map",
     "sample_attributes",
     "site_grid_shape",
     "write_phantom_collection",

@@ -48,8 +48,29 @@ def brain_mask(label: np.ndarray) -> np.ndarray:
 # Tissue classes of the MR painter (not labels): index into the intensity tables below.
 _T_AIR, _T_SCALP, _T_SKULL, _T_CSF, _T_GM, _T_WM = 0, 1, 2, 3, 4, 5
 _T_LESION, _T_NECROSIS, _T_RIM, _T_EDEMA, _T_SOFT, _T_EYE, _T_NOSE = 6, 7, 8, 9, 10, 11, 12
+_T_LID, _T_BROW = 13, 14  # soft tissue and skin + fat; own classes so that tests can find them
+_T_CORD = 15  # the spinal cord below the skull base: not brain (labelled head), white-matter-like
+MR_TISSUE_CLASSES: dict[str, int] = {
+    "air": _T_AIR,
+    "scalp": _T_SCALP,
+    "skull": _T_SKULL,
+    "csf": _T_CSF,
+    "grey_matter": _T_GM,
+    "white_matter": _T_WM,
+    "lesion": _T_LESION,
+    "necrosis": _T_NECROSIS,
+    "lesion_rim": _T_RIM,
+    "edema": _T_EDEMA,
+    "soft_tissue": _T_SOFT,
+    "eye": _T_EYE,
+    "nose_lips": _T_NOSE,
+    "lid": _T_LID,
+    "brow": _T_BROW,
+    "spinal_cord": _T_CORD,
+}
+"""Tissue classes of :func:`mr_tissue_map` (finer than ``MR_LABELS``: the face has its own)."""
 # Label of each tissue class; oedema lies in white matter and keeps its label.
-_T_LABEL = np.array([0, 1, 1, 2, 3, 4, 5, 5, 5, 4, 1, 1, 1], dtype=np.uint8)
+_T_LABEL = np.array([0, 1, 1, 2, 3, 4, 5, 5, 5, 4, 1, 1, 1, 1, 1, 1], dtype=np.uint8)
 # Relative intensities (T1, T2, FLAIR) per tissue class; WM T1 ~ 0.85.
 _MR_TISSUE = np.array(
     [
@@ -66,9 +87,13 @@ _MR_TISSUE = np.array(
         [0.50, 0.40, 0.40],  # face / neck soft tissue
         [0.15, 0.95, 0.08],  # eyes (vitreous)
         [0.70, 0.55, 0.50],  # nose / lips (fat, cartilage)
+        [0.50, 0.40, 0.40],  # lids (as face soft tissue)
+        [0.95, 0.62, 0.55],  # brows (as scalp: skin + fat)
+        [0.85, 0.48, 0.45],  # spinal cord (as white matter)
     ],
     dtype=np.float32,
 )
+_N_JITTERED = 13  # classes with their own random contrast jitter; lids, brows, cord copy theirs
 _GAD_RIM_T1 = 1.10
 
 
@@ -109,7 +134,8 @@ def _mr_anatomy(rng: np.random.Generator, attrs: SubjectAttributes) -> dict[str,
     p["lesion_size"] = _u(rng, 0.10, 0.18)
     p["lesion_parts"] = rng.normal(0.0, 0.5, size=(3, 3))
     p["lesion_axes"] = rng.uniform(0.6, 1.0, size=(3, 3))
-    p["tissue_jitter"] = 1.0 + rng.normal(0.0, 0.025, size=_MR_TISSUE.shape).astype(np.float32)
+    jitter = 1.0 + rng.normal(0.0, 0.025, size=(_N_JITTERED, 3)).astype(np.float32)
+    p["tissue_jitter"] = np.concatenate([jitter, jitter[[_T_SOFT, _T_SCALP, _T_WM]]])
     p["face"] = {
         "nose": (_u(rng, 0.10, 0.15), _u(rng, 0.05, 0.075)),
         "eyes": _u(rng, 0.21, 0.26),
@@ -173,11 +199,16 @@ def _paint_mr(g: _Grid, p: dict[str, Any]) -> np.ndarray:
     for c, a in p["ventricles"]:
         sl, q = g.ellipsoid(c, a)
         t[sl][(q < 1.0) & ic[sl]] = _T_CSF
-    # Brain stem down to the foramen magnum.
+    # Brain stem down to the foramen magnum (through the skull base), then the cord down the
+    # vertebral canal, walled by bone: the brain meets the neck's soft tissue nowhere.
     stem = (
-        ((g.x / 0.11) ** 2 + ((g.y + 0.18) / 0.12) ** 2 < 1.0) & (g.z > base - 0.3) & (g.z <= base)
+        ((g.x / 0.11) ** 2 + ((g.y + 0.18) / 0.12) ** 2 < 1.0) & (g.z > base - 0.12) & (g.z <= base)
     )
     t[np.broadcast_to(stem, g.n) & (rho < r_skull)] = _T_WM
+    q_cord = (g.x / 0.05) ** 2 + ((g.y + 0.18) / 0.05) ** 2
+    spine = np.broadcast_to(g.z <= base - 0.12, g.n) & (t != _T_AIR)
+    t[spine & (q_cord < 3.0)] = _T_SKULL  # vertebral ring, ~6 mm thick
+    t[spine & (q_cord < 1.0)] = _T_CORD  # the cord, ~8 mm across
     if p["lesion"]:
         _paint_lesion(g, p, t, brain)
     _paint_face(g, p, t)
@@ -205,24 +236,73 @@ def _paint_lesion(g: _Grid, p: dict[str, Any], t: np.ndarray, brain: np.ndarray)
 
 
 def _paint_face(g: _Grid, p: dict[str, Any], t: np.ndarray) -> None:
-    """Nose, eyes (with lids bulging) and lips on the anterior side: what defacing removes."""
+    """Nose, eyes (with lids bulging), brows and lips on the anterior side: what defacing removes.
+
+    The eyes sit in the orbits below the anterior cranial fossa, as in a real head: their top lies
+    under the orbital roof (bone) about 6 mm or more below the intracranial cavity (on a real
+    child's T1, 6-8 mm from globe to brain tissue), and the brows lie above them on the skin.
+    """
     nose_len, nose_w = p["face"]["nose"]
     z_nose = -0.28
     y0 = _front_y(p, z_nose)
     sl, q = g.ellipsoid((0.0, y0 + 0.2 * nose_len, z_nose), (nose_w, nose_len, 0.16))
     t[sl][q < 1.0] = _T_NOSE
     ex = p["face"]["eyes"]
-    z_eye = -0.08
+    z_eye = -0.20
     ye = _front_y(p, z_eye) - 0.02
+    z_brow = z_eye + 0.14
+    yb = _front_y(p, z_brow)
+    # The orbit's fat (bright on T1, like the scalp's) wraps the globe; a roof of bone stays
+    # between it and the cranial cavity, and the closed lids cover the globe's front.
+    roof = p["skull_base"] + 0.25 * g.y - 0.03
+    outside = ~np.isin(t, (_T_CSF, _T_GM, _T_WM, _T_LESION, _T_NECROSIS, _T_RIM, _T_EDEMA))
     for side in (1.0, -1.0):
-        sl, q = g.ellipsoid((side * ex, ye + 0.02, z_eye), (0.11, 0.06, 0.08))
-        t[sl][q < 1.0] = _T_SOFT  # lids bulge out of the face
+        sl, q = g.ellipsoid((side * ex, yb - 0.005, z_brow), (0.12, 0.03, 0.025))
+        t[sl][q < 1.0] = _T_BROW  # a ridge of skin and fat above the orbit
+        sl, q = g.ellipsoid((side * ex, ye - 0.07, z_eye), (0.12, 0.12, 0.12))
+        fat = (q < 1.0) & outside[sl] & (g.z[:, :, sl[2]] < roof[:, sl[1], :])
+        t[sl][fat] = _T_SCALP
+        sl, q = g.ellipsoid((side * ex, ye + 0.02, z_eye), (0.11, 0.06, 0.10))
+        t[sl][q < 1.0] = _T_LID  # lids bulge out of the face
         sl, q = g.ellipsoid((side * ex, ye - 0.07, z_eye), (0.085, 0.085, 0.085))
         t[sl][q < 1.0] = _T_EYE
     z_lips = -0.55
     yl = _front_y(p, z_lips)
     sl, q = g.ellipsoid((0.0, yl, z_lips), (p["face"]["lips"], 0.06, 0.05))
     t[sl][q < 1.0] = _T_NOSE
+
+
+def _paint_subject(seed: int, shape: tuple[int, int, int], attributes: SubjectAttributes | None):
+    """Draw one subject and paint its canonical RAS tissue map; shared by the phantom and
+    :func:`mr_tissue_map` so that both see the same anatomy."""
+    seed = _check_seed(seed)
+    shape = check_shape(shape)
+    rng_attr, rng_anat, rng_acq = _streams(seed, "mr")
+    attrs, proto, scanner = _resolve_attributes(attributes, rng_attr, "mr")
+    p = _mr_anatomy(rng_anat, attrs)
+    fov = np.asarray(shape) * np.asarray(MR_REFERENCE_SPACING)
+    s = float(min(fov)) / 2
+    g = _Grid(_ras_grid_shape(shape, "mr", proto), proto.spacing, (s, s, s))
+    return attrs, proto, scanner, p, g, _paint_mr(g, p), rng_acq
+
+
+def mr_tissue_map(
+    seed: int,
+    shape: tuple[int, int, int] = (80, 96, 80),
+    attributes: SubjectAttributes | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The painter's tissue classes of ``make_mr_phantom(seed, shape, attributes)``.
+
+    Finer than the labels (which fold the face into "head"): eyes, lids, brows, nose and lips
+    are classes of their own (``MR_TISSUE_CLASSES``), which the defacing measurements need.
+
+    Returns:
+        ``(tissue, affine)``: the uint8 class map on the phantom's stored grid and its affine
+        (equal to the phantom's).
+    """
+    _, proto, _, _, g, tissue, _ = _paint_subject(seed, shape, attributes)
+    _, stored, affine = _to_storage({}, tissue, g.affine(proto.world_center), proto.orientation)
+    return stored, affine
 
 
 def make_mr_phantom(
@@ -242,16 +322,7 @@ def make_mr_phantom(
         A ``Phantom`` with float32 channels "T1", "T2", "FLAIR" (bias field, Rician noise),
         integer-valued in 0..32767 like scanner magnitude images (stored as int16 on disk).
     """
-    seed = _check_seed(seed)
-    shape = check_shape(shape)
-    rng_attr, rng_anat, rng_acq = _streams(seed, "mr")
-    attrs, proto, scanner = _resolve_attributes(attributes, rng_attr, "mr")
-    p = _mr_anatomy(rng_anat, attrs)
-
-    fov = np.asarray(shape) * np.asarray(MR_REFERENCE_SPACING)
-    s = float(min(fov)) / 2
-    g = _Grid(_ras_grid_shape(shape, "mr", proto), proto.spacing, (s, s, s))
-    tissue = _paint_mr(g, p)
+    attrs, proto, scanner, p, g, tissue, rng_acq = _paint_subject(seed, shape, attributes)
     label = _T_LABEL[tissue]
 
     table = _MR_TISSUE * p["tissue_jitter"]

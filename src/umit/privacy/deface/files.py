@@ -16,6 +16,7 @@ from umit.data.io import image_suffix, is_image_file, read_image, write_image
 from umit.errors import InputError
 from umit.ingest.read import read_volume
 from umit.privacy.deface.check import save_depth_png
+from umit.privacy.deface.plausible import ImplausibleResult
 from umit.privacy.deface.volume import deface
 from umit.utils.fileio import atomic_write_json
 
@@ -36,6 +37,7 @@ def deface_file(
     brain_mask: str | Path | None = None,
     *,
     ears: bool = False,
+    eyes: bool = True,
     margin_mm: float = 5.0,
     modality: str | None = None,
     png: bool = True,
@@ -47,7 +49,8 @@ def deface_file(
     ``<name>_defaced<ext>``, ``<name>_face_mask<ext>`` (uint8), ``<name>_deface.json`` and
     ``<name>_depth.png``; with ``save_brain_mask`` also ``<name>_brain_mask<ext>`` (the brain
     that was protected, for audit). ``<ext>`` is the input's suffix, ``.nii.gz`` for DICOM and
-    detached-header formats.
+    detached-header formats. A result the depth check finds implausible writes only its report
+    (``"status": "failed"``) and depth map, and raises.
 
     Returns:
         The report (also written as JSON).
@@ -73,14 +76,24 @@ def deface_file(
             )
         mask = (mask_arr if mask_arr.ndim == 3 else mask_arr[..., 0]) > 0
     meta.source = str(path)
+    stem = _stem(path) if path.is_file() else path.name
+    ext = _out_suffix(path) if path.is_file() else ".nii.gz"
     try:
-        result = deface(array, meta, mask, ears=ears, margin_mm=margin_mm, modality=modality)
+        result = deface(
+            array, meta, mask, ears=ears, eyes=eyes, margin_mm=margin_mm, modality=modality
+        )
+    except ImplausibleResult as exc:
+        # Keep what explains the refusal (report, depth map), never the defaced image.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = {**exc.result.report, "status": "failed", "error": exc.problem}
+        if png and exc.result.depth_maps:
+            save_depth_png(out_dir / f"{stem}_depth.png", exc.result.depth_maps, title=stem)
+        atomic_write_json(out_dir / f"{stem}_deface.json", report)
+        raise InputError(path, f"{exc.problem} (report: {stem}_deface.json)") from exc
     except InputError as exc:
         if exc.path is None or exc.path != str(path):
             raise InputError(path, exc.problem) from exc
         raise
-    stem = _stem(path) if path.is_file() else path.name
-    ext = _out_suffix(path) if path.is_file() else ".nii.gz"
     defaced_path = out_dir / f"{stem}_defaced{ext}"
     mask_path = out_dir / f"{stem}_face_mask{ext}"
     write_image(defaced_path, result.image, meta, dtype=array.dtype)
@@ -96,6 +109,7 @@ def deface_file(
         save_depth_png(png_path, result.depth_maps, title=f"{stem}: anterior depth map")
         report["outputs"]["depth_png"] = str(png_path)
     report["brain_mask"] = str(brain_mask) if brain_mask is not None else "estimated"
+    report["status"] = "defaced"
     atomic_write_json(out_dir / f"{stem}_deface.json", report)
     return report
 

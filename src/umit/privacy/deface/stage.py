@@ -34,6 +34,10 @@ class DefaceConfig(UmitConfig):
     ears: bool = False
     """Also remove the ears (voxels lateral to the brain at ear height)."""
 
+    eyes: bool = True
+    """Also remove the eyes, lids and brows (the orbits under and in front of the frontal lobes);
+    False keeps what the hull cut leaves of them."""
+
     margin_mm: float = Field(5.0, ge=0.0, le=50.0)
     """Gap (mm) kept between the brain and the cut; the brain dilated by it is never touched."""
 
@@ -50,8 +54,9 @@ class DefaceConfig(UmitConfig):
 def run(cfg: DefaceConfig) -> dict[str, Any]:
     """Deface every volume of ``cfg.input``; return (and write) the batch summary.
 
-    A volume that fails (unreadable, no head, no brain found) is recorded with its reason and
-    the batch goes on; nothing already written is lost or half-written.
+    A volume that fails (unreadable, not a head, no brain found, an implausible result) is
+    recorded with its reason and the batch goes on; nothing already written is lost or
+    half-written.
     """
     inputs = find_inputs(cfg.input)
     if cfg.brain_mask is not None and len(inputs) > 1:
@@ -70,6 +75,7 @@ def run(cfg: DefaceConfig) -> dict[str, Any]:
                 out,
                 cfg.brain_mask,
                 ears=cfg.ears,
+                eyes=cfg.eyes,
                 margin_mm=cfg.margin_mm,
                 modality=None if cfg.modality == "auto" else cfg.modality,
                 png=cfg.png,
