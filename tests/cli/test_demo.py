@@ -20,7 +20,7 @@ TINY = [
     "feature_size=4",
     "pretrain_steps=2",
     "finetune_steps=2",
-    "labeled=[2,all]",
+    "labeled=[2,all]",  # the "all" budget path (the default is [2, 20])
     "workers=2",
 ]
 
