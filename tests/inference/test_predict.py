@@ -4,6 +4,7 @@ back on the input's own grid (voxel for voxel), for NIfTI, NRRD and DICOM inputs
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -22,11 +23,13 @@ from umit.errors import InputError
 from umit.finetune.run import FinetuneConfig, save_model
 from umit.inference.predict import PredictConfig, find_inputs, run
 from umit.inference.segment import predict_case_classification
+from umit.ingest.dicomweb import parse_series_url
 from umit.ingest.read import read_volume
 from umit.models import create_model
 from umit.preprocess.normalize import normalize_channel
 from umit.preprocess.resample import reorient_to_ras, restore_original, spacing_of
 
+from _orthanc import free_port
 from _shared import require_shared
 
 BONE_HU = 150.0
@@ -286,3 +289,38 @@ def test_model_and_channel_mismatches_fail_clearly(tmp_path):
         run(PredictConfig(inputs=src, model=tmp_path / "noplan.pt"))
     with pytest.raises(ValueError, match="suffix must be one of"):
         run(PredictConfig(inputs=src, model=model, suffix=".png"))
+
+
+def test_dicomweb_inputs_are_checked_before_anything_runs(tmp_path, capsys):
+    """Malformed DICOMweb inputs exit 2 without echoing the URL (it may hold a password); a
+    server that cannot be reached exits 1 after bounded retries; nothing is written. (Against a
+    real PACS: tests/inference/test_pacs_roundtrip.py.)"""
+    root = "dicomweb+http://127.0.0.1:8042/dicom-web"
+    assert parse_series_url(f"{root}/studies/1.2/series/3.4/") == (
+        "http://127.0.0.1:8042/dicom-web", "1.2", "3.4",
+    )  # fmt: skip
+    assert parse_series_url("dicomweb+https://pacs/rs/studies/1.2") == (
+        "https://pacs/rs",
+        "1.2",
+        None,
+    )
+    out, model = tmp_path / "o", tmp_path / "never-read.pt"
+    for url, why in [
+        ("dicomweb+http://u:s3cr3t@pacs/dw/studies/1.2/series/3.4", "holds credentials"),
+        (root, "must name a series or a study"),
+        (f"{root}/studies/1.2/instances/3.4", "must name a series or a study"),
+        (f"{root}/studies/1.2/series/abc", "not a DICOM UID: 'abc'"),
+        (f"{root}/studies/1.2/series/3.4?s3cr3t=1", "must not have a query"),
+        ("http://pacs/dw/studies/1.2", "unsupported input URL scheme 'http'"),
+    ]:
+        assert cli(["predict", url, "--model", str(model), "--out", str(out)]) == 2, url
+        err = capsys.readouterr().err
+        assert why in err and "s3cr3t" not in err, err
+    url = f"dicomweb+http://127.0.0.1:{free_port()}/dw/studies/1.2/series/3.4"
+    t = time.perf_counter()
+    code = cli(["predict", url, "--model", str(model), "--out", str(out), "pacs_retries=1",
+                "pacs_backoff_s=0", "pacs_timeout_s=2"])  # fmt: skip
+    assert code == 1 and time.perf_counter() - t < 10
+    err = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:" in err and "after 2 attempt(s)" in err
+    assert not out.exists()

@@ -1,11 +1,14 @@
-"""``umit predict``: apply a fine-tuned model to raw images (NIfTI / NRRD / MHA / DICOM series).
+"""``umit predict``: apply a fine-tuned model to raw images (NIfTI / NRRD / MHA / DICOM series),
+or to a series in a PACS (dicomweb+http://HOST:PORT/ROOT/studies/STUDY_UID/series/SERIES_UID,
+or .../studies/STUDY_UID for every image series of a study: retrieved by WADO-RS into a
+temporary folder under OUT, removed afterwards; outputs named by series UID).
 
 Segmentation masks are written on the input's own grid (they overlay the input voxel for voxel);
 classification probabilities are printed and written to predictions.csv / predictions.json.
 With --dicom-seg, the mask of a DICOM series is also written as a DICOM Segmentation
 (<name>.seg.dcm) that references the series' images; --stow dicomweb+http://HOST:PORT/ROOT
-sends it to a PACS (STOW-RS; credentials from --auth-file or $UMIT_PACS_AUTH, as for
-umit ingest; docs/pacs.md).
+sends it to a PACS (STOW-RS). Credentials for a PACS input and for --stow: --auth-file or
+$UMIT_PACS_AUTH, as for umit ingest (docs/pacs.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     p.add_argument(
-        "inputs", nargs="?", default=None, help="image file, DICOM folder, or a folder of them"
+        "inputs",
+        nargs="?",
+        default=None,
+        help="image file, DICOM folder, a folder of them, or a DICOMweb series "
+        "dicomweb+http(s)://HOST:PORT/ROOT/studies/STUDY_UID/series/SERIES_UID "
+        "(or .../studies/STUDY_UID)",
     )
     p.add_argument("--model", default=None, help="best.pt from umit finetune")
     p.add_argument("--out", default=None, help="output folder (or an image path for one input)")
@@ -50,16 +58,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--auth-file",
         default=None,
         metavar="FILE",
-        help="--stow credentials: a file whose first line is user:password (chmod 600); "
-        "else $UMIT_PACS_AUTH",
+        help="PACS credentials (DICOMweb input and --stow): a file whose first line is "
+        "user:password (chmod 600); else $UMIT_PACS_AUTH",
     )
     add_config_args(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    import sys
+
     from umit.config import build_config
     from umit.inference.predict import PredictConfig, run
+    from umit.ingest.dicomweb import DicomWebError
 
     cfg = build_config(
         PredictConfig,
@@ -73,8 +84,13 @@ def main(args: argparse.Namespace) -> int:
         seg_type=args.seg_type,
         stow=args.stow,
         stow_auth_file=args.auth_file,
+        pacs_auth_file=args.auth_file,
     )
-    s = run(cfg)
+    try:
+        s = run(cfg)
+    except DicomWebError as exc:  # refused credentials, server gone, no such series: nothing ran
+        print(f"umit predict: error: {exc}", file=sys.stderr)
+        return 1
     n_ok, n_bad = len(s["outputs"]), len(s["failures"])
     print(
         f"predict ({s['task']}): {n_ok} done, {n_bad} failed in {s['seconds']:.1f} s -> {s['out']}"

@@ -1,8 +1,9 @@
 """``umit predict``: run a fine-tuned model on raw images, outputs on the input's own grid.
 
 A model file (``best.pt``) carries the preprocessing plan it was trained with. For each input
-(NIfTI / NRRD / MetaImage file or DICOM series folder) we apply that plan in memory
-(:func:`umit.preprocess.apply.apply_plan`: RAS, crop, normalize, resample), run the model, and:
+(NIfTI / NRRD / MetaImage file, DICOM series folder, or DICOMweb series) we apply that plan in
+memory (:func:`umit.preprocess.apply.apply_plan`: RAS, crop, normalize, resample), run the model,
+and:
 
 * segmentation: sliding-window argmax on the model grid, then nearest-neighbour back onto the
   input grid (:func:`umit.preprocess.resample.restore_original`) and written with the input's
@@ -16,8 +17,14 @@ label map, referencing the series' own images; with ``stow`` (``--stow URL``) ea
 sent to the PACS by STOW-RS, with the DICOMweb client ``umit ingest`` uses
 (:class:`umit.ingest.dicomweb.DicomWebClient`: same URLs, credentials, timeouts and retries).
 
-A folder of inputs is a batch: a failing input is recorded in ``failures.json`` with its reason
-and the others still run.
+A DICOMweb input, ``dicomweb+http(s)://HOST:PORT/ROOT/studies/STUDY_UID/series/SERIES_UID``
+(or ``.../studies/STUDY_UID``: every image series of the study), is retrieved series by series
+into a temporary folder under the output folder and predicted on as that folder
+(:mod:`umit.inference.dicomweb_input`): the mask and the SEG are those of the same files on disk,
+and are named by series UID.
+
+A folder of inputs (or a study) is a batch: a failing input is recorded in ``failures.json``
+with its reason and the others still run.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Iterable
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from umit import __version__
 from umit.config import UmitConfig, save_config
@@ -40,14 +49,17 @@ from umit.data.io import IMAGE_SUFFIXES, image_suffix, write_image
 from umit.data.meta import ImageMeta
 from umit.data.plan import Plan
 from umit.errors import InputError, UmitError
+from umit.inference.dicomweb_input import TMP_DIR, list_series, open_client, retrieve_each
 from umit.inference.segment import full_resolution, segment_volume
 from umit.ingest.dicom import is_dicom_file
 from umit.ingest.dicomweb import (
+    SERIES_URL_FORM,
     AuthenticationError,
     DicomWebClient,
     DicomWebError,
     ServerUnreachable,
     StoreFailed,
+    is_remote_source,
     parse_url,
     read_auth,
 )
@@ -68,8 +80,11 @@ OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 class PredictConfig(UmitConfig):
     """Settings of ``umit predict``."""
 
-    inputs: Path
-    """An image file, a DICOM series folder, or a folder of them."""
+    inputs: Path | str
+    """An image file, a DICOM series folder, or a folder of them; or a DICOMweb series
+    ``dicomweb+http(s)://HOST:PORT/ROOT/studies/STUDY_UID/series/SERIES_UID`` (or
+    ``.../studies/STUDY_UID``: its image series). Credentials: ``pacs_auth_file``, else
+    ``$UMIT_PACS_AUTH`` (never in the URL)."""
     model: Path
     """``best.pt`` from ``umit finetune`` (carries the preprocessing plan)."""
     out: Path = Path("predictions")
@@ -104,6 +119,27 @@ class PredictConfig(UmitConfig):
     """STOW-RS retries after a connection error, a read timeout or HTTP 429/502/503/504."""
     stow_backoff_s: float = Field(default=1.0, ge=0)
     """Back-off factor between STOW-RS retries: waits of 0, 2, 4... x this, at most 30 s."""
+    pacs_auth_file: Path | None = None
+    """DICOMweb input: file whose first line is ``user:password`` (chmod 600), else
+    ``$UMIT_PACS_AUTH``. Only this path is recorded; the credentials never are."""
+    pacs_timeout_s: float = Field(default=30.0, gt=0)
+    """DICOMweb input: connect timeout and read timeout (seconds without data) of each request."""
+    pacs_retries: int = Field(default=3, ge=0, le=20)
+    """DICOMweb input: retries after the first attempt, on connection errors, HTTP
+    429/502/503/504 and broken transfers (back-off 0, 2, 4... x pacs_backoff_s, at most 30 s)."""
+    pacs_backoff_s: float = Field(default=0.5, ge=0)
+    """DICOMweb input: back-off factor between retries, in seconds."""
+    pacs_transfer_syntax: str = "*"
+    """DICOMweb input: transfer syntax asked for: ``*`` as stored (the PACS's files, byte for
+    byte), or a UID, e.g. ``1.2.840.10008.1.2.1`` to have the server decompress."""
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """A ``scheme://`` input stays a string (a Path would fold ``//``); others are paths."""
+        if isinstance(value, str) and "://" in value:
+            return value
+        return Path(value) if isinstance(value, str) else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,68 +291,75 @@ def run(cfg: PredictConfig, *, auth: tuple[str, str] | None = None) -> dict[str,
     """Predict every input; returns a summary (outputs, failures, seconds).
 
     Args:
-        auth: ``stow`` only: ``(user, password)``; default: ``cfg.stow_auth_file``, else
+        auth: ``(user, password)`` for a DICOMweb input and for ``stow``; default:
+            ``cfg.pacs_auth_file`` (input) and ``cfg.stow_auth_file`` (stow), else
             ``$UMIT_PACS_AUTH``.
 
     Raises:
-        InputError: an unusable input, ``stow`` URL or auth file (before any prediction).
+        InputError: an unusable input, URL or auth file (before any prediction).
+        DicomWebError: a DICOMweb input whose server refuses the credentials
+            (:class:`~umit.ingest.dicomweb.AuthenticationError`), cannot be reached, or has no
+            such study or series (before anything is written).
         ValueError: a bad setting.
     """
-    inputs = find_inputs(cfg.inputs)
     if cfg.suffix is not None and cfg.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {cfg.suffix!r}")
     want_seg = cfg.dicom_seg or cfg.stow is not None
+    stow_auth = auth
     if cfg.stow is not None:  # a bad URL or auth file fails before any prediction
         try:
             parse_url(cfg.stow)
-            if auth is None:
-                auth = read_auth(file=cfg.stow_auth_file)
+            if stow_auth is None:
+                stow_auth = read_auth(file=cfg.stow_auth_file)
         except ValueError as exc:  # the message never holds the URL or a password
             raise InputError(None, f"stow: {exc}") from None
-    predictor = Predictor(cfg)
-    if want_seg and predictor.task != "segmentation":
-        raise ValueError(f"dicom_seg needs a segmentation model, {cfg.model} is {predictor.task}")
-    algorithm = None
-    if want_seg:  # highdicom is imported only when a SEG is asked for
-        from umit.inference.dicom_seg import Algorithm, file_sha256
-
-        algorithm = Algorithm(predictor.model_name, __version__, file_sha256(cfg.model))
-    single = len(inputs) == 1 and inputs[0] == cfg.inputs  # IN is one file or one series
-    folder = cfg.out.parent if single and image_suffix(cfg.out) is not None else cfg.out
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder, "predict_config.yaml")
     outputs: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
-    t0 = time.perf_counter()
-    for path in inputs:
-        t = time.perf_counter()
-        try:
-            result, meta = predictor.predict(path)
-        except (UmitError, ValueError, OSError) as exc:
-            failures[str(path)] = str(exc)
-            log.error("predict: %s failed: %s", path, exc)
-            continue
-        row: dict[str, Any] = {"input": str(path), "seconds": round(time.perf_counter() - t, 3)}
-        if predictor.task == "classification":
-            names = predictor.class_names or [str(i) for i in range(len(result))]
-            row["probabilities"] = {n: float(p) for n, p in zip(names, result, strict=True)}
-            row["predicted"] = names[int(np.argmax(result))]
+    remote = None
+    with ExitStack() as stack:
+        if is_remote_source(cfg.inputs):  # credentials and UIDs checked before anything else
+            client, study_uid, series_uid = open_client(
+                str(cfg.inputs),
+                auth=auth,
+                auth_file=cfg.pacs_auth_file,
+                timeout_s=cfg.pacs_timeout_s,
+                retries=cfg.pacs_retries,
+                backoff_s=cfg.pacs_backoff_s,
+            )
+            stack.enter_context(client)
+            remote = list_series(client, study_uid, series_uid)
+            single = series_uid is not None
         else:
-            target = mask_path(cfg.out, path, cfg.suffix, single)
-            write_image(target, result, meta, dtype=np.uint8)
-            row["mask"] = str(target)
-            row["labels"] = {
-                str(v): int(n) for v, n in zip(*np.unique(result, return_counts=True), strict=True)
-            }
-            if algorithm is not None:
-                seg = _write_seg(cfg, predictor, path, result, meta, target, algorithm)
-                if isinstance(seg, str):
-                    failures[str(path)] = seg
-                else:
-                    row["dicom_seg"] = seg
-        outputs.append(row)
+            local = find_inputs(_local_path(cfg.inputs))
+            single = len(local) == 1 and local[0] == cfg.inputs  # IN is one file or one series
+        predictor = Predictor(cfg)
+        if want_seg and predictor.task != "segmentation":
+            raise ValueError(
+                f"dicom_seg needs a segmentation model, {cfg.model} is {predictor.task}"
+            )
+        algorithm = None
+        if want_seg:  # highdicom is imported only when a SEG is asked for
+            from umit.inference.dicom_seg import Algorithm, file_sha256
+
+            algorithm = Algorithm(predictor.model_name, __version__, file_sha256(cfg.model))
+        folder = cfg.out.parent if single and image_suffix(cfg.out) is not None else cfg.out
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder, "predict_config.yaml")
+        items: Iterable[tuple[str, Path]]
+        if remote is not None:  # one series on disk at a time, deleted after
+            retrieved = retrieve_each(
+                client, remote, folder / TMP_DIR, failures, cfg.pacs_transfer_syntax
+            )
+            items = stack.enter_context(closing(retrieved))
+        else:
+            items = ((str(p), p) for p in local)
+        t0 = time.perf_counter()
+        for name, path in items:
+            row = _predict_one(cfg, predictor, name, path, single, algorithm, failures)
+            if row is not None:
+                outputs.append(row)
     if cfg.stow is not None:
-        _stow_segs(cfg, auth, outputs, failures)
+        _stow_segs(cfg, stow_auth, outputs, failures)
     if predictor.task == "classification":
         _write_classification(folder, outputs, predictor.class_names)
     if failures:
@@ -331,6 +374,57 @@ def run(cfg: PredictConfig, *, auth: tuple[str, str] | None = None) -> dict[str,
         "seconds": time.perf_counter() - t0,
         "label_names": predictor.label_names,
     }
+
+
+def _local_path(inputs: Path | str) -> Path:
+    """``inputs`` as a local path; a URL of another kind than DICOMweb is refused (not echoed:
+    it may hold a password)."""
+    if isinstance(inputs, str):
+        raise InputError(
+            None,
+            f"unsupported input URL scheme {inputs.split('://')[0]!r}: a PACS is read over "
+            f"DICOMweb; {SERIES_URL_FORM}",
+        )
+    return inputs
+
+
+def _predict_one(
+    cfg: PredictConfig,
+    predictor: Predictor,
+    name: str,
+    path: Path,
+    single: bool,
+    algorithm: Algorithm | None,
+    failures: dict[str, str],
+) -> dict[str, Any] | None:
+    """Predict the input at ``path`` (``name`` in rows and ``failures``: its path, or its
+    DICOMweb URL), write its mask (and SEG); returns its row, None when it failed."""
+    t = time.perf_counter()
+    try:
+        result, meta = predictor.predict(path)
+    except (UmitError, ValueError, OSError) as exc:
+        failures[name] = str(exc)
+        log.error("predict: %s failed: %s", name, exc)
+        return None
+    row: dict[str, Any] = {"input": name, "seconds": round(time.perf_counter() - t, 3)}
+    if predictor.task == "classification":
+        names = predictor.class_names or [str(i) for i in range(len(result))]
+        row["probabilities"] = {n: float(p) for n, p in zip(names, result, strict=True)}
+        row["predicted"] = names[int(np.argmax(result))]
+        return row
+    target = mask_path(cfg.out, path, cfg.suffix, single)
+    write_image(target, result, meta, dtype=np.uint8)
+    row["mask"] = str(target)
+    row["labels"] = {
+        str(v): int(n) for v, n in zip(*np.unique(result, return_counts=True), strict=True)
+    }
+    if algorithm is not None:
+        seg = _write_seg(cfg, predictor, path, result, meta, target, algorithm)
+        if isinstance(seg, str):
+            failures[name] = seg
+        else:
+            row["dicom_seg"] = seg
+    return row
 
 
 def _write_seg(

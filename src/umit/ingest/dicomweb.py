@@ -16,9 +16,11 @@ user asked for:
 * Credentials travel only in the ``Authorization`` header; no message, log line or exception of
   this module contains them (errors name :attr:`DicomWebClient.url`, which cannot hold any).
 
-Used by ``umit ingest dicomweb+http://...`` (:mod:`umit.ingest.pacs`) and by ``umit predict
---stow`` (:mod:`umit.inference.predict`), which stores DICOM SEG results back into the PACS
-(:meth:`DicomWebClient.store_instances`). Example::
+Used by ``umit ingest dicomweb+http://...`` (:mod:`umit.ingest.pacs`), by ``umit predict
+dicomweb+http://.../studies/UID/series/UID`` (:mod:`umit.inference.dicomweb_input`, which
+retrieves the series to predict on) and by ``umit predict --stow`` (:mod:`umit.inference.predict`),
+which stores DICOM SEG results back into the PACS (:meth:`DicomWebClient.store_instances`).
+Example::
 
     with DicomWebClient("http://127.0.0.1:8042/dicom-web", auth=("user", "secret")) as client:
         client.check()
@@ -43,7 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError, ReadTimeoutError
@@ -61,6 +63,11 @@ RETRY_STATUS = (429, 502, 503, 504)
 """HTTP statuses worth retrying (busy or restarting server); everything else fails at once."""
 QIDO_PARAMETERS = {"limit", "offset", "fuzzymatching", "includefield"}
 """QIDO-RS query keys that are not attribute matches."""
+SERIES_URL_FORM = (
+    "a DICOMweb input must name a series or a study: "
+    "dicomweb+http(s)://HOST:PORT/ROOT/studies/STUDY_UID[/series/SERIES_UID]"
+)
+"""What ``umit predict`` takes as a DICOMweb input (:func:`parse_series_url`; quoted in errors)."""
 DICOM_MEDIA = 'multipart/related; type="application/dicom"'
 FAILURE_REASONS = {
     0x0110: "processing failure",
@@ -182,6 +189,33 @@ def parse_url(url: str) -> str:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     netloc = f"{host}:{port}" if port else host
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def parse_series_url(url: str) -> tuple[str, str, str | None]:
+    """``(root, study UID, series UID or None)`` of a DICOMweb study or series URL, as ``umit
+    predict`` takes it: ``dicomweb+http(s)://HOST:PORT/ROOT/studies/STUDY_UID`` or
+    ``.../studies/STUDY_UID/series/SERIES_UID`` (a trailing ``/`` allowed).
+
+    ``root`` is checked and normalised by :func:`parse_url` (no credentials, query or fragment);
+    errors never repeat the URL, since it may hold a password.
+
+    Raises:
+        ValueError: another kind of URL or resource, or a UID that is not one.
+    """
+    parts = urlsplit(url.removeprefix(URL_SCHEME_PREFIX))
+    if parts.query or parts.fragment:
+        raise ValueError("the DICOMweb input URL must not have a query or fragment")
+    segments = parts.path.rstrip("/").split("/")
+    if "studies" not in segments:
+        raise ValueError(SERIES_URL_FORM)
+    i = segments.index("studies")
+    root = parse_url(urlunsplit((parts.scheme, parts.netloc, "/".join(segments[:i]), "", "")))
+    rest = segments[i + 1 :]
+    if len(rest) == 1:
+        return root, _uid(rest[0]), None
+    if len(rest) == 3 and rest[1] == "series":
+        return root, _uid(rest[0]), _uid(rest[2])
+    raise ValueError(f"{SERIES_URL_FORM}; got .../studies/{'/'.join(rest)}")
 
 
 def is_remote_source(src: object) -> bool:
