@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -376,3 +377,44 @@ def write_mosaic_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+class TinySeg(torch.nn.Module):
+    """A two-conv segmentation stand-in for the registry (fast fine-tuning tests)."""
+
+    def __init__(self, in_chans=1, out_channels=2, img_size=None, width=8):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv3d(in_chans, width, 3, padding=1),
+            torch.nn.GELU(),
+            torch.nn.Conv3d(width, out_channels, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TinyCls(torch.nn.Module):
+    """A strided conv + linear head classification stand-in for the registry."""
+
+    def __init__(self, in_chans=1, num_classes=2, img_size=None, width=8):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(in_chans, width, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().mean(dim=(2, 3, 4)))
+
+
+def corrupt_pixels(paths: Sequence[Path]) -> None:
+    """Declare JPEG 2000 and replace the pixels with bytes no decoder reads (Orthanc stores
+    them as they are)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"not a codestream" * 4])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(p, enforce_file_format=True)

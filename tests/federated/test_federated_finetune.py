@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("flwr")
 
@@ -22,36 +21,17 @@ from umit.finetune.run import run as finetune  # noqa: E402
 from umit.train.checkpoint import load_artifact, load_model  # noqa: E402
 from umit.train.metrics import read_metrics  # noqa: E402
 
+from _shared import TinyCls, TinySeg  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class _TinySeg(nn.Module):
-    def __init__(self, in_chans=1, out_channels=2, img_size=None, width=4):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv3d(in_chans, width, 3, padding=1), nn.GELU(), nn.Conv3d(width, out_channels, 1)
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class _TinyCls(nn.Module):
-    def __init__(self, in_chans=1, num_classes=2, img_size=None, width=4):
-        super().__init__()
-        self.conv = nn.Conv3d(in_chans, width, 3, stride=2, padding=1)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.conv(x).relu().mean(dim=(2, 3, 4)))
-
-
 def tiny_seg_fed(**kw):
-    return _TinySeg(**kw)
+    return TinySeg(**{"width": 4, **kw})
 
 
 def tiny_cls_fed(**kw):
-    return _TinyCls(**kw)
+    return TinyCls(**{"width": 4, **kw})
 
 
 @pytest.fixture(autouse=True)

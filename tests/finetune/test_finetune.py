@@ -11,41 +11,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.finetune.run import FinetuneConfig, run, split_finetune_cases
 from umit.train.checkpoint import load_model
 
-
-class _TinySeg(nn.Module):
-    def __init__(self, in_chans=1, out_channels=2, img_size=None, width=8):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv3d(in_chans, width, 3, padding=1), nn.GELU(), nn.Conv3d(width, out_channels, 1)
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class _TinyCls(nn.Module):
-    def __init__(self, in_chans=1, num_classes=2, img_size=None, width=8):
-        super().__init__()
-        self.conv = nn.Conv3d(in_chans, width, 3, stride=2, padding=1)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.conv(x).relu().mean(dim=(2, 3, 4)))
+from _shared import TinyCls, TinySeg
 
 
 def tiny_seg_for_tests(**kw):
-    return _TinySeg(**kw)
+    return TinySeg(**kw)
 
 
 def tiny_cls_for_tests(**kw):
-    return _TinyCls(**kw)
+    return TinyCls(**kw)
 
 
 @pytest.fixture(autouse=True)
@@ -299,7 +279,7 @@ def test_layer_decay_on_a_model_without_blocks_is_an_error(tiny_ct_store, tmp_pa
     from umit.finetune.run import layer_id_fn_for
 
     with pytest.raises(InputError, match="layer_decay < 1 needs a model with encoder blocks"):
-        layer_id_fn_for(_TinySeg())
+        layer_id_fn_for(TinySeg())
 
 
 def test_segmentation_finetune_does_not_flip_by_default(tmp_path):

@@ -35,7 +35,6 @@ import numpy as np
 import pydicom
 import pytest
 from _seg_checks import dciodvfy, read_back_by_source, read_back_in_space, sop_uids
-from pydicom.encaps import encapsulate
 
 from umit.cli.main import main as cli
 from umit.inference.dicomweb_input import TMP_DIR
@@ -43,7 +42,7 @@ from umit.ingest.dicomweb import dicom_json_value
 from umit.ingest.read import read_volume
 from umit.preprocess.resample import reorient_to_ras
 
-from _shared import new_uid, require_shared, rotation, write_ct_series
+from _shared import corrupt_pixels, new_uid, require_shared, rotation, write_ct_series
 
 pytestmark = pytest.mark.pacs
 
@@ -187,17 +186,6 @@ def test_round_trip_real_abdomen_ct(orthanc_empty, tmp_path, tiny_model, capsys,
 
 
 # ------------------------------------------------------------------- umit predict dicomweb+...
-def _corrupt(paths: list[Path]) -> None:
-    """Declare JPEG 2000 and replace the pixels with bytes no decoder reads (Orthanc stores
-    them as they are)."""
-    for p in paths:
-        ds = pydicom.dcmread(p)
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"
-        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"not a codestream" * 4])
-        ds["PixelData"].VR = "OB"
-        ds.save_as(p, enforce_file_format=True)
-
-
 def test_predict_from_dicomweb_equals_predict_from_disk(orthanc_empty, tmp_path, tiny_model):
     """The same oblique series predicted from the PACS and from a folder: the same mask file,
     byte for byte (uncompressed, so the bytes are the header and the voxels), and SEGs with the
@@ -242,7 +230,7 @@ def test_predict_a_whole_study(orthanc_empty, tmp_path, tiny_model):
         src / "b", ct_volume((24, 20, 6)), study_uid=study, extra={"SeriesNumber": 2}
     )
     bad = write_ct_series(src / "c", ct_volume((8, 8, 4)), study_uid=study)
-    _corrupt(bad)
+    corrupt_pixels(bad)
     orthanc_empty.upload(src)
     uid = {
         k: str(pydicom.dcmread(p[0]).SeriesInstanceUID)

@@ -18,7 +18,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
 
 from umit.cli.main import main as cli_main
 from umit.ingest.catalog import Catalog
@@ -27,7 +26,7 @@ from umit.ingest.pacs import TMP_DIR
 from umit.ingest.run import IngestConfig, run
 
 from _orthanc import free_port
-from _shared import IDENTIFIERS, require_shared, write_ct_series
+from _shared import IDENTIFIERS, corrupt_pixels, require_shared, write_ct_series
 
 pytestmark = pytest.mark.pacs
 SECRET = "11" * 32
@@ -57,17 +56,6 @@ def _snapshot(raw: Path, drop: tuple[str, ...] = ("ingested_at",)) -> dict:
         for p in sorted((raw / "images").glob("*.nii.gz"))
     }
     return {"rows": rows, "files": files}
-
-
-def _corrupt(paths: list[Path]) -> None:
-    """Declare JPEG 2000 and replace the pixels with bytes no decoder reads (Orthanc stores
-    them as they are)."""
-    for p in paths:
-        ds = pydicom.dcmread(p)
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"
-        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"not a codestream" * 4])
-        ds["PixelData"].VR = "OB"
-        ds.save_as(p, enforce_file_format=True)
 
 
 def _cli(*args: str) -> int:
@@ -187,7 +175,7 @@ def test_server_down_exits_1_after_bounded_retries(tmp_path, capsys):
 def test_series_that_fails_to_decode_is_a_failure_row_and_the_rest_lands(orthanc_empty, tmp_path):
     src = tmp_path / "src"
     _series(src / "good", 0)
-    _corrupt(_series(src / "bad", 1, shape=(8, 8, 4)))
+    corrupt_pixels(_series(src / "bad", 1, shape=(8, 8, 4)))
     _series(src / "good2", 2, shape=(10, 8, 5))
     orthanc_empty.upload(src)
     raw = _raw(tmp_path / "raw")

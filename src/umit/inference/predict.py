@@ -43,7 +43,7 @@ import torch
 from pydantic import Field, field_validator
 
 from umit import __version__
-from umit.config import UmitConfig, save_config
+from umit.config import save_config
 from umit.data.cases import centre_crop_or_pad
 from umit.data.io import IMAGE_SUFFIXES, image_suffix, write_image
 from umit.data.meta import ImageMeta
@@ -57,6 +57,7 @@ from umit.ingest.dicomweb import (
     AuthenticationError,
     DicomWebClient,
     DicomWebError,
+    DicomWebSettings,
     ServerUnreachable,
     StoreFailed,
     is_remote_source,
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
-class PredictConfig(UmitConfig):
+class PredictConfig(DicomWebSettings):
     """Settings of ``umit predict``."""
 
     inputs: Path | str
@@ -119,19 +120,6 @@ class PredictConfig(UmitConfig):
     """STOW-RS retries after a connection error, a read timeout or HTTP 429/502/503/504."""
     stow_backoff_s: float = Field(default=1.0, ge=0)
     """Back-off factor between STOW-RS retries: waits of 0, 2, 4... x this, at most 30 s."""
-    pacs_auth_file: Path | None = None
-    """DICOMweb input: file whose first line is ``user:password`` (chmod 600), else
-    ``$UMIT_PACS_AUTH``. Only this path is recorded; the credentials never are."""
-    pacs_timeout_s: float = Field(default=30.0, gt=0)
-    """DICOMweb input: connect timeout and read timeout (seconds without data) of each request."""
-    pacs_retries: int = Field(default=3, ge=0, le=20)
-    """DICOMweb input: retries after the first attempt, on connection errors, HTTP
-    429/502/503/504 and broken transfers (back-off 0, 2, 4... x pacs_backoff_s, at most 30 s)."""
-    pacs_backoff_s: float = Field(default=0.5, ge=0)
-    """DICOMweb input: back-off factor between retries, in seconds."""
-    pacs_transfer_syntax: str = "*"
-    """DICOMweb input: transfer syntax asked for: ``*`` as stored (the PACS's files, byte for
-    byte), or a UID, e.g. ``1.2.840.10008.1.2.1`` to have the server decompress."""
 
     @field_validator("inputs", mode="before")
     @classmethod

@@ -48,9 +48,11 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import urllib3
+from pydantic import Field
 from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError, ReadTimeoutError
 from urllib3.util import Retry, Timeout
 
+from umit.config import UmitConfig
 from umit.errors import UmitError
 
 log = logging.getLogger(__name__)
@@ -844,3 +846,22 @@ class _MultipartToFiles:
     def _end_part(self) -> None:
         self.close_file()
         self.n_parts += 1
+
+
+class DicomWebSettings(UmitConfig):
+    """Settings of a DICOMweb source, shared by ``umit ingest`` and ``umit predict``."""
+
+    pacs_auth_file: Path | None = None
+    """DICOMweb source: file whose first line is ``user:password`` (chmod 600), else
+    ``$UMIT_PACS_AUTH``. Only this path is recorded; the credentials never reach outputs or logs."""
+    pacs_timeout_s: float = Field(default=30.0, gt=0)
+    """DICOMweb source: connect timeout and read timeout (seconds without data) of each request."""
+    pacs_retries: int = Field(default=3, ge=0, le=20)
+    """DICOMweb source: retries after the first attempt, on connection errors, HTTP
+    429/502/503/504 and broken transfers (back-off 0, 2, 4... x pacs_backoff_s, at most 30 s)."""
+    pacs_backoff_s: float = Field(default=0.5, ge=0)
+    """DICOMweb source: back-off factor between retries, in seconds."""
+    pacs_transfer_syntax: str = "*"
+    """DICOMweb source: transfer syntax asked for: ``*`` as stored (the PACS's files, byte for
+    byte, no transcoding on the server), or a UID, e.g. ``1.2.840.10008.1.2.1`` to have the
+    server decompress."""

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from umit import __version__
-from umit.config import UmitConfig, save_config
+from umit.config import save_config
 from umit.data.io import write_image
 from umit.data.meta import ImageMeta
 from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
@@ -33,7 +33,7 @@ from umit.errors import InputError
 from umit.ingest.bvecs import write_fsl_gradients
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
 from umit.ingest.dicom import age_band
-from umit.ingest.dicomweb import is_remote_source
+from umit.ingest.dicomweb import DicomWebSettings, is_remote_source
 from umit.ingest.formats import (
     IngestItem,
     LoadedCase,
@@ -51,7 +51,7 @@ LABELS_DIR = "labels"
 SEX_CODES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
 
 
-class IngestConfig(UmitConfig):
+class IngestConfig(DicomWebSettings):
     """Settings of ``umit ingest``."""
 
     src: Path | str
@@ -88,22 +88,9 @@ class IngestConfig(UmitConfig):
     pacs_query: dict[str, str] = Field(default_factory=dict)
     """DICOMweb source: QIDO-RS study search, DICOM keywords to values, e.g.
     ``{ModalitiesInStudy: CT, StudyDate: 20240101-20240131}`` (empty: every study)."""
-    pacs_auth_file: Path | None = None
-    """DICOMweb source: file whose first line is ``user:password`` (else ``$UMIT_PACS_AUTH``).
-    Only this path is recorded; the credentials never reach RAW or the logs."""
     pacs_workers: int = Field(default=4, ge=1, le=64)
     """DICOMweb source: series retrieved at once (threads; also the most series waiting on disk).
     Decoding and writing run in the main process, one series at a time (``workers`` is unused)."""
-    pacs_timeout_s: float = Field(default=30.0, gt=0)
-    """DICOMweb source: connect timeout and read timeout (seconds without data) of each request."""
-    pacs_retries: int = Field(default=3, ge=0, le=20)
-    """DICOMweb source: retries after the first attempt, on connection errors, HTTP
-    429/502/503/504 and broken transfers (back-off 0, 2, 4... x pacs_backoff_s, at most 30 s)."""
-    pacs_backoff_s: float = Field(default=0.5, ge=0)
-    """DICOMweb source: back-off factor between retries, in seconds."""
-    pacs_transfer_syntax: str = "*"
-    """DICOMweb source: transfer syntax asked for: ``*`` as stored (no transcoding on the
-    server), or a UID, e.g. ``1.2.840.10008.1.2.1`` to have the server decompress."""
     pacs_ca_file: Path | None = None
     """DICOMweb source over https: CA bundle to trust (default: the system's)."""
 
