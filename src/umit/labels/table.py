@@ -21,7 +21,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Literal
 
+from umit.config import UmitConfig
 from umit.errors import InputError
 from umit.ingest.catalog import CATALOG_NAME, Catalog
 
@@ -133,3 +135,39 @@ def binary_targets(
         if y is not None:
             out[r["case_id"]] = y
     return out
+
+
+class LabelsTableConfig(UmitConfig):
+    """Where per-case finding labels come from: the catalog's ``labels`` table."""
+
+    catalog: Path
+    """RAW folder (or its catalog.db) holding the labels table (``umit labels from-reports``)."""
+    source: str = "reports"
+    """Labels of this source only (``reports``: from ``umit labels from-reports``)."""
+    uncertain: Literal["ignore", "present", "absent"] = "ignore"
+    """What an ``uncertain`` label counts as; ``ignore`` leaves the case out of that finding."""
+    not_mentioned: Literal["ignore", "present", "absent"] = "absent"
+    """What ``not_mentioned`` counts as (a report that does not name a finding usually means
+    the reader saw none)."""
+
+
+def table_targets(cfg: LabelsTableConfig, finding: str) -> dict[str, int]:
+    """Case -> 0/1 for ``finding`` under ``cfg``'s policies; a clear error if it has no rows."""
+    rows = read_labels(cfg.catalog, finding=finding, source=cfg.source)
+    if not rows:
+        known = sorted({r["finding"] for r in read_labels(cfg.catalog, source=cfg.source)})
+        raise InputError(
+            catalog_path(cfg.catalog),
+            f"the labels table has no {finding!r} rows of source {cfg.source!r} (it has: "
+            f"{', '.join(known) or 'none'})",
+        )
+    return binary_targets(rows, cfg.uncertain, cfg.not_mentioned)
+
+
+def overlay_index(index: dict[str, dict[str, Any]], cfg: LabelsTableConfig, finding: str) -> int:
+    """Set ``index[case][finding]`` to the table's 0/1 label for every case of the store index
+    (None where the table has none, so the case counts as unlabeled); returns how many got one."""
+    targets = table_targets(cfg, finding)
+    for case, entry in index.items():
+        entry[finding] = targets.get(case)
+    return sum(case in targets for case in index)
