@@ -73,14 +73,13 @@ def find_mentions(text: str, finding: Finding, engine: ConText) -> list[Mention]
     """Every mention of ``finding`` in ``text`` with its value in context."""
     out = []
     for lo, hi in split_sentences(text):
-        section = section_at(text, lo)
         normal = _longest_first(_spans(finding.normal, text, lo, hi), [])
         excluded = _spans(finding.exclude, text, lo, hi)
         for a, b in normal:
             out.append(Mention(finding.name, a, b, lo, hi, "absent", [("NORMAL", text[a:b])]))
         for a, b in _longest_first(_spans(finding.mention, text, lo, hi), [*normal, *excluded]):
             assertion = engine.assess(text[lo:hi], a - lo, b - lo)
-            assertion = apply_section(assertion, section)
+            assertion = apply_section(assertion, section_at(text, a))
             out.append(Mention(finding.name, a, b, lo, hi, assertion.value, assertion.triggers))
     return sorted(out, key=lambda m: m.start)
 

@@ -188,7 +188,6 @@ def run(cfg: FromReportsConfig) -> FromReportsResult:
         vocab.check_findings(cfg.findings, cfg.vocab or vocab.source)
         vocab.findings = {k: v for k, v in vocab.findings.items() if k in cfg.findings}
     rows, key, text_col = read_reports(Path(cfg.reports), cfg.text_column, cfg.key)
-    secret = None if key == "case_id" else _load_secret(cfg, db)
     engine = ConText(max_scope=cfg.max_scope)
     labeler = f"{LABELER_VERSION} {vocab.tag}"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -197,6 +196,7 @@ def run(cfg: FromReportsConfig) -> FromReportsResult:
     seen: set[str] = set()
     with Catalog(db) as catalog:
         index = _join_index(catalog, key, db)
+        secret = None if key == "case_id" else _load_secret(cfg, db)
         for i, row in enumerate(rows, start=1):
             raw_key = row.get(key)
             text = row.get(text_col)

@@ -3,7 +3,7 @@
 With ``findings=True`` a CT phantom draws, from its own random stream (so the anatomy and the
 acquisition of the same seed are untouched), which of four findings the subject has:
 
-- ``liver_lesion``: a hypodense (-35..-55 HU vs liver) ellipsoid inside the liver, label 10;
+- ``liver_lesion``: a hypodense (-50..-80 HU vs liver) ellipsoid inside the liver, label 10;
 - ``pleural_effusion``: fluid (0..20 HU) layering in the dependent (posterior) part of one or
   both lungs, label 11;
 - ``splenomegaly``: the spleen drawn 1.4-1.7x larger (label 5, as the spleen);
@@ -71,8 +71,8 @@ def draw_findings(seed: int) -> CTFindings:
     return CTFindings(
         **has,
         lesion_offset=tuple(float(v) for v in rng.uniform(-0.35, 0.35, size=3)),
-        lesion_radius=float(rng.uniform(0.06, 0.1)),
-        lesion_contrast=float(rng.uniform(-55.0, -35.0)),
+        lesion_radius=float(rng.uniform(0.09, 0.13)),
+        lesion_contrast=float(rng.uniform(-80.0, -50.0)),
         effusion_sides=(("right",), ("left",), ("right", "left"))[int(side)],
         effusion_depth=float(rng.uniform(0.25, 0.45)),
         effusion_hu=float(rng.uniform(0.0, 20.0)),
