@@ -147,5 +147,23 @@ def test_pretrain_report_labels_then_finetune_on_table_labels(labeled_store, tmp
     used = ckpt["cases"]["train"] + ckpt["cases"]["val"]
     assert used and all(c in targets for c in used)  # only cases the table labels
     assert ckpt["class_names"] == ["0", "1"] and ckpt["label_key"] == "pleural_effusion"
+    # umit evaluate takes the reference from the table too (here: the test split's 2 cases)
+    from umit.eval.evaluate import EvaluateConfig
+    from umit.eval.evaluate import run as evaluate
+
+    ev = evaluate(
+        EvaluateConfig(
+            model=tmp_path / "ft" / "best.pt",
+            data=prep,
+            labels=LabelsTableConfig(catalog=raw, uncertain="present"),
+            case_figures=False,
+            n_boot=10,
+        )
+    )
+    per_case = (tmp_path / "ft" / "eval_test" / "per_case.csv").read_text().splitlines()
+    assert len(per_case) == 1 + sum(
+        c in targets for c in ("phantom_ct_test_0000", "phantom_ct_test_0001")
+    )
+    assert ev is not None
     with pytest.raises(InputError, match=r"catalog.db: the labels table has no 'ascitis' rows"):
         finetune(cfg.model_copy(update={"label_key": "ascitis", "out": tmp_path / "x"}))
