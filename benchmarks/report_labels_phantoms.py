@@ -282,18 +282,20 @@ def finetune_cell(
     return res
 
 
-def pretrain_report_labels(paths: dict[str, Path], out: Path, steps: int) -> Path:
+def pretrain_report_labels(
+    paths: dict[str, Path], out: Path, steps: int, lr: float = 3e-4, tag: str = ""
+) -> Path:
     from umit.ssl.pretrain import PretrainConfig
     from umit.ssl.pretrain import run as pretrain
 
-    enc = out / "pretrain_rl" / "encoder.pt"
+    enc = out / f"pretrain_rl{tag}" / "encoder.pt"
     if enc.is_file():
         return enc
     s = pretrain(
         PretrainConfig.model_validate(
             {
                 "data": paths["prep"],
-                "out": out / "pretrain_rl",
+                "out": out / f"pretrain_rl{tag}",
                 "method": "report_labels",
                 "model": ENCODER,
                 "crop_size": [32, 32, 32],
@@ -307,7 +309,7 @@ def pretrain_report_labels(paths: dict[str, Path], out: Path, steps: int) -> Pat
                 "train": {
                     "total_steps": steps,
                     "batch_size": 8,
-                    "lr": 3e-4,
+                    "lr": lr,
                     "warmup_steps": max(1, steps // 10),
                     "eval_every": max(1, steps // 4),
                     "seed": 0,
@@ -316,11 +318,56 @@ def pretrain_report_labels(paths: dict[str, Path], out: Path, steps: int) -> Pat
             }
         )
     )
-    (out / "pretrain_rl" / "summary.json").write_text(json.dumps(s, indent=1, default=str))
+    (out / f"pretrain_rl{tag}" / "summary.json").write_text(json.dumps(s, indent=1, default=str))
     print(
         f"pretrain report_labels: val BCE {s['initial_val_loss']:.3f} -> {s['last_val_loss']:.3f}, baseline {s['last_eval'].get('val_baseline_loss')}"
     )
     return enc
+
+
+def summarize(results: dict[str, Any]) -> str:
+    """``table.md``: agreement, classifier AUCs per label source, few-label paired differences."""
+    cells = results.get("cells", [])
+    lines = ["## Classifiers trained on report / keyword / true labels (test AUC vs truth)", ""]
+    lines += [
+        "| finding | labels | train-label agreement | test AUC per seed | mean |",
+        "|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list] = {}
+    for c in cells:
+        if c["name"].startswith("cls_"):
+            groups.setdefault((c["finding"], c["source"]), []).append(c)
+    for (f, src), cs in sorted(groups.items()):
+        cs.sort(key=lambda c: c["seed"])
+        aucs = [c["test"]["auc"] for c in cs]
+        agree = np.mean([c["train_label_agreement"] for c in cs])
+        lines.append(
+            f"| {f} | {src} | {agree:.3f} | {', '.join(f'{a:.3f}' for a in aucs)} | {np.mean(aucs):.3f} |"
+        )
+    lines += ["", "## Few true labels: report_labels-pretrained vs scratch (pleural_effusion)", ""]
+    lines += [
+        "| labels | arm | test AUC per seed | mean | paired diff vs scratch, mean [t 95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    few: dict[tuple, dict[int, float]] = {}
+    for c in cells:
+        if c["name"].startswith("few_"):
+            arm = c["name"].rsplit("_s", 1)[0].split(f"n{c['label_count']}_", 1)[1]
+            few.setdefault((c["label_count"], arm), {})[c["seed"]] = c["test"]["auc"]
+    for (k, arm), by_seed in sorted(few.items()):
+        seeds = sorted(by_seed)
+        aucs = [by_seed[s_] for s_ in seeds]
+        diff = ""
+        scratch = few.get((k, "scratch"), {})
+        if arm != "scratch" and all(s_ in scratch for s_ in seeds):
+            d = np.array([by_seed[s_] - scratch[s_] for s_ in seeds])
+            t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(d), 2.0)
+            half = t * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+            diff = f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+        lines.append(
+            f"| {k} | {arm} | {', '.join(f'{a:.3f}' for a in aucs)} | {np.mean(aucs):.3f} | {diff} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -331,6 +378,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--pretrain-lr", type=float, default=3e-4)
+    ap.add_argument(
+        "--pretrain-tag", default="", help="suffix of the pretraining run and its cells"
+    )
     ap.add_argument("--few", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--cls-findings", nargs="+", default=["pleural_effusion", "splenomegaly"])
     ap.add_argument("--part", choices=("all", "setup", "classify", "pretrain"), default="all")
@@ -360,10 +411,11 @@ def main() -> None:
                         steps=args.steps,
                     )
     if args.part in ("all", "pretrain"):
-        enc = pretrain_report_labels(paths, out, args.pretrain_steps)
+        tag = args.pretrain_tag
+        enc = pretrain_report_labels(paths, out, args.pretrain_steps, args.pretrain_lr, tag)
         for k in args.few:
             for seed in args.seeds:
-                for arm, pre in (("pretrained", enc), ("scratch", None)):
+                for arm, pre in ((f"pretrained{tag}", enc), ("scratch", None)):
                     finetune_cell(
                         paths,
                         cells,
@@ -376,10 +428,12 @@ def main() -> None:
                         pretrained=pre,
                     )
     results["cells"] = [json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))]
-    pre = out / "pretrain_rl" / "summary.json"
-    if pre.is_file():
-        results["pretrain"] = json.loads(pre.read_text())
+    results["pretrain"] = {
+        p.parent.name: json.loads(p.read_text())
+        for p in sorted(out.glob("pretrain_rl*/summary.json"))
+    }
     results_path.write_text(json.dumps(results, indent=1, default=str))
+    (out / "table.md").write_text(summarize(results))
     for name in ("agreement", "agreement_keywords"):
         print(
             name, {f: round(v["agree_uncertain_as_present"], 3) for f, v in results[name].items()}
