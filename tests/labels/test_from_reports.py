@@ -129,14 +129,15 @@ def test_rerun_replaces_labels_atomically(raw_copy, monkeypatch):
     assert table_targets(cfg, "splenomegaly") == {after[0]["case_id"]: 1}
 
 
-def test_join_by_study_uid_of_ingested_dicom(tmp_path):
+def test_join_by_study_uid_or_accession_of_ingested_dicom(tmp_path):
     from umit.ingest.run import IngestConfig
     from umit.ingest.run import run as ingest
 
     rng = np.random.default_rng(0)
     for i, study in enumerate(("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")):
         stored = rng.integers(900, 1200, size=(8, 8, 4)).astype(np.int16)
-        write_ct_series(tmp_path / "dicom" / f"s{i}", stored, study_uid=study, rng=rng)
+        extra = {"AccessionNumber": f"ACC-77{i}"}
+        write_ct_series(tmp_path / "dicom" / f"s{i}", stored, study_uid=study, rng=rng, extra=extra)
     ingest(IngestConfig(src=tmp_path / "dicom", out=tmp_path / "raw"), progress=False)
     reports = tmp_path / "reports.csv"
     reports.write_text(
@@ -150,8 +151,21 @@ def test_join_by_study_uid_of_ingested_dicom(tmp_path):
     got = {(r["report_row"], r["finding"]): r["value"] for r in read_labels(tmp_path / "raw")}
     assert got[(1, "pleural_effusion")] == "absent" and got[(1, "liver_lesion")] == "uncertain"
     assert got[(2, "pleural_effusion")] == "present"
+    # the same reports keyed by AccessionNumber (ingest keeps only its keyed pseudonym)
+    by_acc = tmp_path / "by_accession.jsonl"
+    by_acc.write_text(
+        '{"accession": "ACC-771", "text": "No splenomegaly."}\n'
+        '{"accession": "ACC-999", "text": "Splenomegaly."}\n'
+    )
+    res = run(
+        FromReportsConfig(reports=by_acc, catalog=tmp_path / "raw", findings=["splenomegaly"])
+    )
+    assert res.key == "accession" and res.labeled_cases == 1 and res.unmatched_rows == [2]
+    (row,) = read_labels(tmp_path / "raw")
+    assert row["value"] == "absent"
     blob = b"".join(p.read_bytes() for p in (tmp_path / "raw").glob("catalog.db*"))
     assert b"1.2.826.0.1.3680043.8.498.1" not in blob  # only the keyed replacement UID
+    assert b"ACC-77" not in blob  # only the accession's keyed pseudonym
 
 
 def test_errors_name_the_file(raw_copy, tmp_path):

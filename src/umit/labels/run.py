@@ -8,6 +8,8 @@ the catalog, hashed exactly as ``umit ingest`` hashed it with the RAW folder's s
   give it (``deid_study_uid`` of every series of the study); labels go to each case of the study;
 - ``patient_id``: the PatientID (or a collection's subject id) -> the catalog's ``subject_id``
   (HMAC-SHA256 pseudonym); labels go to each case of the subject;
+- ``accession``: the DICOM AccessionNumber -> its keyed pseudonym, which ingest stores for each
+  DICOM series (``accession_pseudonym``); labels go to each case (series) of the study;
 - ``case_id``: the catalog's own case id (already pseudonymous, or a collection's coded id).
 
 Neither the raw key nor the text is stored: only the labels, with the character span of the
@@ -30,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from umit.config import UmitConfig
-from umit.deid.secret import SECRET_NAME, pseudonym, replace_uid
+from umit.deid.secret import SECRET_NAME, accession_pseudonym, pseudonym, replace_uid
 from umit.errors import InputError
 from umit.ingest.catalog import Catalog
 from umit.labels.context import ConText
@@ -161,13 +163,15 @@ def _join_index(catalog: Catalog, key: str, db: Path) -> dict[str, list[str]]:
         elif key == "study_uid":
             value = (rec.extra or {}).get("deid_study_uid")
         else:
-            raise InputError(
-                db,
-                "the catalog keeps no accession pseudonyms (ingest does not store "
-                "AccessionNumber); join by study_uid, patient_id or case_id",
-            )
+            value = (rec.extra or {}).get("accession_pseudonym")
         if value:
             index.setdefault(value, set()).add(rec.case_id)
+    if key == "accession" and not index:
+        raise InputError(
+            db,
+            "the catalog keeps no accession pseudonyms (no DICOM series with an AccessionNumber, "
+            "or ingested by an older umit); re-ingest, or join by study_uid, patient_id or case_id",
+        )
     return {k: sorted(v) for k, v in index.items()}
 
 
@@ -177,6 +181,8 @@ def _hash_key(key: str, value: str, secret: bytes | None) -> str:
     assert secret is not None
     if key == "study_uid":
         return replace_uid(secret, value)
+    if key == "accession":
+        return accession_pseudonym(secret, value)
     return pseudonym(secret, value)  # patient_id: as ingest hashes the subject key
 
 
