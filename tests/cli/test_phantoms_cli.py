@@ -39,6 +39,7 @@ def test_both_modalities_via_the_front_door(tmp_path, capsys):
         "shape": [32, 32, 32],
         "n_test": 1,
         "workers": 1,
+        "findings": False,
     }
     # The saved config reproduces the run (and resumes without regenerating anything).
     again = build_config(PhantomsConfig, out / "config.yaml")

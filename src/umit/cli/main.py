@@ -18,6 +18,7 @@ from umit.errors import UmitError
 STAGES: tuple[str, ...] = (
     "phantoms",
     "ingest",
+    "labels",
     "deid",
     "preprocess",
     "deface",

@@ -35,7 +35,12 @@ def main(args: argparse.Namespace) -> int:
             f"{summary['seconds']:.0f} s; train loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
         )
         if summary["initial_val_loss"] is not None and summary["last_val_loss"] is not None:
-            what = {"mae": "reconstruction", "simclr": "contrastive", "genesis": "restoration"}
+            what = {
+                "mae": "reconstruction",
+                "simclr": "contrastive",
+                "genesis": "restoration",
+                "report_labels": "report-label BCE",
+            }
             base = (summary.get("last_eval") or {}).get("val_baseline_loss")
             print(
                 f"  validation {what[summary['method']]} loss {summary['initial_val_loss']:.4f} -> "

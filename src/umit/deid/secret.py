@@ -3,6 +3,7 @@
 One secret (``.umit_secret``, 32 random bytes as hex, mode 0600) gives, through HMAC-SHA256:
 
 * :func:`pseudonym`: the keyed hash of an identifier (``umit ingest`` subject/case ids);
+* :func:`accession_pseudonym`: the keyed hash of an AccessionNumber (joins reports to studies);
 * :func:`patient_pseudonym`: ``UMIT-<12 hex>``, what ``umit deid`` writes to PatientID/Name;
 * :func:`replace_uid`: the consistent ``2.25.<int>`` UID replacing a DICOM UID;
 * :func:`date_shift_days`: the per-patient date shift of the retain-modified-dates option.
@@ -45,6 +46,11 @@ def load_or_create_secret(folder: str | Path) -> bytes:
 def pseudonym(secret: bytes, value: str, length: int = 12) -> str:
     """Keyed hash of an identifier: stable for one secret, not reversible without it."""
     return hmac.new(secret, value.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+
+
+def accession_pseudonym(secret: bytes, accession: str) -> str:
+    """Keyed hash of an AccessionNumber (16 hex), the catalog's join key for reports."""
+    return pseudonym(secret, f"accession:{accession.strip()}", 16)
 
 
 def replace_uid(secret: bytes, uid: str) -> str:

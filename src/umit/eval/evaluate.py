@@ -38,6 +38,7 @@ from umit.eval.report import (
 )
 from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
+from umit.labels.table import LabelsTableConfig, overlay_index
 from umit.metrics import segmentation_metrics
 from umit.train.checkpoint import InferenceSpec, load_model
 from umit.train.dp import format_dp
@@ -72,6 +73,10 @@ class EvaluateConfig(UmitConfig):
     (segmentation; the three cases are predicted once more for the figures)."""
     seed: int = 0
     """Seed of the bootstrap."""
+    labels: LabelsTableConfig | None = None
+    """Classification: take the reference label (the model's ``label_key``, a finding) from the
+    catalog's labels table (``labels.catalog=RAW``, e.g. ``labels.source=truth`` for a model
+    trained on report labels) instead of the store index."""
 
 
 def _rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -257,6 +262,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     model, ckpt = load_model(cfg.model)
     store = Store(cfg.data)
     task = ckpt["task"]
+    if cfg.labels is not None and task == "classification":
+        overlay_index(store.index, cfg.labels, ckpt.get("label_key", "target"))
     cases = [
         c for c in store.case_ids if cfg.split == "all" or store.index[c].get("split") == cfg.split
     ]

@@ -29,6 +29,7 @@ from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
 from umit.finetune.subsets import select_labeled
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
+from umit.labels.table import LabelsTableConfig, overlay_index
 from umit.metrics import classification_metrics, segmentation_metrics
 from umit.models import create_model
 from umit.models.heads import freeze_encoder, layer_id_fn, load_encoder_state_dict
@@ -78,7 +79,12 @@ class FinetuneConfig(UmitConfig):
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
     """Segmentation: fraction of crops centred on a labeled structure."""
     label_key: str = "target"
-    """Classification: the per-case label in the store index (target, sex, contrast, ...)."""
+    """Classification: the per-case label in the store index (target, sex, contrast, ...), or
+    with ``labels`` set a finding of the catalog's labels table (e.g. pleural_effusion)."""
+    labels: LabelsTableConfig | None = None
+    """Classification: read ``label_key`` from the catalog's labels table (``umit labels
+    from-reports``) instead of the store index: ``labels.catalog=RAW``, present 1, absent 0,
+    ``labels.uncertain`` / ``labels.not_mentioned`` say what those count as."""
     label_fraction: float | None = Field(default=None, gt=0, le=1)
     """Use this fraction of the training labels (seeded, stratified); the rest is never used."""
     label_count: int | None = Field(default=None, ge=1)
@@ -423,6 +429,14 @@ def seg_num_outputs(store: Store, cases: list[str], plan: Plan) -> int:
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary with the chosen model's metric and path."""
     store = Store(cfg.data)
+    if (
+        cfg.labels is not None
+        and cfg.task == "classification"
+        and not overlay_index(store.index, cfg.labels, cfg.label_key)
+    ):
+        raise InputError(
+            cfg.data, f"no case of this store has a {cfg.label_key!r} label in {cfg.labels.catalog}"
+        )
     plan = store.plan
     in_chans = len(plan.channels)
     cases = split_finetune_cases(store, cfg)

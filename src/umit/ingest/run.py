@@ -28,7 +28,7 @@ from umit.config import save_config
 from umit.data.io import write_image
 from umit.data.meta import ImageMeta
 from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
-from umit.deid.secret import load_or_create_secret, pseudonym, replace_uid
+from umit.deid.secret import accession_pseudonym, load_or_create_secret, pseudonym, replace_uid
 from umit.errors import InputError
 from umit.ingest.bvecs import write_fsl_gradients
 from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
@@ -528,11 +528,17 @@ def _gradient_files(
 
 
 def _deid_uids(series: Any, secret: bytes) -> dict[str, str]:
-    return {
+    """UIDs as ``umit deid`` writes them, and the keyed pseudonym of the AccessionNumber (what
+    ``umit labels from-reports key=accession`` joins reports on)."""
+    out = {
         f"deid_{name}_uid": replace_uid(secret, uid)
         for name, uid in (("study", series.study_uid), ("series", series.series_uid))
         if uid and not uid.startswith("no-series-uid:")
     }
+    accession = getattr(series, "accession_key", None)
+    if accession:
+        out["accession_pseudonym"] = accession_pseudonym(secret, accession)
+    return out
 
 
 _COLUMN_ATTRS = COLUMN_ATTRIBUTES

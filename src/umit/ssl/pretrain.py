@@ -1,7 +1,8 @@
 """``umit pretrain``: self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis) on a store.
 
 Random 3D crops (optionally foreground-biased) with light augmentation feed the chosen method
-(``method=mae|simclr|genesis``) around any registered encoder (MAE needs a ViT); the training loop (:mod:`umit.train`) does schedules, precision,
+(``method=mae|simclr|genesis``, or ``report_labels``: weak multi-label supervision from report-derived
+labels) around any registered encoder (MAE needs a ViT); the training loop (:mod:`umit.train`) does schedules, precision,
 accumulation, distribution, checkpoints and resume. A fixed validation set of crops and masks
 gives a pretext loss that is comparable across steps, logged next to its trivial baseline
 (``flat_loss`` / ``chance_loss`` / ``baseline_loss``); with ``monitor_label`` a kNN and a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +30,12 @@ from umit.data.dataset import StoreCropDataset
 from umit.data.store import Store
 from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
+from umit.labels.table import LabelsTableConfig, catalog_path, read_labels, table_targets
 from umit.models import create_model
 from umit.ssl.genesis import Genesis3D
 from umit.ssl.mae import MAE3D, mae_flops_per_sample
 from umit.ssl.monitor import build_monitor
+from umit.ssl.report_labels import LabeledCrops, ReportLabels3D, label_matrix, validation_batches
 from umit.ssl.simclr import SimCLR3D
 from umit.train.checkpoint import checkpoint_candidates, save_artifact
 from umit.train.config import TrainConfig
@@ -100,7 +104,17 @@ class GenesisConfig(UmitConfig):
     """Share of in-painting among paintings (the rest is out-painting)."""
 
 
-METHODS = ("mae", "simclr", "genesis")
+METHODS = ("mae", "simclr", "genesis", "report_labels")
+
+
+class ReportLabelsConfig(UmitConfig):
+    """``method=report_labels``: weak multi-label supervision from the catalog's labels table."""
+
+    labels: LabelsTableConfig | None = None
+    """The labels table (``labels.catalog=RAW``; uncertain / not_mentioned policies)."""
+    findings: list[str] | None = None
+    """Findings to learn, one output each (None: every finding of the table with both present
+    and absent cases among the training cases)."""
 
 
 class PretrainConfig(UmitConfig):
@@ -126,8 +140,9 @@ class PretrainConfig(UmitConfig):
     """Cases held out for the validation reconstruction loss (0 = none)."""
     val_crops: int = Field(default=8, ge=1)
     """Fixed validation crops (with fixed masks) over the held-out cases."""
-    method: Literal["mae", "simclr", "genesis"] = "mae"
-    """Pretraining method: masked autoencoding (ViT only), contrastive views, or restoration."""
+    method: Literal["mae", "simclr", "genesis", "report_labels"] = "mae"
+    """Pretraining method: masked autoencoding (ViT only), contrastive views, restoration, or
+    weak multi-label supervision from report-derived labels (``report_labels.labels``)."""
     scope: Literal["encoder", "network"] = "encoder"
     """``encoder``: pretrain ``model``, an encoder, and write ``encoder.pt``. ``network``
     (``method=genesis`` only): ``model`` is a whole segmentation network (unetr, swin_unetr,
@@ -140,6 +155,8 @@ class PretrainConfig(UmitConfig):
     """SimCLR-3D wrapper settings."""
     genesis: GenesisConfig = Field(default_factory=GenesisConfig)
     """Models Genesis wrapper settings."""
+    report_labels: ReportLabelsConfig = Field(default_factory=ReportLabelsConfig)
+    """Report-label wrapper settings (``method=report_labels``)."""
     monitor_label: str | None = None
     """Per-case label of the store index (e.g. ``target``) for the online kNN / probe scores
     every ``train.eval_every`` steps; None = off."""
@@ -294,7 +311,11 @@ def make_eval_fn(
             else:
                 for i, x in enumerate(val):
                     g = torch.Generator(device="cpu").manual_seed(10_000 + i)
-                    res = module(x.to(device_of()), generator=g)
+                    if isinstance(x, dict):  # report_labels: crops with their labels
+                        x = {k: v.to(device_of()) for k, v in x.items()}
+                    else:
+                        x = x.to(device_of())
+                    res = module(x, generator=g)
                     losses.append(float(res["loss"]))
                     baselines.append(float(res["baseline_loss"]))
         module.train(was_training)
@@ -337,9 +358,11 @@ def build_network(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
         return create_model(cfg.model, **args)
 
 
-def build_method(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
+def build_method(
+    cfg: PretrainConfig, in_chans: int, report: ReportLabelData | None = None
+) -> torch.nn.Module:
     """The wrapper of ``cfg.method`` around a freshly built ``cfg.model`` encoder (or, with
-    ``scope=network``, a whole network)."""
+    ``scope=network``, a whole network); ``report``: the labels of ``method=report_labels``."""
     if cfg.scope == "network":
         if cfg.method != "genesis":
             raise InputError(
@@ -375,7 +398,58 @@ def build_method(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
         )
     if cfg.method == "genesis":
         return Genesis3D(encoder, in_chans=in_chans, **cfg.genesis.model_dump())
+    if cfg.method == "report_labels":
+        if report is None:
+            raise ValueError("method=report_labels needs the report labels (report_label_data)")
+        return ReportLabels3D(encoder, report.findings, report.prevalence)
     raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+
+
+@dataclass
+class ReportLabelData:
+    """The labels ``method=report_labels`` trains on: findings (K), the cases with at least one
+    known label, (N, K) values and mask, and each finding's training prevalence."""
+
+    findings: list[str]
+    cases: list[str]
+    values: np.ndarray
+    mask: np.ndarray
+    prevalence: np.ndarray
+
+
+def report_label_data(
+    cfg: PretrainConfig, cases: list[str], train_cases: list[str]
+) -> ReportLabelData:
+    """Read ``cfg.report_labels`` from the catalog's labels table for ``cases``."""
+    rl = cfg.report_labels
+    if rl.labels is None:
+        raise InputError(
+            None, "method=report_labels needs report_labels.labels.catalog=RAW (the labels table)"
+        )
+    if rl.findings is not None:
+        findings = list(rl.findings)
+        targets = {f: table_targets(rl.labels, f) for f in findings}
+    else:
+        rows = read_labels(rl.labels.catalog, source=rl.labels.source)
+        names = list(dict.fromkeys(r["finding"] for r in rows))
+        targets = {f: table_targets(rl.labels, f) for f in names}
+        train = set(train_cases)
+        findings = [f for f in names if len({v for c, v in targets[f].items() if c in train}) == 2]
+    if not findings:
+        raise InputError(
+            catalog_path(rl.labels.catalog),
+            "no finding of the labels table has both present and absent training cases",
+        )
+    keep = [c for c in cases if any(c in targets[f] for f in findings)]
+    values, mask = label_matrix(keep, targets, findings)
+    rows_train = [i for i, c in enumerate(keep) if c in set(train_cases)]
+    if not rows_train:
+        raise InputError(
+            catalog_path(rl.labels.catalog), "no training case of this store has a report label"
+        )
+    m, v = mask[rows_train], values[rows_train]
+    prevalence = (v * m).sum(0) / np.maximum(m.sum(0), 1.0)
+    return ReportLabelData(findings, keep, values, mask, prevalence)
 
 
 def save_encoder(
@@ -414,11 +488,20 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     plan = store.plan
     in_chans = len(plan.channels)
     train_cases, val_cases = split_cases(store, cfg.exclude_splits, cfg.val_cases, cfg.train.seed)
+    report = None
+    if cfg.method == "report_labels":
+        report = report_label_data(cfg, train_cases + val_cases, train_cases)
+        train_cases = [c for c in train_cases if c in set(report.cases)]
     train_cfg = cfg.train.model_copy(update={"out_dir": cfg.out})
     seed_everything(cfg.train.seed)  # same config + seed -> same initial weights
-    module = build_method(cfg, in_chans)
+    module = build_method(cfg, in_chans, report)
     dataset = training_data(cfg, train_cases)
     val = build_validation(cfg.data, val_cases, cfg)
+    if report is not None:
+        dataset = LabeledCrops(dataset, report.cases, report.values, report.mask)
+        val = validation_batches(
+            cfg.data, cfg.crop_size, val_cases, cfg.val_crops, cfg.train.seed + 1, dataset
+        )
     monitor = None
     if cfg.monitor_label:
         usable = [

@@ -21,6 +21,13 @@ import numpy as np
 
 from umit.data.phantoms._common import _check_modality, _check_seed, _streams
 from umit.data.phantoms.ct import CT_CHANNELS, CT_LABELS, make_ct_phantom
+from umit.data.phantoms.findings import (
+    FINDING_LABELS,
+    FINDINGS,
+    draw_findings,
+    report_identifiers,
+    write_report,
+)
 from umit.data.phantoms.mr import MR_CHANNELS, MR_LABELS, make_mr_phantom
 from umit.data.phantoms.scanner import check_shape
 from umit.data.phantoms.sites import SubjectAttributes, sample_attributes
@@ -28,6 +35,8 @@ from umit.errors import InputError
 from umit.utils.fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps
 
 ATTRIBUTES_CSV = "attributes.csv"
+REPORTS_CSV = "reports.csv"
+FINDINGS_CSV = "findings.csv"
 ATTRIBUTE_COLUMNS: tuple[str, ...] = (
     "case_id",
     "sex",
@@ -90,14 +99,17 @@ def _plan_cases(n: int, n_test: int, modality: str, seed: int) -> list[_Case]:
     return cases
 
 
-def _write_case(args: tuple[Path, _Case, str, tuple[int, int, int]]) -> bool:
+def _write_case(args: tuple[Path, _Case, str, tuple[int, int, int], bool]) -> bool:
     """Generate and write one case unless all its files exist; True if it was written."""
-    root, case, modality, shape = args
+    root, case, modality, shape, findings = args
     paths = [root / p for p in case.images] + ([root / case.label] if case.label else [])
     if all(p.is_file() for p in paths):
         return False
-    make = make_ct_phantom if modality == "ct" else make_mr_phantom
-    ph = make(case.case_seed, shape)
+    if findings:
+        ph = make_ct_phantom(case.case_seed, shape, findings=True)
+    else:
+        make = make_ct_phantom if modality == "ct" else make_mr_phantom
+        ph = make(case.case_seed, shape)
     for rel, name in zip(case.images, ph.meta.channel_names or (), strict=True):
         arr = ph.images[name]
         if arr.dtype != np.int16:  # MR: integer-valued float32 in int16 range, see make_mr_phantom
@@ -116,6 +128,7 @@ def write_phantom_collection(
     shape: tuple[int, int, int] | None = None,
     n_test: int = 0,
     workers: int = 1,
+    findings: bool = False,
 ) -> Path:
     """Write an nnU-Net v2-style collection of phantoms that ``umit ingest`` accepts.
 
@@ -142,6 +155,12 @@ def write_phantom_collection(
         shape: Reference grid passed to the generator; the generator default if None.
         n_test: Number of held-out test cases written to imagesTs (labels in labelsTs).
         workers: Processes generating cases in parallel.
+        findings: CT only: each subject draws findings (liver lesion, pleural effusion,
+            splenomegaly, kidney cyst; :mod:`umit.data.phantoms.findings`) painted into image
+            and labels (10-12), and the collection gains ``reports.csv`` (patient_id, accession,
+            text: one free-text report per study, with planted identifiers), ``findings.csv``
+            (the truth per case) and a ``subject_id`` (an MRN) column in ``attributes.csv``.
+            False: the collection is exactly what it was before findings existed.
 
     Returns:
         ``out_dir`` as a Path.
@@ -160,13 +179,17 @@ def write_phantom_collection(
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise InputError(root, "exists and is not a folder")
+    if findings and modality != "ct":
+        raise ValueError(f"findings are drawn for CT phantoms only, got modality {modality!r}")
     settings = {"modality": modality, "seed": int(seed), "shape": list(shape)}
+    if findings:  # only when on: a collection without findings keeps its old dataset.json
+        settings["findings"] = True
     _check_existing(root, settings)
     for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         remove_stale_temps(root / sub, recursive=False)
 
     cases = _plan_cases(int(n), int(n_test), modality, seed)
-    jobs = [(root, c, modality, shape) for c in cases]
+    jobs = [(root, c, modality, shape, bool(findings)) for c in cases]
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
             _write_case(job)
@@ -181,14 +204,19 @@ def write_phantom_collection(
     attrs = {c.case_id: _case_attributes(c.case_seed, modality) for c in cases}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(ATTRIBUTE_COLUMNS)
+    writer.writerow(ATTRIBUTE_COLUMNS + (("subject_id",) if findings else ()))
     for c in cases:
         a = attrs[c.case_id]
-        writer.writerow([c.case_id, a.sex, a.age_band, a.site, a.manufacturer, a.model, a.contrast])
+        row = [c.case_id, a.sex, a.age_band, a.site, a.manufacturer, a.model, a.contrast]
+        writer.writerow(row + ([report_identifiers(c.case_seed)["mrn"]] if findings else []))
     atomic_write_text(root / ATTRIBUTES_CSV, buf.getvalue())
+    if findings:
+        _write_reports(root, cases)
 
     channels = CT_CHANNELS if modality == "ct" else MR_CHANNELS
     labels = CT_LABELS if modality == "ct" else MR_LABELS
+    if findings:
+        labels = {**labels, **FINDING_LABELS}
     channel_map = {str(i): name for i, name in enumerate(channels)}
     train = [c for c in cases if c.split == "train"]
     test = [c for c in cases if c.split == "test"]
@@ -223,6 +251,23 @@ def write_phantom_collection(
     return root
 
 
+def _write_reports(root: Path, cases: list[_Case]) -> None:
+    """``reports.csv`` (patient_id = the MRN of attributes.csv, accession, report text) and
+    ``findings.csv`` (case_id + 0/1 per finding: the truth the reports describe)."""
+    reports, truth = io.StringIO(), io.StringIO()
+    rw = csv.writer(reports, lineterminator="\n")
+    tw = csv.writer(truth, lineterminator="\n")
+    rw.writerow(("patient_id", "accession", "text"))
+    tw.writerow(("case_id", *FINDINGS))
+    for c in cases:
+        ids = report_identifiers(c.case_seed)
+        drawn = draw_findings(c.case_seed)
+        rw.writerow((ids["mrn"], ids["accession"], write_report(c.case_seed, drawn)))
+        tw.writerow((c.case_id, *(int(v) for v in drawn.present().values())))
+    atomic_write_text(root / REPORTS_CSV, reports.getvalue())
+    atomic_write_text(root / FINDINGS_CSV, truth.getvalue())
+
+
 def _check_existing(root: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a collection written with other settings (cases would mix)."""
     path = root / "dataset.json"
@@ -235,7 +280,7 @@ def _check_existing(root: Path, settings: dict[str, Any]) -> None:
     if not isinstance(old, dict):
         raise InputError(root, "holds a dataset.json that is not a phantom collection")
     old_settings = {k: old.get(k) for k in settings}
-    if old_settings != settings:
+    if old_settings != settings or bool(old.get("findings")) != bool(settings.get("findings")):
         raise InputError(
             root,
             f"holds a phantom collection written with {old_settings}, not {settings}; "

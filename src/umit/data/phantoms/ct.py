@@ -14,6 +14,12 @@ import numpy as np
 
 from umit.data.meta import ImageMeta
 from umit.data.phantoms._common import _check_seed, _n, _streams, _u
+from umit.data.phantoms.findings import (
+    FINDING_LABELS,
+    draw_findings,
+    enlarge_spleen,
+    paint_findings,
+)
 from umit.data.phantoms.scanner import (
     CT_REFERENCE_SPACING,
     Phantom,
@@ -317,6 +323,7 @@ def make_ct_phantom(
     seed: int,
     shape: tuple[int, int, int] = (96, 96, 64),
     attributes: SubjectAttributes | None = None,
+    findings: bool = False,
 ) -> Phantom:
     """A CT-like torso in Hounsfield units with organ labels (``CT_LABELS``).
 
@@ -326,6 +333,10 @@ def make_ct_phantom(
         shape: RAS grid (x, y, z) of the field of view at ``CT_REFERENCE_SPACING``; the stored
             array follows the site's spacing and orientation (see ``site_grid_shape``).
         attributes: Subject attributes; drawn with ``sample_attributes`` from the seed if None.
+        findings: Draw the subject's findings (:mod:`umit.data.phantoms.findings`: liver lesion,
+            pleural effusion, splenomegaly, kidney cyst) and paint them into the image and the
+            label map (labels 10-12); they are in ``meta.extra["findings"]``. False (default)
+            gives the same arrays as before findings existed.
 
     Returns:
         A ``Phantom`` with one int16 channel "CT" (air -1000, clipped to -1024..3071).
@@ -339,7 +350,12 @@ def make_ct_phantom(
     fov = np.asarray(shape) * np.asarray(CT_REFERENCE_SPACING)
     inplane = min(fov[0], fov[1]) / 2
     g = _Grid(_ras_grid_shape(shape, "ct", proto), proto.spacing, (inplane, inplane, fov[2] / 2))
+    drawn = draw_findings(seed) if findings else None
+    if drawn is not None:
+        enlarge_spleen(p, drawn)
     hu, label = _paint_ct(g, p, attrs.contrast, proto.table)
+    if drawn is not None:
+        paint_findings(g, p, drawn, hu, label)
 
     # Acquisition: calibration offset, correlated noise (white noise through the PSF, pre-scaled
     # so that its final standard deviation is the site's noise level), int16 with CT clipping.
@@ -361,6 +377,9 @@ def make_ct_phantom(
         source=f"phantom:ct:{seed}",
         modality="CT",
         channel_names=CT_CHANNELS,
-        extra=attrs.to_dict(),
+        extra=attrs.to_dict()
+        if drawn is None
+        else {**attrs.to_dict(), "findings": drawn.present()},
     )
-    return Phantom(images, label, meta, dict(CT_LABELS), attrs)
+    names = dict(CT_LABELS) if drawn is None else {**CT_LABELS, **FINDING_LABELS}
+    return Phantom(images, label, meta, names, attrs)

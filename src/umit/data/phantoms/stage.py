@@ -42,6 +42,11 @@ class PhantomsConfig(UmitConfig):
     workers: int = Field(1, ge=1)
     """Processes generating cases in parallel."""
 
+    findings: bool = False
+    """CT: draw findings per subject (liver lesion, pleural effusion, splenomegaly, kidney cyst)
+    into image and labels, and write a free-text report per study (``reports.csv``) and the
+    truth (``findings.csv``); see :mod:`umit.data.phantoms.findings`."""
+
     @field_validator("shape")
     @classmethod
     def _valid_shape(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
@@ -61,6 +66,7 @@ def run(cfg: PhantomsConfig) -> Path:
             shape=cfg.shape,
             n_test=cfg.n_test,
             workers=cfg.workers,
+            findings=cfg.findings and modality == "ct",
         )
     save_config(cfg, out)
     return out

@@ -143,6 +143,7 @@ def _header(ds: Dataset, path: Path) -> _Header | str:
         n_frames=_int(ds.get("NumberOfFrames")) or 1,
         multiframe=multiframe,
         burned_in=burned_in_reason(ds),
+        accession=_str(ds, "AccessionNumber") or None,
     )
 
 

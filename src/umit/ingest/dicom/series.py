@@ -49,6 +49,9 @@ class DicomSeries:
     burned_in: list[tuple[Path, str]] = field(default_factory=list, repr=False)
     """``(path, reason)`` of files that may carry burned-in text (see
     :func:`umit.deid.profile.burned_in_reason`); ``umit ingest`` rejects or masks them."""
+    accession_key: str | None = field(default=None, repr=False)
+    """The raw AccessionNumber. Identifying: only for ingest's keyed pseudonym (the join key of
+    ``umit labels from-reports key=accession``); never logged, never stored."""
 
     @property
     def key(self) -> str:
@@ -133,3 +136,4 @@ class _Header:
     n_frames: int
     multiframe: bool
     burned_in: str | None = None
+    accession: str | None = field(default=None, repr=False)  # identifying: hashed by ingest
