@@ -129,6 +129,10 @@ class DataEfficiencyConfig(UmitConfig):
     """Arm whose architecture the random-init probe uses (default: the first arm)."""
     n_boot_paired: int = Field(default=2000, ge=10)
     """Bootstrap replicates of each paired comparison."""
+    eval_cases: list[str] | None = None
+    """Score every cell on these training-pool case ids instead of the test split, and keep
+    them out of fine-tuning (labeled subsets and validation): a fixed held-out set on which to
+    choose a recipe without touching the test set. Test-split ids are refused."""
     workers: int = Field(default=1, ge=1)
     """Cells run at once, each in its own process with one torch thread (1: one after the
     other in this process, with its threads). On a CPU, 2 single-thread cells beat 1 cell with
@@ -149,8 +153,34 @@ def pool_size(cfg: DataEfficiencyConfig, store: Store) -> int:
     """Training cases a budget draws from (after the validation hold-out)."""
     settings = dict(cfg.finetune)
     settings.pop("train", None)
-    ft = FinetuneConfig.model_validate({**settings, "data": cfg.data, "label_seed": 0})
+    ft = FinetuneConfig.model_validate(
+        {**settings, "data": cfg.data, "label_seed": 0, **held_out(cfg, settings)}
+    )
     return len(split_finetune_cases(store, ft)["train"])
+
+
+def held_out(cfg: DataEfficiencyConfig, settings: dict[str, Any]) -> dict[str, list[str]]:
+    """``exclude_cases`` for the fine-tuning settings: theirs plus ``eval_cases`` (or nothing)."""
+    if cfg.eval_cases is None:
+        return {}
+    return {"exclude_cases": sorted({*settings.get("exclude_cases", []), *cfg.eval_cases})}
+
+
+def check_eval_cases(cfg: DataEfficiencyConfig, store: Store) -> None:
+    """``eval_cases`` name labeled cases of the store outside the test split."""
+    if cfg.eval_cases is None:
+        return
+    if not cfg.eval_cases:
+        raise InputError(None, "eval_cases is empty; leave it out to score on the test split")
+    unknown = [c for c in cfg.eval_cases if c not in store.index]
+    if unknown:
+        raise InputError(cfg.data, f"eval_cases not in this store: {unknown[:5]}")
+    test = [c for c in cfg.eval_cases if store.index[c].get("split") == "test"]
+    if test:
+        raise InputError(
+            cfg.data,
+            f"eval_cases must come from the training pool, not the test split: {test[:5]}",
+        )
 
 
 def make_budgets(cfg: DataEfficiencyConfig, pool: int) -> list[Budget]:
@@ -198,6 +228,7 @@ def cell_finetune_config(
             "label_count": budget.count,
             "label_seed": seed,
             "train": {**train, "resume": "auto"},
+            **held_out(cfg, settings),
         }
     )
 
@@ -221,7 +252,11 @@ def run_cell(
     fsum = finetune(ft)
     esum = evaluate(
         EvaluateConfig(
-            model=Path(fsum["model"]), data=cfg.data, out=folder / "eval", n_boot=cfg.n_boot
+            model=Path(fsum["model"]),
+            data=cfg.data,
+            out=folder / "eval",
+            n_boot=cfg.n_boot,
+            cases=cfg.eval_cases,
         )
     )
     overall = {k: v["value"] for k, v in esum["result"]["overall"].items()}
@@ -234,6 +269,7 @@ def run_cell(
         "steps": ft.train.total_steps,
         "n_labeled": fsum["n_train"],
         "n_test": esum["n_cases"],
+        "scored_on": "test" if cfg.eval_cases is None else "eval_cases",
         "test": overall,
         "best_val": fsum["best"],
         "seconds": time.perf_counter() - t0,
@@ -579,6 +615,7 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     store = Store(cfg.data)
     if not any(store.index[c].get("split") == "test" for c in store.case_ids):
         raise InputError(cfg.data, "the store has no 'test' split to evaluate on")
+    check_eval_cases(cfg, store)
     task = (cfg.finetune or {}).get("task", "segmentation")
     names = set(cfg.arms) | ({FLOOR_VOXELS, FLOOR_PROBE} if cfg.floors else set())
     for comp in cfg.comparisons:
@@ -625,8 +662,17 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     tables = {m: summarize(results, m) for m in [metric, *extra] if m != metric}
     keys = [b.key for b in budgets]
     comparisons = compare(cfg, budgets, metric)
+    scored = (
+        []
+        if cfg.eval_cases is None
+        else [
+            f"Scored on {len(cfg.eval_cases)} held-out training-pool cases (eval_cases), not on "
+            "the test split; 'Test' below means these cases.\n"
+        ]
+    )
     md = "\n".join(
-        [markdown_table(table, keys, metric)]
+        scored
+        + [markdown_table(table, keys, metric)]
         + [markdown_table(t, keys, m) for m, t in tables.items() if _has_values(t)]
         + ([comparisons_markdown(comparisons, metric)] if comparisons else [])
     )

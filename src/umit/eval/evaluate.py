@@ -60,6 +60,9 @@ class EvaluateConfig(UmitConfig):
     """Output folder (default: ``<model folder>/eval_<split>``)."""
     split: str = "test"
     """Store split to evaluate (``all`` for every case with a reference)."""
+    cases: list[str] | None = None
+    """Evaluate exactly these case ids instead of ``split`` (e.g. a held-out set that chooses a
+    recipe without touching the test split); refused when the model trained on any of them."""
     attributes: list[str] = Field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))
     """Index attributes to break results down by (those absent from the store are skipped)."""
     n_boot: int = Field(default=1000, ge=1)
@@ -264,14 +267,16 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     task = ckpt["task"]
     if cfg.labels is not None and task == "classification":
         overlay_index(store.index, cfg.labels, ckpt.get("label_key", "target"))
-    cases = [
+    cases = listed_cases(cfg, store, ckpt) if cfg.cases is not None else [
         c for c in store.case_ids if cfg.split == "all" or store.index[c].get("split") == cfg.split
-    ]
+    ]  # fmt: skip
     if task == "segmentation":
         cases = [c for c in cases if store.index[c].get("has_label")]
     if not cases:
-        raise InputError(cfg.data, f"no cases with a reference in split {cfg.split!r}")
-    out = cfg.out or Path(cfg.model).parent / f"eval_{cfg.split}"
+        raise InputError(cfg.data, f"no cases with a reference in {scope(cfg)}")
+    out = cfg.out or Path(cfg.model).parent / (
+        f"eval_{cfg.split}" if cfg.cases is None else "eval_cases"
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, name="evaluate_config.yaml")
     rows = evaluate_cases(model, ckpt, store, cases, cfg)
@@ -312,7 +317,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     summary = {
         "model": str(cfg.model),
         "data": str(cfg.data),
-        "split": cfg.split,
+        "split": cfg.split if cfg.cases is None else None,
+        "cases": cfg.cases,
         "task": task,
         "n_cases": len(rows),
         "structures": {str(k): v for k, v in structures.items()},
@@ -334,6 +340,27 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     return summary
 
 
+def scope(cfg: EvaluateConfig) -> str:
+    """What was evaluated, for messages and the report."""
+    return f"split '{cfg.split}'" if cfg.cases is None else f"{len(cfg.cases)} listed cases"
+
+
+def listed_cases(cfg: EvaluateConfig, store: Store, ckpt: dict[str, Any]) -> list[str]:
+    """``cfg.cases``, checked: every id is in the store and none trained or validated the model."""
+    cases = list(dict.fromkeys(cfg.cases or []))
+    unknown = [c for c in cases if c not in store.index]
+    if unknown:
+        raise InputError(cfg.data, f"cases not in this store: {unknown[:5]}")
+    used = ckpt.get("cases") or {}
+    seen = sorted(set(cases) & (set(used.get("train", [])) | set(used.get("val", []))))
+    if seen:
+        raise InputError(
+            cfg.model, f"the model was fine-tuned or validated on {len(seen)} of the listed "
+            f"cases ({seen[:5]}); evaluate on held-out cases",
+        )  # fmt: skip
+    return cases
+
+
 def report_sections(
     cfg: EvaluateConfig,
     task: str,
@@ -347,7 +374,7 @@ def report_sections(
     overall = result["overall"]
     pct = int(round(100 * result["ci"]))
     about = (
-        f"{len(rows)} cases of split '{cfg.split}' of {cfg.data}; model {cfg.model}. "
+        f"{len(rows)} cases of {scope(cfg)} of {cfg.data}; model {cfg.model}. "
         f"Values are means over cases with {pct}% bootstrap confidence intervals "
         f"({result['n_boot']} replicates)."
     )
@@ -363,7 +390,7 @@ def report_sections(
             for m, v in overall.items()
             if m in headline
         ],
-        caption=f"{task} on split '{cfg.split}' ({len(rows)} cases)",
+        caption=f"{task} on {scope(cfg)} ({len(rows)} cases)",
     )
     sections = [Section(title="Overall", text=about, tables=[table])]
     if task == "segmentation":

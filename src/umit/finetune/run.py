@@ -27,6 +27,7 @@ from umit.data.plan import Plan
 from umit.data.store import Store
 from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
+from umit.finetune.recipe import encoder_recipe
 from umit.finetune.subsets import select_labeled
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
 from umit.labels.table import LabelsTableConfig, overlay_index
@@ -97,6 +98,9 @@ class FinetuneConfig(UmitConfig):
     """Otherwise, this fraction of the training cases is held out for validation (before subsetting)."""
     exclude_splits: list[str] = Field(default_factory=lambda: ["test"])
     """Splits never used in fine-tuning (the test set)."""
+    exclude_cases: list[str] = Field(default_factory=list)
+    """Case ids never used in fine-tuning, neither labeled nor for validation (e.g. a fixed
+    held-out set that chooses a recipe without touching the test split)."""
     ce_weight: float = Field(default=1.0, ge=0)
     """Segmentation: weight of the cross-entropy term of the Dice + CE loss (Dice has weight 1).
     Cross-entropy is averaged over voxels, so it favours large structures; a small weight lets
@@ -126,6 +130,13 @@ class FinetuneConfig(UmitConfig):
     """Fewest steps an ``epochs`` schedule runs (tiny label sets)."""
     warmup_fraction: float | None = Field(default=None, ge=0, lt=1)
     """Warmup as a fraction of the schedule (instead of ``train.warmup_steps``)."""
+    encoder_lr_scale: float = Field(default=1.0, ge=0)
+    """Learning-rate multiplier of the model's encoder parameters (``model.encoder``); the
+    decoder / head keep ``train.lr``. Below 1 a pretrained encoder moves less than the fresh
+    decoder it feeds."""
+    encoder_frozen_steps: int = Field(default=0, ge=0)
+    """LP-FT: the encoder is frozen for the first this many steps (only the decoder / head
+    learn, on the encoder's features), then everything trains. 0: off."""
     partial_load: bool = False
     """Load a pretrained encoder even when some keys are missing/unexpected (logged by name)."""
     select: Literal["auto", "last", "best_val"] = "auto"
@@ -146,7 +157,15 @@ def split_finetune_cases(store: Store, cfg: FinetuneConfig) -> dict[str, list[st
     else:
         usable = [c for c in store.case_ids if case_label(index[c], cfg.label_key) is not None]
     test = [c for c in usable if index[c].get("split") in cfg.exclude_splits]
-    pool = [c for c in usable if c not in set(test)]
+    held_out = set(cfg.exclude_cases)
+    unknown = sorted(held_out - set(usable))
+    if unknown:
+        raise InputError(
+            cfg.data,
+            f"exclude_cases names {len(unknown)} case(s) that are not labeled cases of this store:"
+            f" {unknown[:5]}",
+        )
+    pool = [c for c in usable if c not in set(test) and c not in held_out]
     val = [c for c in pool if index[c].get("split") == cfg.val_split]
     train_pool = [c for c in pool if c not in set(val)]
     strata = (
@@ -479,6 +498,18 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     extra["selection"] = selection
     best: dict[str, Any] = {}
     layer_ids = layer_id_fn_for(model) if cfg.train.layer_decay < 1 else None
+    task, optimizer_factory = encoder_recipe(
+        model,
+        task,
+        train_cfg,
+        lr_scale=cfg.encoder_lr_scale,
+        frozen_steps=cfg.encoder_frozen_steps,
+        layer_id_fn=layer_ids,
+    )
+    if cfg.dp.enabled and (cfg.encoder_lr_scale != 1 or cfg.encoder_frozen_steps):
+        raise InputError(
+            None, "encoder_lr_scale and encoder_frozen_steps are not supported with DP-SGD"
+        )
     dp = None
     if cfg.dp.enabled:  # DP-SGD: Poisson batches, per-sample clipping + noise, an accountant
         dp = DPSGD(
@@ -510,7 +541,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         eval_fn=evaluate if cases["val"] else None,
         plan=plan,
         layer_id_fn=layer_ids,
-        optimizer_factory=dp.optimizer_factory if dp else None,
+        optimizer_factory=dp.optimizer_factory if dp else optimizer_factory,
         run_config=cfg,
     )
     result = trainer.fit()
