@@ -10,7 +10,9 @@ the global weights on its own validation cases.
 Local state across rounds. Each site trains one long run of ``rounds * local_steps`` steps: its
 optimizer moments, schedule position, data order and RNG continue from round to round (the
 loop's own checkpoint in the work folder, ``step_XXXXXX.pt`` after each round), and only the
-weights are replaced by the global ones at the start of a round. So a federation of one site is
+weights are replaced by the global ones at the start of a round. With ``optimizer_state=reset``
+the optimizer's moments are dropped at the start of every round instead (the schedule position,
+data order and RNG still continue). So a federation of one site is
 exactly centralised training, and a round repeated after the server was killed starts from the
 same local state as the first attempt did (round ``r`` resumes the checkpoint of step
 ``(r - 1) * local_steps``, not the newest one). A site that lost its state (a new disk)
@@ -116,6 +118,14 @@ class ProximalTask:
         out["loss"] = out["loss"] + 0.5 * self.mu * prox
         out["proximal"] = prox.detach()
         return out
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Drop the per-parameter state (AdamW's moments and step count): the next step is the
+    optimizer's first. The parameter groups (learning rate, weight decay) stay; the loop sets
+    them from the schedule every step. Opacus' DP optimizer keeps the state in the optimizer it
+    wraps."""
+    getattr(optimizer, "original_optimizer", optimizer).state.clear()
 
 
 def site_store(spec: SiteSpec) -> Store:
@@ -299,6 +309,8 @@ class Site:
                 server_round,
             )
             trainer.step = start
+        elif start > 0 and self.cfg.optimizer_state == "reset":
+            reset_optimizer_state(trainer.optimizer)
         unwrap(trainer.module).load_state_dict(dict(global_state), strict=True)
         if isinstance(task, ProximalTask):
             task.set_anchor()
