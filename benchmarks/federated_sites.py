@@ -121,7 +121,7 @@ def derive_stores(cfg: dict[str, Any], out: Path) -> dict[str, Path]:
     return folders
 
 
-def test_cases(folder: Path) -> dict[str, list[str]]:
+def site_test_cases(folder: Path) -> dict[str, list[str]]:
     """site -> its held-out test cases."""
     cases = json.loads((folder / "index.json").read_text())["cases"]
     out: dict[str, list[str]] = {}
@@ -260,7 +260,7 @@ def run_cell(cfg, folders, out: Path, arm: str, seed: int, site: str | None) -> 
     else:
         model = train_federated(cfg, folders["pooled"], run_dir, seed, arm)
     trained = time.perf_counter() - started
-    tests = test_cases(folders["pooled"])
+    tests = site_test_cases(folders["pooled"])
     rows = []
     for s, cases in tests.items():
         if site is None or s == site:
@@ -282,7 +282,7 @@ def run_cell(cfg, folders, out: Path, arm: str, seed: int, site: str | None) -> 
 def summarize(cfg, out: Path, folders) -> dict[str, Any]:
     from umit.eval.paired import paired_difference
 
-    tests = test_cases(folders["pooled"])
+    tests = site_test_cases(folders["pooled"])
     per: dict[str, dict[str, dict[int, list]]] = {}  # arm -> site -> seed -> rows
     seconds: dict[str, list[float]] = {}
     for f in sorted((out / "per_case").glob("*.json")):
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     folders = derive_stores(cfg, out)
-    tests = test_cases(folders["pooled"])
+    tests = site_test_cases(folders["pooled"])
     atlas_file = out / "per_case" / "atlas.json"
     if not atlas_file.is_file():
         atlas_file.parent.mkdir(parents=True, exist_ok=True)
