@@ -333,19 +333,25 @@ def markdown(cfg, result) -> str:
         cells = [f"{e['atlas']:.3f}"]
         for arm in ARMS:
             a = e.get(arm)
-            cells.append("-" if a is None else f"{a['mean']:.3f} ± {a['sd'] or 0:.3f}")
+            if a is None:
+                cells.append("-")
+            elif a["sd"] is None:
+                cells.append(f"{a['mean']:.3f} (1 seed)")
+            else:
+                cells.append(f"{a['mean']:.3f} ± {a['sd']:.3f} ({a['seeds']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| site | arm - local | Dice difference (95% CI) | CI excludes 0 |",
-        "|---|---|---|---|",
+        "| site | arm - local | Dice difference (95% CI) | CI excludes 0 | seeds |",
+        "|---|---|---|---|---|",
     ]
     for site, e in result["sites"].items():
         for arm in ARMS[1:]:
             d = (e.get(arm) or {}).get("minus_local")
             if d and d["diff"] is not None:
                 ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-                lines.append(f"| {site} | {arm} | {d['diff']:+.3f} {ci} | {d['excludes_zero']} |")
+                row = f"| {site} | {arm} | {d['diff']:+.3f} {ci} | {d['excludes_zero']} |"
+                lines.append(f"{row} {d['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -118,5 +118,5 @@ def test_summary_means_and_paired_difference_by_hand(tmp_path):
     assert d["ci_low"] == pytest.approx(0.1) and d["ci_high"] == pytest.approx(0.1)
     assert d["n_cases"] == 6 and d["n_seeds"] == 2
     table = markdown(cfg, result)
-    assert "| a (4 / 3) | 0.300 | 0.605 ± 0.007 | 0.705 ± 0.007 | - | - |" in table
-    assert "| all | fedavg | +0.100 [+0.100, +0.100] | True |" in table
+    assert "| a (4 / 3) | 0.300 | 0.605 ± 0.007 (2) | 0.705 ± 0.007 (2) | - | - |" in table
+    assert "| all | fedavg | +0.100 [+0.100, +0.100] | True | 2 |" in table
