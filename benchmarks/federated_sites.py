@@ -135,7 +135,9 @@ def site_test_cases(folder: Path) -> dict[str, list[str]]:
 # the arms
 # ---------------------------------------------------------------------------------------------
 def finetune_section(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The arms' ``umit finetune`` settings: the study's cases only (``unused`` excluded)."""
     section = json.loads(json.dumps(cfg["finetune"]))
+    section["exclude_splits"] = sorted({*section.get("exclude_splits", []), "test", "unused"})
     section.setdefault("train", {})["seed"] = seed
     section["train"]["progress"] = False
     return section

@@ -22,6 +22,7 @@ from benchmarks.federated_sites import (  # noqa: E402
     SitesStudyConfig,
     atlas_rows,
     derive_stores,
+    finetune_section,
     markdown,
     site_test_cases,
     summarize,
@@ -120,3 +121,11 @@ def test_summary_means_and_paired_difference_by_hand(tmp_path):
     table = markdown(cfg, result)
     assert "| a (4 / 3) | 0.300 | 0.605 ± 0.007 (2) | 0.705 ± 0.007 (2) | - | - |" in table
     assert "| all | fedavg | +0.100 [+0.100, +0.100] | True | 2 |" in table
+
+
+def test_arms_train_only_the_study_cases():
+    """The derived index marks the cases no site uses ``unused``; every arm excludes them (a
+    first run of the study trained on them: umit finetune excludes only ``test`` by default)."""
+    section = finetune_section({"finetune": {"exclude_splits": ["holdout"], "train": {}}}, 3)
+    assert section["exclude_splits"] == ["holdout", "test", "unused"]
+    assert section["train"] == {"seed": 3, "progress": False}
