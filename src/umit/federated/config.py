@@ -147,9 +147,7 @@ class FederatedConfig(UmitConfig):
             mode="json", include={"task", "rounds", "local_steps", "strategy", "proximal_mu"}
         )
         keep["stage"] = self.pretrain if self.task == "pretrain" else self.finetune
-        if (
-            self.optimizer_state != "keep"
-        ):  # the default leaves the keys of earlier runs as they were
+        if self.optimizer_state != "keep":  # keep: the keys of earlier runs stay as they were
             keep["optimizer_state"] = self.optimizer_state
         text = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -10,13 +10,13 @@ the global weights on its own validation cases.
 Local state across rounds. Each site trains one long run of ``rounds * local_steps`` steps: its
 optimizer moments, schedule position, data order and RNG continue from round to round (the
 loop's own checkpoint in the work folder, ``step_XXXXXX.pt`` after each round), and only the
-weights are replaced by the global ones at the start of a round. With ``optimizer_state=reset``
-the optimizer's moments are dropped at the start of every round instead (the schedule position,
-data order and RNG still continue). So a federation of one site is
+weights are replaced by the global ones at the start of a round. So a federation of one site is
 exactly centralised training, and a round repeated after the server was killed starts from the
 same local state as the first attempt did (round ``r`` resumes the checkpoint of step
 ``(r - 1) * local_steps``, not the newest one). A site that lost its state (a new disk)
-continues with a fresh optimizer at the right schedule step, with a warning.
+continues with a fresh optimizer at the right schedule step, with a warning. With
+``optimizer_state=reset`` the optimizer's moments are dropped at the start of every round (the
+schedule position, data order and RNG still continue from the same checkpoint).
 
 FedProx: :class:`ProximalTask` adds ``mu / 2 * ||w - w_global||^2`` over the trainable
 parameters to every local loss (the strategy only sends ``mu``).
