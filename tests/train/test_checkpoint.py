@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -196,3 +197,37 @@ def test_save_artifact_round_trips_and_refuses_what_it_cannot_describe(tmp_path)
         save_artifact(tmp_path / "m.pt", "encoder", torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown artifact kind"):
         load_artifact(path, expect="weights")
+
+
+def test_resume_with_a_parameter_that_never_had_a_gradient():
+    """AdamW keeps no state for a parameter without gradients (a ResUNet's deep-supervision
+    heads trained without deep supervision): the optimizer state restores all the same, the next
+    steps equal the uninterrupted run's."""
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        net = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unused": torch.nn.Linear(3, 2)})
+        return net, torch.optim.AdamW(net.parameters(), lr=0.1)
+
+    def step(net, opt, x):
+        opt.zero_grad()
+        net["used"](x).square().sum().backward()
+        opt.step()
+
+    x = torch.randn(4, 3)
+    net, opt = build(0)
+    step(net, opt, x)
+    assert len(opt.state) == 2  # the used layer's weight and bias only
+    # through bytes, as a checkpoint file (the gathered tensors are the live optimizer's)
+    buffer = io.BytesIO()
+    torch.save(ck.gather_train_state(net, opt), buffer)
+    buffer.seek(0)
+    model_sd, optim_sd = torch.load(buffer, weights_only=True)
+    other, other_opt = build(1)
+    ck.restore_train_state(other, other_opt, model_sd, optim_sd)
+    for _ in range(2):
+        step(net, opt, x)
+        step(other, other_opt, x)
+    for (name, a), b in zip(net.state_dict().items(), other.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert not torch.equal(net["used"].weight, model_sd["used.weight"])  # it did train

@@ -54,6 +54,12 @@ class FederatedConfig(UmitConfig):
     (the same average; each site adds ``proximal_mu / 2 * ||w - w_global||^2`` to its loss)."""
     proximal_mu: float = Field(default=0.0, ge=0)
     """FedProx's proximal weight mu (``strategy=fedprox`` only)."""
+    optimizer_state: Literal["keep", "reset"] = "keep"
+    """Each site's optimizer state between rounds. ``keep``: the site's AdamW moments continue
+    from its own previous round (its loop state in its work folder, which never leaves the
+    site), as in one long local run. ``reset``: every round starts with fresh moments (Adam's
+    first update from the new global weights is then about ``lr`` per weight). The schedule
+    position, data order and RNG continue in both."""
     min_sites: int | None = Field(default=None, ge=1)
     """Sites that must be connected before a round starts (Flower's ``min_available_nodes``);
     default: every configured site (in-process), 1 in deployment mode."""
@@ -141,6 +147,8 @@ class FederatedConfig(UmitConfig):
             mode="json", include={"task", "rounds", "local_steps", "strategy", "proximal_mu"}
         )
         keep["stage"] = self.pretrain if self.task == "pretrain" else self.finetune
+        if self.optimizer_state != "keep":  # keep: the keys of earlier runs stay as they were
+            keep["optimizer_state"] = self.optimizer_state
         text = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -14,7 +14,9 @@ weights are replaced by the global ones at the start of a round. So a federation
 exactly centralised training, and a round repeated after the server was killed starts from the
 same local state as the first attempt did (round ``r`` resumes the checkpoint of step
 ``(r - 1) * local_steps``, not the newest one). A site that lost its state (a new disk)
-continues with a fresh optimizer at the right schedule step, with a warning.
+continues with a fresh optimizer at the right schedule step, with a warning. With
+``optimizer_state=reset`` the optimizer's moments are dropped at the start of every round (the
+schedule position, data order and RNG still continue from the same checkpoint).
 
 FedProx: :class:`ProximalTask` adds ``mu / 2 * ||w - w_global||^2`` over the trainable
 parameters to every local loss (the strategy only sends ``mu``).
@@ -116,6 +118,14 @@ class ProximalTask:
         out["loss"] = out["loss"] + 0.5 * self.mu * prox
         out["proximal"] = prox.detach()
         return out
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Drop the per-parameter state (AdamW's moments and step count): the next step is the
+    optimizer's first. The parameter groups (learning rate, weight decay) stay; the loop sets
+    them from the schedule every step. Opacus' DP optimizer keeps the state in the optimizer it
+    wraps."""
+    getattr(optimizer, "original_optimizer", optimizer).state.clear()
 
 
 def site_store(spec: SiteSpec) -> Store:
@@ -299,6 +309,8 @@ class Site:
                 server_round,
             )
             trainer.step = start
+        elif start > 0 and self.cfg.optimizer_state == "reset":
+            reset_optimizer_state(trainer.optimizer)
         unwrap(trainer.module).load_state_dict(dict(global_state), strict=True)
         if isinstance(task, ProximalTask):
             task.set_anchor()

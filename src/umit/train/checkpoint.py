@@ -197,19 +197,26 @@ def restore_train_state(
     model_sd: dict[str, Any],
     optim_sd: dict[str, Any] | None,
 ) -> None:
-    """Load full state dicts into a (possibly FSDP-sharded) model and its optimizer."""
+    """Load full state dicts into a (possibly FSDP-sharded) model and its optimizer.
+
+    The optimizer's state may lack parameters that never had a gradient (a ResUNet's
+    deep-supervision heads trained without deep supervision): AdamW keeps no state for them, so
+    a strict load refused every such checkpoint ("Missing optimizer state"). They get torch's
+    zero initial state instead, which no step reads while they get no gradient, so the resumed
+    run still equals the uninterrupted one (tested).
+    """
     from torch.distributed.checkpoint.state_dict import (  # distributed: only on resume
         StateDictOptions,
         set_model_state_dict,
-        set_state_dict,
+        set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    if optimizer is None or optim_sd is None:
-        set_model_state_dict(model, model_sd, options=options)
-    else:
-        set_state_dict(
-            model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
+    set_model_state_dict(
+        model, model_sd, options=StateDictOptions(full_state_dict=True, strict=True)
+    )
+    if optimizer is not None and optim_sd is not None:
+        set_optimizer_state_dict(
+            model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False)
         )
 
 
