@@ -28,6 +28,7 @@ STAGES: tuple[str, ...] = (
     "evaluate",
     "audit",
     "predict",
+    "export",
     "data-efficiency",
     "demo",
 )
