@@ -301,6 +301,39 @@ def _summary(times: list[float]) -> dict[str, Any]:
     }
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def with_precision(side: Side, precision: str, device: str) -> Side:
+    """``side`` with every callable (step, warm-up, output, FLOP count) run under
+    ``torch.autocast(device, bfloat16)`` for ``precision="bf16"``; unchanged for fp32. Applied
+    to every side of a case alike, so ours and MONAI's run at the same precision."""
+    if precision == "fp32":
+        return side
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
+    dtype = PRECISION_DTYPES[precision]
+
+    def wrap(fn: Callable[[], Any] | None) -> Callable[[], Any] | None:
+        if fn is None:
+            return None
+
+        def run() -> Any:
+            with torch.autocast(device, dtype=dtype):
+                return fn()
+
+        return run
+
+    return Side(
+        step=wrap(side.step),
+        output=wrap(side.output),
+        info={**side.info, "autocast": str(dtype).removeprefix("torch.")},
+        warm=wrap(side.warm),
+        flops=wrap(side.flops),
+        compare_last=side.compare_last,
+    )
+
+
 # ------------------------------------------------------------------------------------ runner
 def run_case(
     case: Case,
@@ -310,16 +343,22 @@ def run_case(
     reps: int | None = None,
     measure_memory: bool = True,
     log: Callable[[str], None] = print,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Builds, checks, times and measures one case; returns its JSON record."""
+    """Builds, checks, times and measures one case; returns its JSON record.
+
+    ``precision="bf16"`` runs every side under bf16 autocast (:func:`with_precision`); the
+    record's ``precision`` says which, and its title is marked.
+    """
     reps = case.reps if reps is None else reps
+    bf16 = precision == "bf16"
     record: dict[str, Any] = {
         "name": case.name,
-        "title": case.title,
+        "title": case.title + (" [bf16 autocast]" if bf16 else ""),
         "label": case.label,
         "size": size,
         "config": case.config,
-        "precision": case.precision,
+        "precision": "bfloat16" if bf16 else case.precision,
         "notes": case.notes,
         "reps": reps,
         "warmup": case.warmup,
@@ -328,7 +367,7 @@ def run_case(
     }
     with _CpuNoise() as noise:
         t0 = time.perf_counter()
-        sides = {name: case.build(name) for name in case.sides}
+        sides = {name: with_precision(case.build(name), precision, device) for name in case.sides}
         record["build_s"] = round(time.perf_counter() - t0, 3)
         ours_name = case.sides[0]
         outputs = {
@@ -397,7 +436,9 @@ def run_case(
     record["noisy"] = is_noisy(noise.other_cores, torch.get_num_threads())
     if measure_memory:
         for name in case.sides:
-            out_sides[name]["memory"] = peak_memory(case.name, name, size, device)
+            out_sides[name]["memory"] = peak_memory(
+                case.name, name, size, device, precision=precision
+            )
         mem = {n: out_sides[n]["memory"].get("peak_mb") for n in case.sides}
         if mem[ours_name] and all(mem.values()):
             record["memory_ratio"] = {n: mem[ours_name] / mem[n] for n in case.sides[1:]}
@@ -405,7 +446,9 @@ def run_case(
 
 
 # ------------------------------------------------------------------------------------ peak memory
-def peak_memory(case: str, side: str, size: str, device: str = "cpu", steps: int = 1) -> dict:
+def peak_memory(
+    case: str, side: str, size: str, device: str = "cpu", steps: int = 1, precision: str = "fp32"
+) -> dict:
     """Peak memory of ``steps`` steps of one side, measured in a fresh Python process.
 
     CPU: the process's RSS high-water mark (VmHWM), and the RSS after imports and the
@@ -413,7 +456,11 @@ def peak_memory(case: str, side: str, size: str, device: str = "cpu", steps: int
     CUDA: ``torch.cuda.max_memory_allocated`` over the steps.
     """
     cmd = [sys.executable, "-m", "benchmarks.harness", case, side, size, device, str(steps)]
-    env = {**os.environ, "UMIT_BENCH_THREADS": str(torch.get_num_threads())}
+    env = {
+        **os.environ,
+        "UMIT_BENCH_THREADS": str(torch.get_num_threads()),
+        "UMIT_BENCH_PRECISION": precision,
+    }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, check=False)
     for line in reversed(proc.stdout.splitlines()):
@@ -447,7 +494,11 @@ def _peak_main(argv: list[str]) -> None:
     from benchmarks.cases import get_case
 
     case = get_case(case_name, size, device)
-    built = case.build(side, reference_weights=False)
+    built = with_precision(
+        case.build(side, reference_weights=False),
+        os.environ.get("UMIT_BENCH_PRECISION", "fp32"),
+        device,
+    )
     out: dict[str, Any] = {"side": side, "steps": steps}
     if device == "cuda":
         torch.cuda.synchronize()

@@ -154,6 +154,12 @@ def render(results: list[dict[str, Any]]) -> str:
             f"day keep the matmul peak of their run). Last measured {r.get('matmul_peak', {}).get('dtype', 'float32')} matmul peak "
             + (f"{peak:.1f} GFLOP/s" if peak else "–")
             + (f" ({after:.1f} after the run)" if after else "")
+            + (
+                f"; bfloat16 matmul peak {r['matmul_peak_bf16']['gflops']:.1f} GFLOP/s (the "
+                "fraction of peak of `[bf16 autocast]` rows is of this one)"
+                if r.get("matmul_peak_bf16")
+                else ""
+            )
             + f". File `{r['_file']}`.\n"
         )
         out.append(HEADER)

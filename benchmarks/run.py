@@ -1,7 +1,13 @@
 """Benchmarks side by side with MONAI: one entry point.
 
     python -m benchmarks.run [--cases mae,unetr] [--size small|full] [--reps N]
+                             [--precision auto|fp32|bf16|both]
                              [--out benchmarks/results] [--docs docs/benchmarks.md]
+
+Precision: ``auto`` (default) resolves as ``umit`` does (:mod:`umit.train.precision`: bf16 on
+CUDA with bf16 and on CPUs with AVX-512 BF16 / AMX where a measured matmul is faster): where bf16
+is chosen every case runs twice, an fp32 row and a bf16 row (every side under the same bf16
+autocast), else fp32 rows only. ``fp32``, ``bf16`` or ``both`` force it.
 
 Runs each case (ours and MONAI interleaved in this process; peak memory in a fresh subprocess
 per side), measures the fp32 matmul peak of this machine before and after, writes
@@ -23,7 +29,29 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CASES = "mae,unetr,swin_unetr_fs24,swin_unetr_fs48,sliding_window,sliding_window_blend,data"
+DEFAULT_CASES = (
+    "mae,unetr,swin_unetr_fs24,swin_unetr_fs48,sliding_window,sliding_window_blend,data,"
+    "onnx_sliding_window"
+)
+
+
+def precisions(requested: str, device: str) -> tuple[list[str], str]:
+    """The precisions to run (fp32 first) and why."""
+    if requested == "both":
+        return ["fp32", "bf16"], "both as asked"
+    if requested in ("fp32", "bf16"):
+        return [requested], "as asked"
+    from umit.train.precision import resolve_precision
+
+    choice = resolve_precision("auto", device)
+    if choice.precision == "bf16":
+        return ["fp32", "bf16"], choice.reason
+    return ["fp32"], choice.reason
+
+
+def record_key(rec: dict) -> tuple[str, str]:
+    """A case's identity in a result file: its name and precision (fp32 and bf16 rows coexist)."""
+    return rec["name"], rec.get("precision", "float32")
 
 
 def machine_slug(info: dict) -> str:
@@ -43,10 +71,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"),
                     help="Markdown file whose generated section is rewritten ('' to skip)")  # fmt: skip
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "both"),
+                    help="auto: fp32 rows, plus bf16 rows where umit's precision=auto picks bf16")  # fmt: skip
     args = ap.parse_args(argv)
 
     from benchmarks.cases import CASES, get_case
-    from benchmarks.harness import machine_info, matmul_peak, run_case
+    from benchmarks.harness import PRECISION_DTYPES, machine_info, matmul_peak, run_case
     from benchmarks.report import write_docs
 
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
@@ -67,20 +97,27 @@ def main(argv: list[str] | None = None) -> Path:
     log(f"machine: {info['cpu']} ({info['threads']} threads), gpu {info['gpu']}, "
         f"torch {info['torch']}, monai {info['monai']}")  # fmt: skip
     gemm_sizes = (256, 512) if args.size == "tiny" else (1024, 2048)
-    peak = matmul_peak(args.device, sizes=gemm_sizes)
-    log(f"fp32 matmul peak: {peak['gflops']:.1f} GFLOP/s")
+    precs, why = precisions(args.precision, args.device)
+    log(f"precision: {' and '.join(precs)} ({why})")
+    result["precisions"] = {"run": precs, "why": why}
+    peaks = {
+        p: matmul_peak(args.device, dtype=PRECISION_DTYPES[p], sizes=gemm_sizes) for p in precs
+    }
+    peak = peaks["fp32"] if "fp32" in peaks else peaks[precs[0]]
+    for p, pk in peaks.items():
+        log(f"{p} matmul peak: {pk['gflops']:.1f} GFLOP/s")
     records: list[dict] = []
     failures: list[str] = []
-    for name in names:
+    for name, prec in ((n, p) for n in names for p in precs):
         t = time.perf_counter()
-        log(f"case {name} ({args.size})")
+        log(f"case {name} ({args.size}, {prec})")
         try:
             case = get_case(name, args.size, args.device)
-            rec = run_case(case, args.size, peak["gflops"], args.device, args.reps,
-                           measure_memory=not args.no_memory, log=log)  # fmt: skip
+            rec = run_case(case, args.size, peaks[prec]["gflops"], args.device, args.reps,
+                           measure_memory=not args.no_memory, log=log, precision=prec)  # fmt: skip
         except Exception as exc:  # one broken case must not lose the others' figures
-            log(f"  !! {name} failed: {type(exc).__name__}: {exc}")
-            failures.append(name)
+            log(f"  !! {name} ({prec}) failed: {type(exc).__name__}: {exc}")
+            failures.append(f"{name} ({prec})")
             continue
         rec["wall_s"] = round(time.perf_counter() - t, 1)
         rec["utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -91,13 +128,15 @@ def main(argv: list[str] | None = None) -> Path:
         # write after every case: a long run interrupted keeps what it measured
         # re-read: another run of the same day may have written cases since this one started
         done = json.loads(path.read_text())["cases"] if path.exists() else result["cases"]
-        kept = [c for c in done if c["name"] not in {r["name"] for r in records}]
+        kept = [c for c in done if record_key(c) not in {record_key(r) for r in records}]
         result["cases"] = kept + records
         result["matmul_peak"] = peak
+        if "bf16" in peaks:
+            result["matmul_peak_bf16"] = peaks["bf16"]
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
         tmp.replace(path)
-    peak_after = matmul_peak(args.device, sizes=gemm_sizes)
+    peak_after = matmul_peak(args.device, dtype=PRECISION_DTYPES[precs[0]], sizes=gemm_sizes)
     result["matmul_peak_after"] = peak_after
     log(f"fp32 matmul peak after: {peak_after['gflops']:.1f} GFLOP/s")
     tmp = path.with_suffix(".json.tmp")

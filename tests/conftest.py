@@ -5,10 +5,16 @@ test modules in sub-folders can ``from _shared import ...`` (real-data location,
 factories).
 """
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# precision=auto is the default of train and predict; the suite's reference numbers are fp32
+# whatever the CPU (bf16 on a machine with AVX-512 BF16 would shift them), so auto is pinned to
+# fp32 here and in subprocesses. tests/train/test_precision.py unpins it to test the decision.
+os.environ.setdefault("UMIT_AUTO_PRECISION", "fp32")
 
 from _orthanc import Orthanc, orthanc_paths, start_orthanc
 

@@ -15,6 +15,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "sliding_window": ("sliding_window", {}),
     "sliding_window_blend": ("sliding_window", {"_make": "make_blend"}),
     "data": ("data", {}),
+    "onnx_sliding_window": ("onnx_inference", {}),
 }
 
 

@@ -82,3 +82,57 @@ def test_max_abs_diff():
     assert max_abs_diff({"a": [torch.zeros(2)]}, {"a": [torch.full((2,), -2.0)]}) == 2.0
     with pytest.raises(ValueError, match="structure"):
         max_abs_diff([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_sides_run_at_the_same_precision(precision):
+    import torch
+
+    seen: dict[str, list] = {"ours": [], "ref": []}
+
+    def build(name):
+        def step():
+            seen[name].append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+            return torch.ones(2) @ torch.ones(2, 2)
+
+        return Side(step=step, output=lambda: torch.ones(3, 3) @ torch.ones(3, 3))
+
+    case = Case("toy", "toy", {}, build, sides=("ours", "ref"), reps=2, warmup=1,
+                count_flops=False)  # fmt: skip
+    rec = run_case(case, "tiny", None, measure_memory=False, log=lambda _: None,
+                   precision=precision)  # fmt: skip
+    want = torch.bfloat16 if precision == "bf16" else False
+    assert seen["ours"] == seen["ref"] == [want] * 3  # warm-up + 2 timed steps, both sides
+    assert rec["precision"] == ("bfloat16" if precision == "bf16" else "float32")
+    assert rec["title"].endswith("[bf16 autocast]") == (precision == "bf16")
+    assert rec["sides"]["ref"]["info"].get("autocast") == ("bfloat16" if want else None)
+
+
+def test_auto_precision_adds_bf16_rows_only_where_umit_picks_bf16(monkeypatch):
+    from umit.train import precision as P
+
+    P._RESOLVED.clear()
+    monkeypatch.setenv(P.PIN_ENV, "fp32")
+    assert run.precisions("auto", "cpu")[0] == ["fp32"]
+    monkeypatch.setenv(P.PIN_ENV, "bf16")
+    runs, why = run.precisions("auto", "cpu")
+    assert runs == ["fp32", "bf16"] and P.PIN_ENV in why
+    assert run.precisions("both", "cpu")[0] == ["fp32", "bf16"]
+    assert run.precisions("fp32", "cpu")[0] == ["fp32"]
+    P._RESOLVED.clear()
+    # fp32 and bf16 records of one case coexist in a result file
+    assert run.record_key({"name": "a", "precision": "float32"}) != run.record_key(
+        {"name": "a", "precision": "bfloat16"}
+    )
+
+
+@pytest.mark.slow
+def test_onnx_case_runs_and_agrees(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from benchmarks.cases import get_case
+
+    rec = run_case(get_case("onnx_sliding_window", "tiny"), "tiny", None, reps=1,
+                   measure_memory=False, log=lambda _: None)  # fmt: skip
+    assert set(rec["sides"]) == {"ours", "onnxruntime"} and rec["speedup"]["onnxruntime"] > 0
+    assert rec["numerics"]["max_abs_diff_ours_vs_onnxruntime"] < 1e-4
+    assert rec["sides"]["onnxruntime"]["info"]["exporter"] == "dynamo"

@@ -29,6 +29,7 @@ STAGES: tuple[str, ...] = (
     "evaluate",
     "audit",
     "predict",
+    "export",
     "data-efficiency",
     "demo",
 )

@@ -32,7 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dicomweb+http(s)://HOST:PORT/ROOT/studies/STUDY_UID/series/SERIES_UID "
         "(or .../studies/STUDY_UID)",
     )
-    p.add_argument("--model", default=None, help="best.pt from umit finetune")
+    p.add_argument(
+        "--model", default=None, help="best.pt from umit finetune, or M.onnx from umit export"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime"],
+        default=None,
+        help="auto (default): onnxruntime for a .onnx model, else torch",
+    )
     p.add_argument("--out", default=None, help="output folder (or an image path for one input)")
     p.add_argument("--tta", action="store_true", default=None, help="average over axis flips")
     p.add_argument(
@@ -78,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         args.overrides,
         inputs=args.inputs,
         model=args.model,
+        backend=args.backend,
         out=args.out,
         tta=args.tta,
         dicom_seg=args.dicom_seg,

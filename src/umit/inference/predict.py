@@ -33,7 +33,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +50,7 @@ from umit.data.meta import ImageMeta
 from umit.data.plan import Plan
 from umit.errors import InputError, UmitError
 from umit.inference.dicomweb_input import TMP_DIR, list_series, open_client, retrieve_each
+from umit.inference.onnx_backend import OnnxModel
 from umit.inference.segment import full_resolution, segment_volume
 from umit.ingest.dicom import is_dicom_file
 from umit.ingest.dicomweb import (
@@ -68,6 +69,7 @@ from umit.ingest.read import read_volume
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.resample import restore_original
 from umit.train.checkpoint import InferenceSpec, load_model
+from umit.train.precision import resolve_precision
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -87,7 +89,11 @@ class PredictConfig(DicomWebSettings):
     ``.../studies/STUDY_UID``: its image series). Credentials: ``pacs_auth_file``, else
     ``$UMIT_PACS_AUTH`` (never in the URL)."""
     model: Path
-    """``best.pt`` from ``umit finetune`` (carries the preprocessing plan)."""
+    """``best.pt`` from ``umit finetune``, or ``M.onnx`` from ``umit export`` (both carry the
+    preprocessing plan and the inference spec)."""
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    """``auto``: onnxruntime for a ``.onnx`` model, else torch. The same preprocessing, sliding
+    window and post-processing run either way; onnxruntime runs on the CPU in fp32."""
     out: Path = Path("predictions")
     """Output folder (or, for one input, an output image path ending in .nii.gz/.nrrd/.mha)."""
     overlap: float | None = Field(default=None, ge=0, lt=1)
@@ -96,8 +102,10 @@ class PredictConfig(DicomWebSettings):
     """Windows per forward pass."""
     tta: bool = False
     """Test-time augmentation: average over the 7 flips of the three axes."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the model (fp32 on CPUs without fast bf16)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of a torch model: ``auto`` = bf16 where the device runs it fast (CUDA
+    with bf16; CPUs with AVX-512 BF16 / AMX and a measured speed-up), else fp32
+    (:mod:`umit.train.precision`)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``."""
     suffix: str | None = None
@@ -192,7 +200,36 @@ class Predictor:
 
     def __init__(self, cfg: PredictConfig):
         self.cfg = cfg
-        self.model, ckpt = load_model(cfg.model)
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "onnxruntime" if cfg.model.suffix == ".onnx" else "torch"
+        self.backend = backend
+        if backend == "onnxruntime":
+            if cfg.precision not in ("auto", "fp32"):
+                raise ValueError(
+                    f"precision={cfg.precision} applies to the torch backend; an ONNX graph runs "
+                    "in fp32 (use precision=auto or fp32 with --backend onnxruntime)"
+                )
+            if cfg.device not in ("auto", "cpu"):
+                raise ValueError(f"the onnxruntime backend runs on the CPU, not {cfg.device!r}")
+            onnx_model = OnnxModel(cfg.model)
+            self.model: Callable[[torch.Tensor], Any] = onnx_model
+            ckpt: dict[str, Any] = {
+                "plan": onnx_model.plan,
+                "spec": onnx_model.spec,
+                "model_name": onnx_model.model_name,
+            }
+            self.device = torch.device("cpu")
+            self.precision = "fp32"
+        else:
+            module, ckpt = load_model(cfg.model)
+            if cfg.device == "auto":
+                self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            else:
+                self.device = torch.device(cfg.device)
+            module.to(self.device).eval()
+            self.model = module
+            self.precision = resolve_precision(cfg.precision, self.device).precision
         if not ckpt.get("plan"):
             raise InputError(cfg.model, "the model file carries no preprocessing plan")
         self.plan = Plan.model_validate(ckpt["plan"])
@@ -203,11 +240,6 @@ class Predictor:
         self.class_names: list[str] = list(spec.class_names)
         self.label_names: dict[str, int] = dict(spec.label_names)
         self.model_name = str(ckpt.get("model_name") or "unknown")
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
-        self.model.to(self.device).eval()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return full_resolution(self.model(x))
@@ -222,7 +254,7 @@ class Predictor:
             overlap=self.overlap,
             sw_batch_size=self.cfg.sw_batch_size,
             padding_value=pad_value,
-            precision=self.cfg.precision,
+            precision=self.precision,
             tta_flips=flips,
             device=self.device,
         )
@@ -235,8 +267,8 @@ class Predictor:
         )
         with torch.autocast(
             self.device.type,
-            dtype=torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16,
-            enabled=self.cfg.precision != "fp32",
+            dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16,
+            enabled=self.precision != "fp32",
         ):
             logits = self._forward(x[None].to(self.device))
         return logits.float().softmax(1)[0].cpu().numpy()

@@ -6,6 +6,7 @@ privacy audit, so a number measured in validation is the number a user gets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ def full_resolution(out: torch.Tensor | list | tuple) -> torch.Tensor:
 
 @torch.no_grad()
 def segment_volume(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], Any],
     image: np.ndarray,
     roi_size: tuple[int, int, int],
     *,
@@ -34,7 +35,10 @@ def segment_volume(
     tta_flips: list[tuple[int, ...]] | tuple = (),
     device: torch.device | None = None,
 ) -> np.ndarray:
-    """(C, X, Y, Z) image -> (X, Y, Z) uint8 argmax label map by sliding-window inference."""
+    """(C, X, Y, Z) image -> (X, Y, Z) uint8 argmax label map by sliding-window inference.
+
+    ``model`` is a torch module or any callable on ``(n, C, *roi)`` tensors (e.g. an
+    :class:`~umit.inference.onnx_backend.OnnxModel`)."""
     inferer = SlidingWindowInferer(
         roi_size=roi_size,
         overlap=overlap,

@@ -205,7 +205,13 @@ class WindowAttention3D(nn.Module):
             return self.proj_drop(
                 self.proj(x.view(B, nW, nH, N, hd).permute(0, 1, 3, 2, 4).reshape(Bw, N, C))
             )
-        x = x.transpose(1, 2).reshape(Bw, N, C)  # (Bw, nH, N, hd) -> (Bw, N, nH, hd) -> (Bw, N, C)
+        x = x.transpose(1, 2)  # (Bw, nH, N, hd) -> (Bw, N, nH, hd)
+        if torch.compiler.is_exporting():
+            # The CPU SDPA kernel returns (Bw, N, nH, hd) memory, so the reshape below is traced
+            # as a view; ONNX export then decomposes SDPA into ops that return (Bw, nH, N, hd)
+            # memory, where that view is invalid. An explicit copy is valid for both layouts.
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.reshape(Bw, N, C)  # (Bw, N, nH, hd) -> (Bw, N, C)
         return self.proj_drop(self.proj(x))
 
 

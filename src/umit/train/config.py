@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from umit.config import UmitConfig
+from umit.train.precision import Precision
 
-Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["auto", "none", "ddp", "fsdp"]
 
 
@@ -49,9 +49,11 @@ class TrainConfig(UmitConfig):
     ``lr * layer_decay ** (n - i)``; 1.0 turns it off."""
     clip_grad_norm: float | None = Field(default=None, gt=0)
     """Clip the global gradient norm to this value (also logs ``grad_norm``); ``None`` = off."""
-    precision: Precision = "fp32"
-    """Compute precision: ``fp32``; ``bf16`` autocast (CPU and CUDA); ``fp16`` autocast with a
-    gradient scaler (CUDA only, for GPUs without bf16)."""
+    precision: Precision = "auto"
+    """Compute precision: ``auto`` (bf16 autocast on CUDA with bf16 and on CPUs with AVX-512 BF16
+    / AMX where a measured matmul is faster in bf16, else fp32; logged with the reason, see
+    :mod:`umit.train.precision`); ``fp32``; ``bf16`` autocast (CPU and CUDA); ``fp16`` autocast
+    with a gradient scaler (CUDA only, for GPUs without bf16)."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA (Ampere and newer) for fp32 compute."""
     device: str = "auto"

@@ -39,6 +39,7 @@ from umit.train import distributed as du
 from umit.train.config import TrainConfig
 from umit.train.metrics import MetricsWriter, MetricWindow, ProgressBar, si
 from umit.train.optim import LayerIdFn, build_optimizer, set_lr_wd
+from umit.train.precision import resolve_precision
 from umit.train.schedules import Schedules
 from umit.utils.fileio import remove_stale_temps
 
@@ -259,7 +260,11 @@ class Trainer:
         self.rank, self.world = du.rank(), du.world_size()
         self.is_main = du.is_main()
         self.device = resolve_device(cfg.device)
-        _check_precision(cfg.precision, self.device)
+        # auto -> fp32/bf16 for this device; rank 0's choice for all (one autocast per run)
+        self.precision = du.all_gather_object(
+            resolve_precision(cfg.precision, self.device).precision
+        )[0]
+        _check_precision(self.precision, self.device)
         self.sampler: ShardedSampler | None = None
         self._setup_data(data, collate_fn)  # before any collective: bad data fails on every rank
         if self.device.type == "cuda" and cfg.tf32:
@@ -293,7 +298,7 @@ class Trainer:
             fused = self.device.type in ("cuda", "cpu") and self.strategy != "fsdp"
             self.optimizer = build_optimizer(self.module, cfg, layer_id_fn, fused=fused or None)
         self.scaler = self._make_scaler()
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.schedules = Schedules.from_config(cfg)
 
         self.window = MetricWindow(self.device)
@@ -307,7 +312,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _make_scaler(self) -> torch.amp.GradScaler:
-        enabled = self.cfg.precision == "fp16"
+        enabled = self.precision == "fp16"
         if enabled and self.strategy == "fsdp":
             from torch.distributed.fsdp.sharded_grad_scaler import (
                 ShardedGradScaler,  # only under FSDP + fp16
