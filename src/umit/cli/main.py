@@ -24,6 +24,7 @@ STAGES: tuple[str, ...] = (
     "pretrain",
     "probe",
     "finetune",
+    "distill",
     "federated",
     "evaluate",
     "audit",
