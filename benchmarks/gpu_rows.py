@@ -251,7 +251,7 @@ def table(res: dict[str, Any]) -> str:
             ds = r["fraction_of_datasheet_bf16_peak"]
             lines.append(
                 f"| {r['compile']} | {r['batch']} | {r['samples_per_s']:.2f} | "
-                f"{r["flops_per_s"] / 1e12:.3g} | {'-' if ds is None else f'{ds:.1%}'} | "
+                f"{r['flops_per_s'] / 1e12:.3g} | {'-' if ds is None else f'{ds:.1%}'} | "
                 f"{r['fraction_of_measured_bf16_gemm']:.1%} |"
             )
         lines.append("")
