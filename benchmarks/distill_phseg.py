@@ -166,20 +166,67 @@ def time_models(args: argparse.Namespace) -> None:
 
 
 def table(args: argparse.Namespace) -> None:
-    def dice(path: Path) -> tuple[float, list[float]]:
-        s = json.loads((path / "summary.json").read_text())
-        ov = s["result"]["overall"]["dice"]
-        return float(ov["value"]), [float(ov["ci"][0]), float(ov["ci"][1])]
+    """Test Dice per model, paired differences (hierarchical bootstrap over cases and seeds),
+    parameter ratio and speed-up -> results.json and table.md."""
+    from umit.eval.paired import paired_difference, read_per_case
 
-    rows: dict[str, Any] = {"teacher": dice(args.out / "teacher_eval")}
+    teacher = read_per_case(args.out / "teacher_eval" / "per_case.csv")
+    arms: dict[str, dict[int, list]] = {}
     for arm in args.arms:
         for seed in args.seeds:
-            p = args.out / arm / f"s{seed}" / "eval"
-            if (p / "summary.json").is_file():
-                rows[f"{arm}/s{seed}"] = dice(p)
-    timing = json.loads((args.out / "timing.json").read_text())
-    (args.out / "results.json").write_text(json.dumps({"dice": rows, "timing": timing}, indent=1))
-    print(json.dumps(rows, indent=1))
+            p = args.out / arm / f"s{seed}" / "eval" / "per_case.csv"
+            if p.is_file():
+                arms.setdefault(arm, {})[seed] = read_per_case(p)
+
+    def mean_dice(rows: list) -> float:
+        return float(np.nanmean([float(r["dice_mean"]) for r in rows]))
+
+    t_dice = mean_dice(teacher)
+    res: dict[str, Any] = {"teacher": {"dice": t_dice, "n_cases": len(teacher)}, "arms": {}}
+    lines = [
+        "| model | test Dice (16 phantoms), per seed | mean ± sd | of teacher |",
+        "|---|---|---|---|",
+        f"| teacher (ResUNet 16-128, n20 seed 0) | {t_dice:.3f} | - | 100% |",
+    ]
+    for arm, by_seed in arms.items():
+        d = {s: mean_dice(rows) for s, rows in by_seed.items()}
+        vals = list(d.values())
+        sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+        res["arms"][arm] = {"per_seed": d, "mean": float(np.mean(vals)), "sd": sd}
+        per = ", ".join(f"s{s} {v:.3f}" for s, v in d.items())
+        lines.append(
+            f"| student {arm} | {per} | {np.mean(vals):.3f} ± {sd:.3f} | "
+            f"{np.mean(vals) / t_dice:.1%} |"
+        )
+    lines += ["", "| a - b (test Dice) | a | b | diff [95% CI] | seeds |", "|---|---|---|---|---|"]
+    pairs = []
+    if len(arms) >= 2:
+        a_name, b_name = args.arms[-1], args.arms[0]
+        pairs.append((a_name, arms[a_name], b_name, arms[b_name]))
+    for arm, by_seed in arms.items():
+        pairs.append((arm, by_seed, "teacher", {s: teacher for s in by_seed}))
+    res["paired"] = []
+    for an, a, bn, b in pairs:
+        pd = paired_difference(a, b, "dice", n_boot=2000)
+        res["paired"].append({"a": an, "b": bn, **pd})
+        lines.append(
+            f"| {an} - {bn} | {pd['a_mean']:.3f} | {pd['b_mean']:.3f} | {pd['diff']:+.3f} "
+            f"[{pd['ci_low']:+.3f}, {pd['ci_high']:+.3f}] | {pd['n_seeds']} |"
+        )
+    timing_path = args.out / "timing.json"
+    if timing_path.is_file():
+        t = json.loads(timing_path.read_text())
+        res["timing"] = t
+        lines += [
+            "",
+            f"Inference (whole test volumes, sliding window, 1 thread, interleaved, "
+            f"{t['cases'] * t['reps']} volumes each): teacher median {t['median_s']['teacher']:.3f} s, "
+            f"student {t['median_s']['student']:.3f} s: speed-up {t['speedup']:.2f}x; parameters "
+            f"{t['params']['teacher']:,} vs {t['params']['student']:,} ({t['param_ratio']:.1f}x).",
+        ]
+    (args.out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:

@@ -306,3 +306,44 @@ def test_encoder_teacher_gives_features_only(tiny_ct_store, tmp_path, one_thread
     )
     feat = [h["feat"] for h in s["history"]]
     assert feat[-1] < feat[0], feat  # cross-architecture: ViT tokens -> CNN maps via projection
+
+
+def test_classification_distillation(tiny_ct_store, tmp_path, one_thread):
+    """A ViT classifier teacher -> a smaller ViT classifier: KL at T on the case labels."""
+    common = {
+        "data": tiny_ct_store,
+        "task": "classification",
+        "label_key": "sex",
+        "model": "classifier",
+        "crop_size": [16, 16, 16],
+        "label_count": 4,
+        "val_fraction": 0.25,
+    }
+    finetune(
+        FinetuneConfig.model_validate(
+            {
+                **common,
+                "out": tmp_path / "t",
+                "model_args": {"encoder": "vit3d_test_p8"},
+                "train": {**TRAIN, "total_steps": 4},
+            }
+        )
+    )
+    s = distill(
+        DistillConfig.model_validate(
+            {
+                **common,
+                "out": tmp_path / "s",
+                "teacher": tmp_path / "t" / "best.pt",
+                "model_args": {"encoder": "vit3d_test_p8", "encoder_args": {"depth": 1}},
+                "alpha": 0.0,
+                "temperature": 4.0,
+                "train": {**TRAIN, "total_steps": 12, "log_every": 3, "ckpt_every": 12},
+            }
+        )
+    )
+    kd = [h["kd"] for h in s["history"]]
+    assert kd[-1] < kd[0], kd
+    assert s["params_student"] < s["params_teacher"]
+    model, art = load_model(s["model"])
+    assert art["spec"]["task"] == "classification" and art["spec"]["num_outputs"] == 2

@@ -486,14 +486,12 @@ class DistillTask:
         cfg = self.cfg
         feat_image = batch[self.feat_src] if self.feat_src is not None else None
         u_logits = cfg.kd_unlabeled and "u_image" in batch
-        if u_logits:  # one student pass over labeled and unlabeled crops
+        if u_logits:  # one call (DDP: one forward per backward) over labeled + unlabeled crops
             n = batch["image"].shape[0]
-            res = self._call(torch.cat([batch["image"], batch["u_image"]]), None)
+            res = self._call(torch.cat([batch["image"], batch["u_image"]]), feat_image)
             full = res["logits"]
             lab_out = [o[:n] for o in full] if isinstance(full, list | tuple) else full[:n]
             u_out = full[0][n:] if isinstance(full, list | tuple) else full[n:]
-            if feat_image is not None:
-                res["feats"] = self._call(None, feat_image)["feats"]
         else:
             res = self._call(batch["image"], feat_image)
             lab_out, u_out = res["logits"], None
