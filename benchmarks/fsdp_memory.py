@@ -256,6 +256,8 @@ LADDERS: dict[str, list[tuple[str, tuple[int, int, int]]]] = {
         ("huge", VARIANTS["huge"]),
         ("vit1b", VARIANTS["vit1b"]),
         ("vit2.4b", (2048, 48, 16)),
+        ("vit3.8b", (2560, 48, 20)),
+        ("vit5.4b", (3072, 48, 24)),
         ("vit7b", (3072, 64, 24)),
         ("vit9.7b", (4096, 48, 32)),
         ("vit16b", (4096, 80, 32)),
@@ -277,7 +279,72 @@ def search(args: argparse.Namespace) -> list[dict[str, Any]]:
         row["fits"] = True
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+        # after every row: a search stopped by a time limit keeps what it measured
+        (args.out / "fsdp_memory.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def render(rows: list[dict[str, Any]], tokens: int = 216, batch: int = 2) -> str:
+    """Markdown: measured vs predicted per rank, then the predicted largest ViT per budget."""
+    ok = [r for r in rows if r.get("fits")]
+    c0 = next(
+        (r["peak_gb_per_rank"] - r["predicted_gb_per_rank"] for r in ok if r["model"] == "test"),
+        0.0,
+    )
+    lines = [
+        f"Runtime constant C0 (the smallest model's measured minus predicted peak): {c0:.3f} GB",
+        "",
+        "| model | D x depth (measured) | params | tokens x batch/rank | ranks | peak GB/rank measured | "
+        "predicted (+C0) | measured / predicted | step s | full depth: params, predicted GB/rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ok:
+        if r["model"] == "test":
+            continue
+        full = predict_bytes(
+            r["dim"], r["depth_full"], r["heads"], r["tokens"], r["batch_per_rank"], r["world"]
+        )
+        pred = r["predicted_gb_per_rank"] + c0
+        lines.append(
+            f"| {r['model']} | {r['dim']} x {r['depth_measured']} | {r['params_measured'] / 1e6:.0f} M | "
+            f"{r['tokens']} x {r['batch_per_rank']} | {r['world']} | {r['peak_gb_per_rank']:.2f} | "
+            f"{pred:.2f} | {r['peak_gb_per_rank'] / pred:.2f} | {r['step_s']:.2f} | "
+            f"{full['params'] / 1e9:.2f} B, {full['total'] / 1e9 + c0:.2f} |"
+        )
+    budgets = (24, 40, 80, 141)
+    worlds = (1, 8, 64)
+    names = ["base", "large", "huge", "vit1b"] + [n for n, _ in LADDERS["gpu"][4:]]
+    dims = dict(LADDERS["gpu"])
+    lines += [
+        "",
+        f"Predicted GB per rank at {tokens} tokens (96³, patch 16) x batch {batch} per rank, "
+        "FSDP2 + checkpointing + bf16, AdamW:",
+        "",
+        "| model | params | " + " | ".join(f"N={w}" for w in worlds) + " |",
+        "|---|---|" + "---|" * len(worlds),
+    ]
+    for n in names:
+        d, depth, h = dims[n]
+        cells = [predict_bytes(d, depth, h, tokens, batch, w)["total"] / 1e9 for w in worlds]
+        p = param_counts(d, depth, tokens)["total"]
+        lines.append(f"| {n} | {p / 1e9:.2f} B | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    lines += [
+        "",
+        "| memory per GPU | " + " | ".join(f"N={w}" for w in worlds) + " |",
+        "|---|" + "---|" * len(worlds),
+    ]
+    for b in budgets:
+        best = []
+        for w in worlds:
+            fit = [
+                n
+                for n in names
+                if predict_bytes(*dims[n][:2], dims[n][2], tokens, batch, w)["total"] / 1e9
+                <= 0.9 * b
+            ]
+            best.append(fit[-1] if fit else "-")
+        lines.append(f"| {b} GB (90% usable) | " + " | ".join(best) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -293,7 +360,11 @@ def main() -> None:
     p.add_argument("--search", action="store_true", help="grow until it no longer fits")
     p.add_argument("--ladder", default="gpu", choices=sorted(LADDERS))
     p.add_argument("--out", type=Path, default=Path("runs/fsdp_memory"))
+    p.add_argument("--table", type=Path, default=None, help="render a fsdp_memory.json as Markdown")
     args = p.parse_args()
+    if args.table is not None:
+        print(render(json.loads(args.table.read_text())))
+        return
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -304,6 +375,8 @@ def main() -> None:
         rows = []
         for name in args.models:
             row = measure(name, args)
+            if row is not None:
+                row["fits"] = True
             rows.append(row if row is not None else {"model": name, "fits": False})
             print(json.dumps({k: v for k, v in (row or {}).items() if k != "ranks"}), flush=True)
     (args.out / "fsdp_memory.json").write_text(json.dumps(rows, indent=1))

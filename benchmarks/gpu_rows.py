@@ -215,10 +215,16 @@ def part_fsdp(args: argparse.Namespace) -> dict[str, Any]:
            "--device", args.device, "--nproc", "1", "--out", str(out), "--steps", "2",
            "--img", "96" if args.size == "full" else "32", "--batch", "2",
            "--ladder", "gpu" if args.size == "full" else "tiny"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fsdp_timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    stopped = False
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fsdp_timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    except subprocess.TimeoutExpired:  # keep the rows measured so far (written after each)
+        stopped = True
     rows = json.loads((out / "fsdp_memory.json").read_text())
+    if stopped:
+        rows.append({"model": f"(search stopped after {args.fsdp_timeout:.0f} s)", "fits": False})
     fits = [r for r in rows if r.get("fits")]
     return {"rows": [{k: v for k, v in r.items() if k != "ranks"} for r in rows],
             "largest": fits[-1]["model"] if fits else None,

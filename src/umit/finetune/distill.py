@@ -62,9 +62,10 @@ from umit.finetune.run import (
     training_data,
 )
 from umit.train.checkpoint import load_artifact, load_encoder, load_model
-from umit.train.distributed import is_main
+from umit.train.distributed import init_from_env, is_main
 from umit.train.loop import Trainer, resolve_device, seed_everything
 from umit.train.tasks import segmentation_loss
+from umit.utils.distributed import world_size
 from umit.utils.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -542,6 +543,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         raise InputError(
             None, "nothing to distill: alpha=1 and feature_weight=0 is plain fine-tuning"
         )
+    init_from_env()  # under torchrun: the world size sizes the cached draws
     store = Store(cfg.data)
     plan = store.plan
     in_chans = len(plan.channels)
@@ -598,10 +600,9 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
 
     cache_info: dict[str, Any] = {"used": False, "reason": "teacher_cache=false"}
     if cfg.teacher_cache:
-        per_epoch = max(1, len(data) // train_cfg.batch_size) * train_cfg.batch_size
-        epochs = math.ceil(
-            train_cfg.total_steps * train_cfg.batch_size * train_cfg.grad_accum_steps / per_epoch
-        )
+        glob = train_cfg.batch_size * world_size()  # the sampler's global micro-batch
+        per_epoch = max(1, len(data) // glob) * glob
+        epochs = math.ceil(train_cfg.total_steps * train_cfg.grad_accum_steps * glob / per_epoch)
         draws = sorted({data.draw_of(e) for e in range(epochs)})
         cache = TeacherCache(
             cfg.cache_dir or cfg.out / "teacher_cache",
