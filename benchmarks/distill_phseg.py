@@ -27,6 +27,12 @@ import torch
 
 PHSEG = Path("/work/main/runs/phseg")
 STUDENT = {"features": [4, 8, 16, 32], "blocks": 1}
+# distilled arms: KD weights (GT has weight alpha, labeled-crop KL 1 - alpha)
+ARMS = {
+    "distill_u": {"alpha": 0.5, "kd_unlabeled_weight": 1.0},
+    # KL weighted like the CE term of DiceCE (ce_weight 0.03): the Dice term keeps small organs
+    "distill_w": {"alpha": 0.9, "kd_unlabeled_weight": 0.1},
+}
 
 
 def finetune_base(prep: Path) -> dict[str, Any]:
@@ -83,11 +89,11 @@ def train(args: argparse.Namespace) -> None:
             else:
                 kd = {
                     "teacher": str(args.teacher),
-                    "alpha": 0.5,
                     "temperature": 2.0,
-                    "kd_unlabeled": arm == "distill_u",
+                    "kd_unlabeled": True,
                     "unlabeled_cases": 60,
                     "teacher_cache": False,
+                    **ARMS[arm],
                 }
                 s = distill(DistillConfig.model_validate({**base, **kd}))
             used = load_artifact(out / "best.pt")["cases"]["train"]

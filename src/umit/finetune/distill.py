@@ -12,7 +12,8 @@ Two signals, combinable with the ground-truth loss:
   is resampled (trilinear) onto the teacher's grid, and the loss is ``1 - cos`` over channels or
   the MSE. The teacher may be a pretrained encoder (``encoder.pt``) or a ``best.pt``.
 
-The total loss is ``alpha · GT + (1 - alpha) · KD + feature_weight · FEAT``. The student is saved
+The total loss is ``alpha · GT + (1 - alpha) · KD + kd_unlabeled_weight · KD_u + feature_weight ·
+FEAT`` (KD_u: the KL on unlabeled crops, with ``kd_unlabeled``). The student is saved
 as ``best.pt`` in the fine-tuning format (the projections are not part of it), so ``umit
 evaluate`` / ``umit predict`` load it like any fine-tuned model.
 
@@ -92,6 +93,9 @@ class DistillConfig(FinetuneConfig):
     indices count from the deepest)."""
     kd_unlabeled: bool = False
     """Also distill the teacher's logits on the unlabeled crops (pseudo-labels of soft targets)."""
+    kd_unlabeled_weight: float = Field(default=1.0, ge=0)
+    """Weight of that unlabeled-crop KL. Like cross-entropy, a voxel-wise KL is dominated by
+    background and large organs; a small weight (as ``ce_weight``) leaves room for the Dice term."""
     unlabeled_cases: int | None = Field(default=None, ge=1)
     """At most this many unlabeled cases (seeded choice); None: all of them."""
     crop_epochs: int | None = Field(default=None, ge=1)
@@ -509,7 +513,7 @@ class DistillTask:
         if u_out is not None:
             t = self._teacher(batch, "u_image")["logits"]
             parts["kd_u"] = kd_kl_loss(u_out, t, cfg.temperature)
-            loss = loss + parts["kd_u"]
+            loss = loss + cfg.kd_unlabeled_weight * parts["kd_u"]
         if cfg.feature_weight > 0 and self.feat_src is not None:
             tfeats = self._teacher(batch, self.feat_src)
             fl = [
