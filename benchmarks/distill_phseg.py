@@ -206,9 +206,10 @@ def table(args: argparse.Namespace) -> None:
         )
     lines += ["", "| a - b (test Dice) | a | b | diff [95% CI] | seeds |", "|---|---|---|---|---|"]
     pairs = []
-    if len(arms) >= 2:
-        a_name, b_name = args.arms[-1], args.arms[0]
-        pairs.append((a_name, arms[a_name], b_name, arms[b_name]))
+    base = args.arms[0]  # the directly trained student
+    for arm in args.arms[1:]:
+        if arm in arms and base in arms:
+            pairs.append((arm, arms[arm], base, arms[base]))
     for arm, by_seed in arms.items():
         pairs.append((arm, by_seed, "teacher", {s: teacher for s in by_seed}))
     res["paired"] = []
