@@ -192,8 +192,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Start ``nproc`` copies of this script with torchrun's environment variables."""
+def launch(
+    nproc: int, args: list[str], timeout: float = 240, script: str | Path | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Start ``nproc`` copies of this script (or ``script``) with torchrun's environment variables."""
     port = free_port()
     procs = []
     for rank in range(nproc):
@@ -209,7 +211,7 @@ def launch(nproc: int, args: list[str], timeout: float = 240) -> list[subprocess
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, *args],
+                [sys.executable, str(script or __file__), *args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

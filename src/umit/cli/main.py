@@ -25,6 +25,7 @@ STAGES: tuple[str, ...] = (
     "pretrain",
     "probe",
     "finetune",
+    "distill",
     "federated",
     "evaluate",
     "audit",

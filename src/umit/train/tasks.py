@@ -120,20 +120,29 @@ class SegmentationTask(ModuleTask):
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out = self._call(batch["image"])
-        label = batch["label"]
-        if not isinstance(out, list | tuple):
-            return {"loss": dice_ce_loss(out, label, ce_weight=self.ce_weight)}
-        weights = [0.5**i for i in range(len(out))]
-        total = sum(weights)
-        loss = 0.0
-        for w, o in zip(weights, out, strict=True):
-            lab = (
-                label
-                if o.shape[2:] == label.shape[2:]
-                else F.interpolate(label.float(), size=o.shape[2:], mode="nearest").long()
-            )
-            loss = loss + (w / total) * dice_ce_loss(o, lab, ce_weight=self.ce_weight)
-        return {"loss": loss}
+        return {"loss": segmentation_loss(out, batch["label"], self.ce_weight)}
+
+
+def segmentation_loss(
+    out: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],
+    label: torch.Tensor,
+    ce_weight: float = 1.0,
+) -> torch.Tensor:
+    """DiceCE of logits (B, K, D, H, W) against ``label`` (B, 1, D, H, W); a list of outputs
+    (deep supervision, finest first) is weighted 1, 1/2, 1/4, ... and normalised."""
+    if not isinstance(out, list | tuple):
+        return dice_ce_loss(out, label, ce_weight=ce_weight)
+    weights = [0.5**i for i in range(len(out))]
+    total = sum(weights)
+    loss = out[0].new_zeros((), dtype=torch.float32)
+    for w, o in zip(weights, out, strict=True):
+        lab = (
+            label
+            if o.shape[2:] == label.shape[2:]
+            else F.interpolate(label.float(), size=o.shape[2:], mode="nearest").long()
+        )
+        loss = loss + (w / total) * dice_ce_loss(o, lab, ce_weight=ce_weight)
+    return loss
 
 
 class ClassificationTask(ModuleTask):
