@@ -39,6 +39,7 @@ from umit.eval.report import (
 from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
 from umit.metrics import segmentation_metrics
+from umit.models.absent import DropChannels
 from umit.train.checkpoint import InferenceSpec, load_model
 from umit.train.dp import format_dp
 from umit.utils.fileio import atomic_write_json, atomic_write_text
@@ -72,6 +73,10 @@ class EvaluateConfig(UmitConfig):
     (segmentation; the three cases are predicted once more for the figures)."""
     seed: int = 0
     """Seed of the bootstrap."""
+    drop_channels: list[str] = Field(default_factory=list)
+    """Input channels (sequence names of the model's spec, e.g. ``[FLAIR]``) treated as missing
+    at inference: absent for a model trained with ``channel_dropout`` (its learned absent
+    embedding), 0 (the normalised mean) for any other model."""
 
 
 def _rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -251,12 +256,34 @@ def case_section(
     )
 
 
+def with_missing_channels(model: Any, ckpt: dict[str, Any], cfg: EvaluateConfig) -> Any:
+    """``model`` seeing the channels ``cfg.drop_channels`` as missing (:class:`DropChannels`).
+
+    Raises:
+        InputError: a name that is not a channel of the model, or every channel dropped.
+    """
+    spec = InferenceSpec.model_validate(ckpt["spec"])
+    names = list(spec.channels)
+    unknown = [n for n in cfg.drop_channels if n not in names]
+    if unknown:
+        raise InputError(
+            cfg.model,
+            f"drop_channels {unknown} are not input channels of this model; its channels are "
+            f"{names}",
+        )
+    if len(set(cfg.drop_channels)) >= len(names):
+        raise InputError(cfg.model, f"drop_channels {cfg.drop_channels} would drop every channel")
+    return DropChannels(model, [names.index(n) for n in cfg.drop_channels]).eval()
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate; returns the summary (overall metrics with CIs, subgroup results, paths)."""
 
     model, ckpt = load_model(cfg.model)
     store = Store(cfg.data)
     task = ckpt["task"]
+    if cfg.drop_channels:
+        model = with_missing_channels(model, ckpt, cfg)
     cases = [
         c for c in store.case_ids if cfg.split == "all" or store.index[c].get("split") == cfg.split
     ]
@@ -311,6 +338,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "structures": {str(k): v for k, v in structures.items()},
         "result": result,
         "dp": ckpt.get("dp"),
+        "drop_channels": list(cfg.drop_channels),
     }
     atomic_write_json(out / "summary.json", summary)
     names = display_names(list(result["overall"]), structures)
@@ -344,6 +372,8 @@ def report_sections(
         f"Values are means over cases with {pct}% bootstrap confidence intervals "
         f"({result['n_boot']} replicates)."
     )
+    if cfg.drop_channels:
+        about += f" Input channels treated as missing: {', '.join(cfg.drop_channels)}."
     if task == "segmentation":
         about += (
             f" Per structure: Dice, 95th-percentile Hausdorff distance (HD95, mm) and normalized "
