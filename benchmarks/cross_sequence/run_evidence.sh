@@ -61,7 +61,7 @@ YAML
 
 dropout() {  # data out: the unetr_xseq cell with 2 labeled subjects (seed 0) again with
   # channel_dropout=0.5, then both evaluated with every sequence, without FLAIR, without T1c
-  local cell=$2/eff/unetr_xseq/n2_s0/run o=$2/cd0.5
+  local cell=$2/eff/cells/unetr_xseq/n2_s0/run o=$2/cd0.5
   [ -f $o/best.pt ] || $UMIT finetune --config $cell/config.yaml out=$o channel_dropout=0.5 \
     train.resume=null
   for m in $cell $o; do
@@ -84,12 +84,16 @@ lane_brats() {
   done
 }
 
+lane_dropout() {  # the channel-dropout step alone, every fold
+  for k in 0 1 2; do dropout $R/brats/fold$k $R/brats/runs/fold$k; done
+}
+
 lane_phantoms() {
   local d=$R/phantoms/prep o=$R/phantoms/runs
   mkdir -p $o
   pretrain $d $o/xseq cross_sequence 2 test
   pretrain $d $o/mae mae 2 test
-  efficiency $d $o/eff $o "[0, 1, 2]"
+  efficiency $d $o/eff $o "${PH_SEEDS:-[0]}"
 }
 
 "$@"
