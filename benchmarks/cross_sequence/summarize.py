@@ -1,6 +1,6 @@
 """Tables of the cross-sequence evidence (runs of run_evidence.sh) for docs/pretraining.md.
 
-    PYTHONPATH=src python benchmarks/cross_sequence/summarize.py runs/xseq
+PYTHONPATH=src python benchmarks/cross_sequence/summarize.py runs/xseq
 """
 
 from __future__ import annotations

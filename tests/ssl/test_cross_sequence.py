@@ -160,6 +160,13 @@ def test_absent_embedding_is_used_when_a_channel_is_dropped(name, kwargs, tokens
         moved = model(dropped)
         assert not torch.allclose(moved[0], model(filled)[0])
         torch.testing.assert_close(moved[1], model(filled)[1])
+        # the offset belongs to that input only: the encoder called directly afterwards is plain
+        enc = model.net.encoder
+        model(dropped)
+        after = enc.forward_features(filled)
+        absent.embed.data.zero_()
+        torch.testing.assert_close(after, enc.forward_features(filled))
+        absent.embed.data[1] = 0.5
     # gradients reach the absent parameters only through dropped channels
     model.train()
     model(dropped).sum().backward()

@@ -80,6 +80,7 @@ class AbsentChannels(nn.Module):
 
         def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
             off = self.token_offset()
+            self._frac = None  # one input, one encoder call: a direct encoder call adds nothing
             if off is None or off.shape[0] != out.shape[0]:
                 return out
             shape = (off.shape[0],) + (1,) * (out.ndim - 2) + (off.shape[1],)
