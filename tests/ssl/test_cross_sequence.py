@@ -55,6 +55,30 @@ def test_exact_function_of_the_inputs_is_learned_to_near_zero_loss(target, steps
     assert last < 0.03 * base and last < 0.01 * losses[0], (losses[0], last, base)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "tokens"),
+    [
+        ("vit3d_test_p8", {}, True),
+        ("swin3d_test", {}, True),
+        ("resnet3d_test", {"norm": "batch"}, False),
+    ],
+)
+def test_any_encoder_through_the_feature_api(name, kwargs, tokens, one_thread):
+    torch.manual_seed(0)
+    enc = create_model(name, img_size=(16, 16, 16), in_chans=3, num_classes=0, **kwargs)
+    model = CrossSequence3D(enc, SEQ, decoder_dim=8, mask_ratio=0.5, mask_patch=8)
+    assert (model.absent.embed is not None) == tokens
+    x = linear_mix(2, 16, torch.Generator().manual_seed(0))
+    out = model(x, generator=torch.Generator().manual_seed(0))
+    assert out["pred"].shape == (2, 16, 16, 16) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    enc_grads = [p.grad for p in enc.parameters() if p.grad is not None]
+    assert enc_grads and any(g.abs().sum() > 0 for g in enc_grads)
+    if tokens:  # the hidden channels' token vectors are trained
+        hidden_rows = model.absent.embed.grad.abs().sum(1)
+        assert (hidden_rows[out["targets"]] > 0).all()
+
+
 def test_baseline_copies_an_affine_relative_exactly():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 8, 8, 8, generator=g)
