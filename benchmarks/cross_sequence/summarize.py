@@ -33,7 +33,7 @@ def dice_table(tables: dict[str, dict[str, dict]], what: str) -> list[str]:
         row = []
         for b in BUDGETS:
             reps = tables.get(arm, {}).get(b, {})
-            means = [np.nanmean([r["dice_mean"] for r in rows]) for rows in reps.values()]
+            means = [np.nanmean([float(r["dice_mean"]) for r in rows]) for rows in reps.values()]
             row.append(
                 f"{np.mean(means):.3f} ± {np.std(means):.3f} ({len(means)} {what})"
                 if means
@@ -96,7 +96,7 @@ def dropout_table(folds: list[Path]) -> list[str]:
             for f in folds:
                 p = f / sub / f"eval_{d}" / "per_case.csv"
                 if p.is_file():
-                    vals += [r["dice_mean"] for r in read_per_case(p)]
+                    vals += [float(r["dice_mean"]) for r in read_per_case(p)]
             row.append(f"{np.nanmean(vals):.3f} (n={len(vals)})" if vals else "-")
         lines.append(f"| {label} | {' | '.join(row)} |")
     return lines

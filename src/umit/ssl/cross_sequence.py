@@ -278,23 +278,21 @@ class CrossSequence3D(nn.Module):
         pad_value: float | Sequence[float] = 0.0,
     ) -> torch.Tensor:
         """Whole (C, D, H, W) volume -> (D, H, W) prediction of channel ``target`` from the
-        others, tile by tile (``roi`` tiles, edges padded with ``pad_value``, per channel)."""
+        others, tile by tile. Tiles of ``roi`` cover the volume, the last one along an axis
+        shifted back to end at the border (overlaps take the later tile); an axis shorter than
+        ``roi`` is padded with ``pad_value`` (per channel)."""
         C, *shape = volume.shape
-        steps = [-(-s // r) for s, r in zip(shape, roi, strict=True)]
-        padded = [n * r for n, r in zip(steps, roi, strict=True)]
+        size = [max(s, r) for s, r in zip(shape, roi, strict=True)]
         pads = [float(pad_value)] * C if isinstance(pad_value, (int, float)) else pad_value
-        x = torch.stack([volume.new_full(padded, float(p)) for p in pads])
+        x = torch.stack([volume.new_full(size, float(p)) for p in pads])
         x[:, : shape[0], : shape[1], : shape[2]] = volume
         x[target] = float("nan")
-        out = torch.zeros(padded, dtype=volume.dtype, device=volume.device)
-        for i in range(steps[0]):
-            for j in range(steps[1]):
-                for k in range(steps[2]):
-                    sl = (
-                        slice(i * roi[0], (i + 1) * roi[0]),
-                        slice(j * roi[1], (j + 1) * roi[1]),
-                        slice(k * roi[2], (k + 1) * roi[2]),
-                    )
+        out = torch.zeros(size, dtype=volume.dtype, device=volume.device)
+        starts = [sorted({*range(0, n - r, r), n - r}) for n, r in zip(size, roi, strict=True)]
+        for i in starts[0]:
+            for j in starts[1]:
+                for k in starts[2]:
+                    sl = (slice(i, i + roi[0]), slice(j, j + roi[1]), slice(k, k + roi[2]))
                     out[sl] = self.predict(x[(slice(None), *sl)][None])[0, target]
         return out[: shape[0], : shape[1], : shape[2]]
 
