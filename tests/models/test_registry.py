@@ -91,6 +91,12 @@ TASK_MODEL_ARGS: dict[str, dict] = {
     "classifier": {"encoder": "vit3d_test_p16", "num_classes": 3},
     "resunet3d": {"out_channels": 3, "features": (4, 8, 16, 16), "deep_supervision": True},
     "resnet3d_*": {"num_classes": 3, **SMALL_RESNET},
+    "absent_channels": {
+        "model": "unetr",
+        "model_args": {"encoder": "vit3d_test_p16", "feature_size": 8},
+        "out_channels": 3,
+        "drop_prob": 0.3,
+    },
 }
 
 

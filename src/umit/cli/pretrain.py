@@ -1,4 +1,4 @@
-"""``umit pretrain``: self-supervised pretraining (method=mae|simclr|genesis) on a preprocessed
+"""``umit pretrain``: self-supervised pretraining (method=mae|simclr|genesis|cross_sequence) on a preprocessed
 store; torchrun-ready."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from umit.cli.common import add_config_args
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis) of an encoder on a "
+        help="self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis, cross-sequence MRI) "
+        "of an encoder on a "
         "preprocessed store "
         "(CPU or GPU, one or many processes with torchrun)",
         description=__doc__,
@@ -40,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
                 "simclr": "contrastive",
                 "genesis": "restoration",
                 "report_labels": "report-label BCE",
+                "cross_sequence": "held-out sequence",
             }
             base = (summary.get("last_eval") or {}).get("val_baseline_loss")
             print(
@@ -52,6 +54,12 @@ def main(args: argparse.Namespace) -> int:
             print(
                 f"  monitor: kNN acc {last['knn_acc']:.3f}, probe acc {last['probe_acc']:.3f}"
                 + (f", probe AUC {last['probe_auc']:.3f}" if "probe_auc" in last else "")
+            )
+        for seq, v in ((summary.get("synthesis") or {}).get("targets") or {}).items():
+            print(
+                f"  synthesis of {seq} on {len(v['per_case'])} held-out case(s): PSNR "
+                f"{v['model_psnr']:.2f} dB (intensity-matched baseline {v['baseline_psnr']:.2f}), "
+                f"SSIM {v['model_ssim']:.3f} ({v['baseline_ssim']:.3f})"
             )
         print(f"  encoder: {summary['encoder']}")
     return 0

@@ -40,6 +40,7 @@ from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
 from umit.labels.table import LabelsTableConfig, overlay_index
 from umit.metrics import segmentation_metrics
+from umit.models.absent import DropChannels
 from umit.train.checkpoint import InferenceSpec, load_model
 from umit.train.dp import format_dp
 from umit.utils.fileio import atomic_write_json, atomic_write_text
@@ -80,6 +81,10 @@ class EvaluateConfig(UmitConfig):
     """Classification: take the reference label (the model's ``label_key``, a finding) from the
     catalog's labels table (``labels.catalog=RAW``, e.g. ``labels.source=truth`` for a model
     trained on report labels) instead of the store index."""
+    drop_channels: list[str] = Field(default_factory=list)
+    """Input channels (sequence names of the model's spec, e.g. ``[FLAIR]``) treated as missing
+    at inference: absent for a model trained with ``channel_dropout`` (its learned absent
+    embedding), 0 (the normalised mean) for any other model."""
 
 
 def _rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -259,6 +264,26 @@ def case_section(
     )
 
 
+def with_missing_channels(model: Any, ckpt: dict[str, Any], cfg: EvaluateConfig) -> Any:
+    """``model`` seeing the channels ``cfg.drop_channels`` as missing (:class:`DropChannels`).
+
+    Raises:
+        InputError: a name that is not a channel of the model, or every channel dropped.
+    """
+    spec = InferenceSpec.model_validate(ckpt["spec"])
+    names = list(spec.channels)
+    unknown = [n for n in cfg.drop_channels if n not in names]
+    if unknown:
+        raise InputError(
+            cfg.model,
+            f"drop_channels {unknown} are not input channels of this model; its channels are "
+            f"{names}",
+        )
+    if len(set(cfg.drop_channels)) >= len(names):
+        raise InputError(cfg.model, f"drop_channels {cfg.drop_channels} would drop every channel")
+    return DropChannels(model, [names.index(n) for n in cfg.drop_channels]).eval()
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate; returns the summary (overall metrics with CIs, subgroup results, paths)."""
 
@@ -267,6 +292,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     task = ckpt["task"]
     if cfg.labels is not None and task == "classification":
         overlay_index(store.index, cfg.labels, ckpt.get("label_key", "target"))
+    if cfg.drop_channels:
+        model = with_missing_channels(model, ckpt, cfg)
     cases = listed_cases(cfg, store, ckpt) if cfg.cases is not None else [
         c for c in store.case_ids if cfg.split == "all" or store.index[c].get("split") == cfg.split
     ]  # fmt: skip
@@ -324,6 +351,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "structures": {str(k): v for k, v in structures.items()},
         "result": result,
         "dp": ckpt.get("dp"),
+        "drop_channels": list(cfg.drop_channels),
     }
     atomic_write_json(out / "summary.json", summary)
     names = display_names(list(result["overall"]), structures)
@@ -378,6 +406,8 @@ def report_sections(
         f"Values are means over cases with {pct}% bootstrap confidence intervals "
         f"({result['n_boot']} replicates)."
     )
+    if cfg.drop_channels:
+        about += f" Input channels treated as missing: {', '.join(cfg.drop_channels)}."
     if task == "segmentation":
         about += (
             f" Per structure: Dice, 95th-percentile Hausdorff distance (HD95, mm) and normalized "

@@ -164,7 +164,7 @@ class GlobalRun:
         seed_everything(self.stage.train.seed)
         in_chans = len(self.plan.channels)
         if self.cfg.task == "pretrain":
-            return pt.build_method(self.stage, in_chans)
+            return pt.build_method(self.stage, in_chans, list(self.plan.channel_names))
         stage = self.stage if pretrained else self.stage.model_copy(update={"pretrained": None})
         return ft.build_model(stage, in_chans, int(self.spec.num_outputs or 0))
 

@@ -217,7 +217,7 @@ class Site:
         stage = self.stage
         seed_everything(stage.train.seed)
         if self.cfg.task == "pretrain":
-            module = pt.build_method(stage, self.in_chans)
+            module = pt.build_method(stage, self.in_chans, list(self.plan.channel_names))
             train_cases = self.cases["train"]
             return _Built(
                 module=module,

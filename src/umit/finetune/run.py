@@ -144,6 +144,13 @@ class FinetuneConfig(UmitConfig):
     ``auto`` (best validation only when the validation set is no larger than the labeled set)."""
     dp: DPConfig = Field(default_factory=DPConfig)
     """Differentially private training (DP-SGD through Opacus); ``dp.enabled`` = ``--dp``."""
+    channel_dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Robustness to missing MRI sequences: each channel of each training crop is dropped
+    (marked absent) with this probability, never all of them, and the model learns an
+    "absent" fill value per channel (image space; for a CNN that is all it gets) plus, for
+    encoders with a linear input projection (ViT, Swin), an "absent" token embedding per
+    channel (:mod:`umit.models.absent`). The saved model then accepts missing channels
+    (``umit evaluate drop_channels=[FLAIR]``). 0 = off."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,18 +215,31 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.n
     args.setdefault("img_size", tuple(cfg.crop_size))
     key = "out_channels" if cfg.task == "segmentation" else "num_classes"
     args.setdefault(key, num_outputs)
+    if cfg.channel_dropout > 0 and in_chans < 2:
+        raise InputError(
+            cfg.data,
+            f"channel_dropout={cfg.channel_dropout} needs a multi-channel store; this one has "
+            f"{in_chans} channel",
+        )
     try:
-        model = create_model(cfg.model, **args)
+        if cfg.channel_dropout > 0:  # the task model inside a learned absent-channel wrapper
+            model = create_model(
+                "absent_channels",
+                model=cfg.model,
+                model_args=args,
+                drop_prob=cfg.channel_dropout,
+            )
+        else:
+            model = create_model(cfg.model, **args)
     except TypeError as exc:
         raise InputError(
             None, f"model {cfg.model!r} does not take these arguments {sorted(args)}: {exc}"
         ) from exc
+    net = model.net if cfg.channel_dropout > 0 else model
     if cfg.pretrained is not None:
-        load_pretrained(model, cfg.pretrained, partial=cfg.partial_load)
+        load_pretrained(net, cfg.pretrained, partial=cfg.partial_load)
     if cfg.freeze != "none":
-        freeze_encoder(
-            model, trainable_blocks=cfg.trainable_blocks if cfg.freeze == "partial" else 0
-        )
+        freeze_encoder(net, trainable_blocks=cfg.trainable_blocks if cfg.freeze == "partial" else 0)
     return model
 
 

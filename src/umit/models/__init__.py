@@ -4,7 +4,7 @@
 >>> enc = create_model("vit3d_base_p16", img_size=96, in_chans=1)
 """
 
-from umit.models import blocks, layers
+from umit.models import absent, blocks, layers
 from umit.models.cnn import ResEncoder3D, ResNet3D, ResUNet3D
 from umit.models.heads import ClassificationModel, freeze_encoder, layer_id_fn
 from umit.models.monai_compat import (
@@ -20,6 +20,7 @@ from umit.models.vit3d import ViT3D
 
 __all__ = [
     "UNETR",
+    "absent",
     "ClassificationModel",
     "ResEncoder3D",
     "ResNet3D",

@@ -32,6 +32,7 @@ from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
 from umit.labels.table import LabelsTableConfig, catalog_path, read_labels, table_targets
 from umit.models import create_model
+from umit.ssl.cross_sequence import CrossSequence3D, synthesis_scores
 from umit.ssl.genesis import Genesis3D
 from umit.ssl.mae import MAE3D, mae_flops_per_sample
 from umit.ssl.monitor import build_monitor
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 ENCODER_FILE = "encoder.pt"
 NETWORK_FILE = "network.pt"
 INITIAL_EVAL_FILE = "initial_eval.json"
+SYNTHESIS_FILE = "synthesis.json"
 
 
 class MAEConfig(UmitConfig):
@@ -104,9 +106,6 @@ class GenesisConfig(UmitConfig):
     """Share of in-painting among paintings (the rest is out-painting)."""
 
 
-METHODS = ("mae", "simclr", "genesis", "report_labels")
-
-
 class ReportLabelsConfig(UmitConfig):
     """``method=report_labels``: weak multi-label supervision from the catalog's labels table."""
 
@@ -115,6 +114,34 @@ class ReportLabelsConfig(UmitConfig):
     findings: list[str] | None = None
     """Findings to learn, one output each (None: every finding of the table with both present
     and absent cases among the training cases)."""
+
+
+class CrossSequenceConfig(UmitConfig):
+    """Settings of cross-sequence MRI pretraining (``method=cross_sequence``)."""
+
+    target: str | None = None
+    """Sequence always hidden (a channel name of the store, e.g. ``FLAIR``); None draws the
+    hidden sequence at random per sample."""
+    mask_ratio: float = Field(default=1.0, gt=0, le=1)
+    """Fraction of the hidden sequence's ``mask_patch`` cubes hidden (1: the whole sequence;
+    below 1: predict masked patches of the missing sequence, the rest of it visible)."""
+    mask_patch: int = Field(default=8, ge=1)
+    """Edge of a hidden cube in voxels."""
+    decoder_dim: int = Field(default=64, ge=8)
+    """Width of the first decoder stage (halved per upsampling)."""
+    loss: Literal["l1", "mse"] = "l1"
+    """Loss on the hidden voxels, in the store's normalised intensity space."""
+    input_skip: bool = True
+    """Add a 1x1x1 convolution of the (filled) input to the prediction (voxelwise mixing)."""
+    synthesis_eval: bool = True
+    """At the end, PSNR / SSIM of the predicted sequence on the validation cases (whole
+    volumes) against the intensity-matched baseline, into ``synthesis.json``."""
+    synthesis_split: str | None = None
+    """Score the synthesis on the cases of this store split instead of the validation
+    hold-out (e.g. ``test``: subjects excluded from pretraining)."""
+
+
+METHODS = ("mae", "simclr", "genesis", "report_labels", "cross_sequence")
 
 
 class PretrainConfig(UmitConfig):
@@ -140,9 +167,10 @@ class PretrainConfig(UmitConfig):
     """Cases held out for the validation reconstruction loss (0 = none)."""
     val_crops: int = Field(default=8, ge=1)
     """Fixed validation crops (with fixed masks) over the held-out cases."""
-    method: Literal["mae", "simclr", "genesis", "report_labels"] = "mae"
-    """Pretraining method: masked autoencoding (ViT only), contrastive views, restoration, or
-    weak multi-label supervision from report-derived labels (``report_labels.labels``)."""
+    method: Literal["mae", "simclr", "genesis", "report_labels", "cross_sequence"] = "mae"
+    """Pretraining method: masked autoencoding (ViT only), contrastive views, restoration, weak
+    multi-label supervision from report-derived labels (``report_labels.labels``), or prediction
+    of a held-out MRI sequence from the others (multi-channel stores)."""
     scope: Literal["encoder", "network"] = "encoder"
     """``encoder``: pretrain ``model``, an encoder, and write ``encoder.pt``. ``network``
     (``method=genesis`` only): ``model`` is a whole segmentation network (unetr, swin_unetr,
@@ -157,6 +185,8 @@ class PretrainConfig(UmitConfig):
     """Models Genesis wrapper settings."""
     report_labels: ReportLabelsConfig = Field(default_factory=ReportLabelsConfig)
     """Report-label wrapper settings (``method=report_labels``)."""
+    cross_sequence: CrossSequenceConfig = Field(default_factory=CrossSequenceConfig)
+    """Cross-sequence wrapper settings."""
     monitor_label: str | None = None
     """Per-case label of the store index (e.g. ``target``) for the online kNN / probe scores
     every ``train.eval_every`` steps; None = off."""
@@ -358,8 +388,28 @@ def build_network(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
         return create_model(cfg.model, **args)
 
 
+def check_sequences(cfg: PretrainConfig, channel_names: list[str]) -> None:
+    """Cross-sequence pretraining needs a multi-channel store holding the target sequence."""
+    if len(channel_names) < 2:
+        raise InputError(
+            cfg.data,
+            f"method=cross_sequence needs a multi-sequence store (at least two channels); this "
+            f"store has {len(channel_names)} channel(s) {channel_names}",
+        )
+    target = cfg.cross_sequence.target
+    if target is not None and target not in channel_names:
+        raise InputError(
+            cfg.data,
+            f"cross_sequence.target={target!r} is not a sequence of this store; its channels are "
+            f"{channel_names}",
+        )
+
+
 def build_method(
-    cfg: PretrainConfig, in_chans: int, report: ReportLabelData | None = None
+    cfg: PretrainConfig,
+    in_chans: int,
+    channel_names: list[str] | None = None,
+    report: ReportLabelData | None = None,
 ) -> torch.nn.Module:
     """The wrapper of ``cfg.method`` around a freshly built ``cfg.model`` encoder (or, with
     ``scope=network``, a whole network); ``report``: the labels of ``method=report_labels``."""
@@ -402,6 +452,14 @@ def build_method(
         if report is None:
             raise ValueError("method=report_labels needs the report labels (report_label_data)")
         return ReportLabels3D(encoder, report.findings, report.prevalence)
+    if cfg.method == "cross_sequence":
+        names = list(channel_names or [f"channel{i}" for i in range(in_chans)])
+        check_sequences(cfg, names)
+        return CrossSequence3D(
+            encoder,
+            names,
+            **cfg.cross_sequence.model_dump(exclude={"synthesis_eval", "synthesis_split"}),
+        )
     raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
 
 
@@ -494,7 +552,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         train_cases = [c for c in train_cases if c in set(report.cases)]
     train_cfg = cfg.train.model_copy(update={"out_dir": cfg.out})
     seed_everything(cfg.train.seed)  # same config + seed -> same initial weights
-    module = build_method(cfg, in_chans, report)
+    if cfg.method == "cross_sequence":
+        check_sequences(cfg, list(plan.channel_names))
+    module = build_method(cfg, in_chans, list(plan.channel_names), report)
     dataset = training_data(cfg, train_cases)
     val = build_validation(cfg.data, val_cases, cfg)
     if report is not None:
@@ -554,6 +614,16 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "seconds": result.seconds,
     }
 
+    xs = cfg.cross_sequence
+    held_out = (
+        [c for c in store.case_ids if store.index[c].get("split") == xs.synthesis_split]
+        if xs.synthesis_split
+        else val_cases
+    )
+    if cfg.method == "cross_sequence" and xs.synthesis_eval and held_out:
+        summary["synthesis"] = synthesis_scores(module, store, held_out, cfg.crop_size)
+        if is_main():
+            atomic_write_json(cfg.out / SYNTHESIS_FILE, summary["synthesis"])
     if is_main():
         if cfg.scope == "network":
             save_artifact(
