@@ -81,3 +81,37 @@ def orthanc_empty(orthanc) -> Orthanc:
     """The session's Orthanc with every study deleted first."""
     orthanc.clear()
     return orthanc
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (``tests/_postgres.py``): initdb/pg_ctl in a temp
+    folder on a free loopback port, stopped at the end. Skips with a reason when PostgreSQL's
+    binaries are absent."""
+    from _postgres import postgres_bin, start_postgres
+
+    found = postgres_bin()
+    if isinstance(found, str):
+        pytest.skip(found)
+    import shutil
+    import tempfile
+
+    # not under pytest's basetemp: that is 0700 and re-chmodded, and the server runs as nobody
+    folder = Path(tempfile.mkdtemp(prefix="umit-postgres-"))
+    try:
+        server = start_postgres(folder)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """A fresh, empty database on the session's PostgreSQL server, as a URL with a password."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50]
+    return postgres.create_database(name)

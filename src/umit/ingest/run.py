@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 from tqdm import tqdm
 
 from umit import __version__
@@ -31,7 +31,13 @@ from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
 from umit.deid.secret import load_or_create_secret, pseudonym, replace_uid
 from umit.errors import InputError
 from umit.ingest.bvecs import write_fsl_gradients
-from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
+from umit.ingest.catalog import (
+    Catalog,
+    SeriesRecord,
+    catalog_location,
+    is_postgres_url,
+    redact_url,
+)
 from umit.ingest.dicom import age_band
 from umit.ingest.dicomweb import DicomWebSettings, is_remote_source
 from umit.ingest.formats import (
@@ -48,6 +54,9 @@ log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
+SHARED_TEMP_AGE_S = 3600.0
+"""With a PostgreSQL catalog, a ``.tmp-*`` file in RAW counts as left by a killed process only
+when older than this (younger ones may be another worker's write in progress)."""
 SEX_CODES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
 
 
@@ -59,6 +68,11 @@ class IngestConfig(DicomWebSettings):
     .npz, or a DICOMweb service ``dicomweb+http(s)://HOST:PORT/ROOT`` (a PACS: docs/pacs.md)."""
     out: Path
     """RAW output folder: catalog.db, images/, labels/ (created; an existing one is resumed)."""
+    catalog: str | None = Field(default=None, repr=False)
+    """Where the catalog is: a SQLite file (default ``RAW/catalog.db``) or a PostgreSQL URL
+    ``postgresql://USER@HOST:PORT/DB`` that many ingest processes, on many machines, write at
+    once (password from ``~/.pgpass`` or ``$PGPASSWORD``; one in the URL is redacted in
+    config.yaml and in messages)."""
     workers: int = Field(default=1, ge=1)
     """Processes that load and write items in parallel (the catalog is written by the parent)."""
     site: str | None = None
@@ -94,6 +108,10 @@ class IngestConfig(DicomWebSettings):
     pacs_ca_file: Path | None = None
     """DICOMweb source over https: CA bundle to trust (default: the system's)."""
 
+    @field_serializer("catalog")
+    def _redacted(self, value: str | None) -> str | None:
+        return redact_url(value)
+
     @field_validator("src", mode="before")
     @classmethod
     def _url_or_path(cls, value: Any) -> Any:
@@ -108,6 +126,8 @@ class IngestResult:
     """What one ``umit ingest`` run did."""
 
     out: Path
+    catalog: str | Path | None = None
+    """Where the catalog is (a SQLite path or a PostgreSQL URL)."""
     found: int = 0
     ingested: int = 0
     skipped: int = 0
@@ -168,8 +188,8 @@ def run(
     start = time.perf_counter()
     out = prepare_out(cfg)
     secret = load_or_create_secret(out)
-    result = IngestResult(out=out)
-    with Catalog(out / CATALOG_NAME) as catalog:
+    result = IngestResult(out=out, catalog=catalog_location(cfg.catalog, out))
+    with Catalog(result.catalog) as catalog:
         catalog.set_info("umit_version", __version__)
         found = discover(cfg.src)
         ingest_found(found, cfg, secret, catalog, result, progress, limit=cfg.limit)
@@ -185,9 +205,11 @@ def prepare_out(cfg: IngestConfig) -> Path:
     a killed run removed, the resolved config written."""
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
+    # With a shared (PostgreSQL) catalog other processes may be writing RAW right now.
+    min_age_s = SHARED_TEMP_AGE_S if is_postgres_url(cfg.catalog) else 0.0
     for sub in (IMAGES_DIR, LABELS_DIR):
         (out / sub).mkdir(exist_ok=True)
-        removed = remove_stale_temps(out / sub)
+        removed = remove_stale_temps(out / sub, min_age_s=min_age_s)
         if removed:
             log.info("removed %d half-written file(s) left by an interrupted run", removed)
     save_config(cfg, out)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 from tqdm.auto import tqdm
 
 from umit.config import UmitConfig, save_config
@@ -44,7 +44,7 @@ from umit.data.store import (
     write_case,
 )
 from umit.errors import GeometryError, InputError
-from umit.ingest.catalog import Catalog, SeriesRecord
+from umit.ingest.catalog import Catalog, SeriesRecord, redact_url
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.fingerprint import channel_names, compute_fingerprint, stable_seed
 from umit.preprocess.plan import apply_overrides, plan_from_fingerprint
@@ -70,6 +70,9 @@ class PreprocessConfig(UmitConfig):
     """RAW folder written by ``umit ingest`` (holds catalog.db, images/, labels/)."""
     out: Path
     """PREP folder to write (plan.json, store.zarr, index.json, failures.json)."""
+    catalog: str | None = Field(default=None, repr=False)
+    """The catalog ``umit ingest`` wrote: default ``RAW/catalog.db``; a SQLite path or a
+    PostgreSQL URL (password redacted in config.yaml). It also holds the lock on PREP."""
     workers: int = Field(default_factory=_default_workers)
     """Worker processes (1: in this process). Default min(2, CPUs)."""
     max_fingerprint_cases: int = 50
@@ -105,6 +108,10 @@ class PreprocessConfig(UmitConfig):
     """Override: compression level."""
     interpolation_order: Literal[1, 3] | None = None
     """Override: image interpolation order (1 trilinear, 3 cubic)."""
+
+    @field_serializer("catalog")
+    def _redacted(self, value: str | None) -> str | None:
+        return redact_url(value)
 
     @field_validator("workers")
     @classmethod
@@ -435,13 +442,31 @@ def _old_failures(out: Path) -> dict[str, Any]:
 
 
 def run(cfg: PreprocessConfig) -> PreprocessResult:
-    """Preprocess every case of ``cfg.raw`` into ``cfg.out`` (see the module docstring)."""
+    """Preprocess every case of ``cfg.raw`` into ``cfg.out`` (see the module docstring).
+
+    Raises:
+        InputError: another ``umit preprocess`` is writing the same PREP (the catalog holds
+            the lock; one left by a killed process of this host is taken over).
+    """
     t0 = time.perf_counter()
     raw, out = Path(cfg.raw), Path(cfg.out)
-    with Catalog.open_raw(raw) as catalog:
+    with Catalog.open_raw(raw, cfg.catalog) as catalog:
         cases, info = catalog.cases(), catalog.info()
-    if not cases:
-        raise InputError(raw, "the catalog lists no series; nothing to preprocess")
+        if not cases:
+            raise InputError(raw, "the catalog lists no series; nothing to preprocess")
+        with catalog.lock(lock_name(out)):
+            return _run_locked(cfg, cases, info, t0)
+
+
+def lock_name(out: str | Path) -> str:
+    """The name under which a run holds PREP in the catalog's locks table."""
+    return str(Path(out).resolve())
+
+
+def _run_locked(
+    cfg: PreprocessConfig, cases: dict[str, list[SeriesRecord]], info: dict[str, Any], t0: float
+) -> PreprocessResult:
+    raw, out = Path(cfg.raw), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, recursive=False)
     with _pool(cfg.workers) as pool:
