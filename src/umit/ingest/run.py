@@ -16,6 +16,7 @@ import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,7 @@ from umit.ingest.formats import (
     folder_items,
     medmnist_items,
 )
+from umit.utils.executor import check_executor, dask_client, dask_map_unordered
 from umit.utils.fileio import remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,15 @@ class IngestConfig(DicomWebSettings):
     once (password from ``~/.pgpass`` or ``$PGPASSWORD``; one in the URL is redacted in
     config.yaml and in messages)."""
     workers: int = Field(default=1, ge=1)
-    """Processes that load and write items in parallel (the catalog is written by the parent)."""
+    """Processes that load and write items in parallel (the catalog is written by the parent);
+    with executor=dask and no scheduler, the processes of the LocalCluster."""
+    executor: Literal["local", "dask"] = "local"
+    """Where items are loaded and written: ``local`` (a process pool of ``workers``) or ``dask``
+    (one task per item on a Dask cluster; this process commits the rows)."""
+    scheduler: str | None = None
+    """executor=dask: address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786`` (default:
+    a LocalCluster of ``workers`` processes on this machine). RAW must be reachable by every
+    worker under the same path (a shared file system)."""
     site: str | None = None
     """Site label given to every item of this source that has none (a pseudonym, not a hospital name)."""
     retry_failed: bool = False
@@ -111,6 +121,12 @@ class IngestConfig(DicomWebSettings):
     @field_serializer("catalog")
     def _redacted(self, value: str | None) -> str | None:
         return redact_url(value)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None, info: Any) -> str | None:
+        check_executor(info.data.get("executor", "local"), value)
+        return value
 
     @field_validator("src", mode="before")
     @classmethod
@@ -355,7 +371,16 @@ def _process(
                 catalog.add_failure(item.key, item.source, str(exc))
         bar.update(1)
 
-    if workers == 1 or len(todo) < 2:
+    if cfg.executor == "dask" and todo:
+        with dask_client(cfg.scheduler, workers) as client:
+            fn = partial(ingest_item, cfg=cfg, secret=secret)
+            for item, outcome, exc in dask_map_unordered(
+                client, fn, todo, name=lambda it: f"ingest-{it.key}"
+            ):
+                if exc is not None:
+                    outcome = f"{item.source}: worker failed: {type(exc).__name__}: {exc}"
+                commit(item, outcome)
+    elif workers == 1 or len(todo) < 2:
         for item in todo:
             commit(item, ingest_item(item, cfg, secret))
     else:

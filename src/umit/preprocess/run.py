@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,7 @@ from umit.preprocess.resample import (
     read_nifti,
     same_geometry,
 )
+from umit.utils.executor import check_executor, dask_client, dask_map, dask_map_unordered
 from umit.utils.fileio import atomic_write_json, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,15 @@ class PreprocessConfig(UmitConfig):
     """The catalog ``umit ingest`` wrote: default ``RAW/catalog.db``; a SQLite path or a
     PostgreSQL URL (password redacted in config.yaml). It also holds the lock on PREP."""
     workers: int = Field(default_factory=_default_workers)
-    """Worker processes (1: in this process). Default min(2, CPUs)."""
+    """Worker processes (1: in this process). Default min(2, CPUs). With executor=dask and no
+    scheduler: the processes of the LocalCluster."""
+    executor: Literal["local", "dask"] = "local"
+    """Where cases are processed: ``local`` (a process pool of ``workers``) or ``dask`` (one task
+    per case on a Dask cluster, each writing its case group atomically)."""
+    scheduler: str | None = None
+    """executor=dask: address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786`` (default:
+    a LocalCluster of ``workers`` processes on this machine). RAW and PREP must be reachable by
+    every worker under the same path or URL."""
     max_fingerprint_cases: int = 50
     """At most this many cases are read for intensity statistics (0: all)."""
     fingerprint_voxels_per_case: int = 100_000
@@ -112,6 +122,12 @@ class PreprocessConfig(UmitConfig):
     @field_serializer("catalog")
     def _redacted(self, value: str | None) -> str | None:
         return redact_url(value)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None, info: Any) -> str | None:
+        check_executor(info.data.get("executor", "local"), value)
+        return value
 
     @field_validator("workers")
     @classmethod
@@ -469,8 +485,12 @@ def _run_locked(
     raw, out = Path(cfg.raw), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, recursive=False)
-    with _pool(cfg.workers) as pool:
-        plan = resolve_plan(cfg, cases, info, map_fn=pool.map if pool else map)
+    dask = cfg.executor == "dask"
+    with _pool(1 if dask else cfg.workers) as pool, _dask(cfg) as client:
+        map_fn = map if pool is None else pool.map
+        if client is not None:  # the fingerprint's reads too run where the data is
+            map_fn = partial(_dask_map, client)
+        plan = resolve_plan(cfg, cases, info, map_fn=map_fn)
         plan_path = out / PLAN_NAME
         if plan_path.is_file():
             old = Plan.load(plan_path)
@@ -504,7 +524,7 @@ def _run_locked(
         done = 0
         jobs = [(cid, cases[cid], str(raw), plan, str(out)) for cid in todo]
         with tqdm(total=len(jobs), desc="preprocess", unit="case", disable=None) as bar:
-            for cid, entry, reason in _results(jobs, pool):
+            for cid, entry, reason in _results(jobs, pool, client):
                 if entry is not None:
                     index[cid] = entry
                     failures.pop(cid, None)
@@ -528,9 +548,31 @@ def _run_locked(
     )
 
 
+@contextmanager
+def _dask(cfg: PreprocessConfig) -> Iterator[Any]:
+    if cfg.executor != "dask":
+        yield None
+        return
+    with dask_client(cfg.scheduler, cfg.workers) as client:
+        yield client
+
+
+def _dask_map(client: Any, fn: Any, items: Any) -> list[Any]:
+    return dask_map(client, fn, items)
+
+
 def _results(
-    jobs: list[tuple], pool: ProcessPoolExecutor | None
+    jobs: list[tuple], pool: ProcessPoolExecutor | None, client: Any = None
 ) -> Iterator[tuple[str, dict | None, str | None]]:
+    if client is not None:
+        for job, res, exc in dask_map_unordered(
+            client, _process_case_job, jobs, name=lambda j: f"preprocess-{j[0]}"
+        ):
+            if exc is None:
+                yield res
+            else:  # e.g. KilledWorker: the case took down workers repeatedly (out of memory?)
+                yield job[0], None, f"worker failed: {type(exc).__name__}: {exc}"
+        return
     if pool is None:
         yield from map(_process_case_job, jobs)
         return
