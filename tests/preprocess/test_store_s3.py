@@ -79,6 +79,12 @@ def test_reads_through_a_local_chunk_cache(raw, tmp_path, s3_bucket):
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
     cached = [p for p in cache.rglob("*") if p.is_file()]
     assert any("/c/" in str(p) for p in cached)  # chunk files, not only metadata
+    # `umit pretrain data=s3://...` keeps the URL; its crops come through the same cache
+    from umit.ssl.pretrain import PretrainConfig, training_data
+
+    cfg = PretrainConfig(data=url, crop_size=(16, 16, 16), chunk_cache=str(cache))
+    assert cfg.data == url
+    assert tuple(training_data(cfg, Store(url).case_ids)[0]["image"].shape) == (1, 16, 16, 16)
     # the object store's copy of the chunks goes away: cached crops still read the same
     fs = PrepDir(url).fs
     for path in fs.find(url.removeprefix("s3://") + "/store.zarr"):
