@@ -171,3 +171,13 @@ def test_killed_worker_loses_nothing(collection, tmp_path):
     finally:
         cluster.close()
     assert _store_files(prep) == _store_files(tmp_path / "prep_local")
+
+
+def test_dicomweb_source_refuses_executor_dask(tmp_path):
+    from umit.errors import InputError
+
+    cfg = IngestConfig(
+        src="dicomweb+http://127.0.0.1:9/dicom-web", out=tmp_path / "raw", executor="dask"
+    )
+    with pytest.raises(InputError, match="executor=dask is for folder and file sources"):
+        ingest(cfg, progress=False)

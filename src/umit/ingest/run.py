@@ -192,6 +192,13 @@ def run(
     if is_remote_source(cfg.src):
         from umit.ingest.pacs import run_dicomweb  # imports this module: import it on use
 
+        if cfg.executor != "local":
+            raise InputError(
+                None,
+                "executor=dask is for folder and file sources; a DICOMweb source is retrieved "
+                "by pacs_workers threads and ingested here (run one ingest per study list instead)",
+            )
+
         return run_dicomweb(cfg, progress=progress, auth=auth)
     if isinstance(cfg.src, str):  # a URL of another kind (not echoed: it may hold a password)
         raise InputError(
