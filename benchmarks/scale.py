@@ -5,6 +5,7 @@ cache, interleaved in one run.
 
     python -m benchmarks.scale grow --n 100 1000 [--configs local-sqlite dask-sqlite ...]
     python -m benchmarks.scale crops --n 100 [--reps 3]
+    python -m benchmarks.scale real [--shared ../shared/data]   # one real CT: the per-voxel cost
 
 Each configuration runs in a fresh process (``one``), which samples the RSS of its whole process
 tree (pool / Dask workers included) every 0.1 s for the peak. The PostgreSQL server is started
@@ -292,6 +293,39 @@ def crops(args: argparse.Namespace) -> dict:
         server.wait()
 
 
+def real(args: argparse.Namespace) -> dict:
+    """Ingest + preprocess one real abdomen CT (512² x 134, DICOM), 1 worker: the per-case cost
+    of a clinical series that the phantom figures lack (the basis of the 100,000-series sums)."""
+    from umit.ingest.run import IngestConfig
+    from umit.ingest.run import run as ingest
+    from umit.preprocess.run import PreprocessConfig
+    from umit.preprocess.run import run as preprocess
+
+    src = Path(args.shared) / "abdomen_ct_dicom_tcia"
+    work = RUNS / "real_ct"
+    shutil.rmtree(work, ignore_errors=True)
+    out: dict = {"series": str(src.name)}
+    with PeakRss() as mem:
+        ing = ingest(IngestConfig(src=src, out=work / "raw"), progress=False)
+        pre = preprocess(
+            PreprocessConfig(
+                raw=work / "raw", out=work / "prep", workers=1, target_spacing=(1.5, 1.5, 2.0)
+            )
+        )
+    out.update(
+        ingest_s=ing.seconds,
+        preprocess_s=pre.seconds,
+        dicom_bytes=_du(src)[0],
+        raw_bytes=_du(work / "raw" / "images")[0],
+        store_bytes=_du(work / "prep" / "store.zarr")[0],
+        store_files=_du(work / "prep" / "store.zarr")[1],
+        index_bytes=(work / "prep" / "index.json").stat().st_size,
+        peak_rss_mb=mem.peak / 2**20,
+    )
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
@@ -301,6 +335,9 @@ def main() -> None:
     c = sub.add_parser("crops")
     c.add_argument("--n", type=int, nargs=1, default=[100])
     c.add_argument("--reps", type=int, default=3)
+    r = sub.add_parser("real")
+    r.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    r.add_argument("--n", type=int, nargs=1, default=[1])
     o = sub.add_parser("one")
     o.add_argument("--config", choices=CONFIGS, required=True)
     o.add_argument("--n", type=int, required=True)
@@ -312,7 +349,7 @@ def main() -> None:
         print(json.dumps(one(args)))
         return
     RUNS.mkdir(parents=True, exist_ok=True)
-    result = grow(args) if args.mode == "grow" else crops(args)
+    result = {"grow": grow, "crops": crops, "real": real}[args.mode](args)
     meta = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "date": date.today().isoformat(),

@@ -135,12 +135,14 @@ def test_upgrade_of_a_catalog_written_by_the_previous_release(tmp_path):
     con.executescript(_SCHEMA_2_SQLITE)
     con.close()
     with Catalog(path) as cat:
-        assert cat.info()["schema_version"] == SCHEMA_VERSION == 3
+        assert cat.info()["schema_version"] == SCHEMA_VERSION == 4
         assert [r.series_id for r in cat.series()] == ["old_0000"]
         with cat.lock(str(tmp_path / "prep")):
             pass
         cat.add_series([_rec("new")])
         assert [r.case_id for r in cat.series()] == ["new", "old"]
+        # migration 4 gave the existing case its owner: another source cannot claim it
+        assert cat.claim_cases([("old", "key-x", "src/x")]) == {"old": ("key-old", "src/old")}
 
 
 def test_migrations_step_by_step(location):
@@ -234,3 +236,12 @@ def test_postgres_catalog_repr_hides_the_password(pg_url, postgres):
     with Catalog(pg_url) as cat:
         assert postgres.password not in repr(cat) and cat.backend == "postgresql"
         assert cat.size_bytes() > 0
+
+
+def test_case_ids_are_claimed_once_across_connections(location):
+    """Two ingest processes (two connections) claiming one case id: the first one owns it."""
+    with Catalog(location) as one, Catalog(location) as two:
+        assert one.claim_cases([("c1", "k1", "s1")]) == {"c1": ("k1", "s1")}
+        got = two.claim_cases([("c1", "k2", "s2"), ("c2", "k3", "s3")])
+        assert got == {"c1": ("k1", "s1"), "c2": ("k3", "s3")}
+        assert one.claim_cases([("c1", "k1", "s1")]) == {"c1": ("k1", "s1")}  # idempotent

@@ -5,7 +5,8 @@ analysis: it holds geometry and acquisition metadata and the subgroup attributes
 site, contrast), never patient identifiers. Beside the ``series`` table, ``failures`` lists what
 could not be ingested, ``set_aside`` what was left out on purpose (localizers),
 ``remote_series`` which series of a DICOMweb source (a PACS) are done, by pseudonymised UID, and
-``locks`` which output folders a running ``umit preprocess`` holds. Each series is committed in
+``locks`` which output folders a running ``umit preprocess`` holds and ``case_owners`` which
+source claimed each case id (before writing its files, so concurrent writers cannot clash). Each series is committed in
 its own transaction, so a killed ingest can be resumed: a source whose ``source_key`` is present
 is not redone, nor a remote series that has its row.
 
@@ -159,10 +160,26 @@ def _migration_3(db: _Db) -> None:
     )
 
 
+def _migration_4(db: _Db) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS case_owners (case_id TEXT PRIMARY KEY, "
+        "source_key TEXT NOT NULL, source TEXT NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO case_owners (case_id, source_key, source) "
+        "SELECT case_id, MIN(source_key), MIN(source) FROM series GROUP BY case_id"
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[_Db], None]]] = [
     (1, "tables series, failures, info, set_aside, remote_series", _migration_1),
     (2, "series.transform: what ingest changed in the voxels", _migration_2),
     (3, "locks: output folders held by a running umit preprocess", _migration_3),
+    (
+        4,
+        "case_owners: a case id is claimed by one source before its files are written",
+        _migration_4,
+    ),
 ]
 """Numbered, append-only: a catalog at version k gets migrations k+1.. on open, in one
 transaction (a second process opening at once waits, then finds nothing to do)."""
@@ -531,6 +548,26 @@ class Catalog:
     def set_info(self, key: str, value: Any) -> None:
         with self.transaction() as db:
             db.upsert("info", {"key": key, "value": json.dumps(value)}, ("key",))
+
+    def claim_cases(self, claims: list[tuple[str, str, str]]) -> dict[str, tuple[str, str]]:
+        """Claim case ids for sources before their files are written: ``(case_id, source_key,
+        source)`` each; returns case id -> ``(source_key, source)`` of its owner, which is the
+        claimant unless another source claimed it first (here or in a concurrent process).
+
+        One transaction: of two processes claiming one case id at once, one wins.
+        """
+        with self.transaction(lock="case-claims") as db:
+            for case_id, key, source in claims:
+                db.execute(
+                    "INSERT INTO case_owners (case_id, source_key, source) VALUES (?, ?, ?) "
+                    "ON CONFLICT (case_id) DO NOTHING",
+                    (case_id, key, source),
+                )
+            wanted = {c for c, _, _ in claims}
+            rows = db.all("SELECT case_id, source_key, source FROM case_owners")
+        return {
+            r["case_id"]: (r["source_key"], r["source"]) for r in rows if r["case_id"] in wanted
+        }
 
     # -- locks -----------------------------------------------------------------------------
     def acquire_lock(self, name: str, holder: str = "umit preprocess") -> None:

@@ -334,11 +334,14 @@ def _assign_case_ids(todo: list[IngestItem], catalog: Catalog, secret: bytes) ->
 
     Checked before anything is written, so a clash can never overwrite another case's files.
     """
-    owner = {rec.case_id: (rec.source_key, rec.source) for rec in catalog.series()}
-    keep = []
+    claims = []
     for item in todo:
         item.case_id = item.case_hint or f"{item.fmt}_{pseudonym(secret, item.key)}"
-        key, source = owner.setdefault(item.case_id, (item.key, item.source))
+        claims.append((item.case_id, item.key, item.source))
+    owner = catalog.claim_cases(claims)  # atomic: concurrent ingest processes cannot both win
+    keep = []
+    for item in todo:
+        key, source = owner[item.case_id]
         if key != item.key:
             catalog.add_failure(
                 item.key,
