@@ -89,7 +89,10 @@ def test_four_processes_ingest_overlapping_folders_into_one_catalog(tmp_path, pg
         for p in parts
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [1, 1, 1, 1], outputs  # each saw the bad file
+    codes = [p.returncode for p in procs]
+    # parts 1 and 2 hold the unreadable file; 0 and 3 report the shared catalog's failure row
+    # if it was there when they finished (status 1), else 0
+    assert codes[1] == codes[2] == 1 and set(codes) <= {0, 1}, outputs
     # the reference: one process, the whole pool, an embedded SQLite catalog
     single = tmp_path / "single"
     single.mkdir()

@@ -86,6 +86,9 @@ def test_reads_through_a_local_chunk_cache(raw, tmp_path, s3_bucket):
     cfg = PretrainConfig(data=url, crop_size=(16, 16, 16), chunk_cache=str(cache))
     assert cfg.data == url
     assert tuple(training_data(cfg, Store(url).case_ids)[0]["image"].shape) == (1, 16, 16, 16)
+    from umit.finetune.run import FinetuneConfig
+
+    assert FinetuneConfig(data=url, chunk_cache=str(cache)).data == url  # not folded to s3:/
     # the object store's copy of the chunks goes away: cached crops still read the same
     fs = PrepDir(url).fs
     for path in fs.find(url.removeprefix("s3://") + "/store.zarr"):
