@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,federated,onnx]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,federated,onnx,scale]"
 	touch $@
 
 demo: $(VENV)/.installed

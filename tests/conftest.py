@@ -87,3 +87,79 @@ def orthanc_empty(orthanc) -> Orthanc:
     """The session's Orthanc with every study deleted first."""
     orthanc.clear()
     return orthanc
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (``tests/_postgres.py``): initdb/pg_ctl in a temp
+    folder on a free loopback port, stopped at the end. Skips with a reason when PostgreSQL's
+    binaries are absent."""
+    from _postgres import postgres_bin, start_postgres
+
+    found = postgres_bin()
+    if isinstance(found, str):
+        pytest.skip(found)
+    import shutil
+    import tempfile
+
+    # not under pytest's basetemp: that is 0700 and re-chmodded, and the server runs as nobody
+    folder = Path(tempfile.mkdtemp(prefix="umit-postgres-"))
+    try:
+        server = start_postgres(folder)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """A fresh, empty database on the session's PostgreSQL server, as a URL with a password."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50]
+    return postgres.create_database(name)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on loopback for the session (``tests/_s3.py``), its endpoint and fake
+    credentials in the environment while it runs. Skips with a reason without moto."""
+    import os
+
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"moto[server] / s3fs not installed (extra `scale`): {exc}")
+    from _s3 import start_s3
+
+    server = start_s3()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3, request) -> str:
+    """``s3://<fresh bucket>`` on the session's S3 server."""
+    import re
+    import uuid
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    return f"s3://{name}"

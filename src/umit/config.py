@@ -144,8 +144,12 @@ def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
 def save_config(cfg: BaseModel, out_dir: str | Path, name: str = RESOLVED_CONFIG_NAME) -> Path:
     """Write the resolved config into ``out_dir`` atomically and return its path."""
     path = Path(out_dir) / name
-    text = f"# resolved {type(cfg).__name__} written by umit\n" + yaml.safe_dump(
+    atomic_write_text(path, config_text(cfg))
+    return path
+
+
+def config_text(cfg: BaseModel) -> str:
+    """The resolved config as the YAML text :func:`save_config` writes."""
+    return f"# resolved {type(cfg).__name__} written by umit\n" + yaml.safe_dump(
         config_to_dict(cfg), sort_keys=False
     )
-    atomic_write_text(path, text)
-    return path

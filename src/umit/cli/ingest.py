@@ -107,10 +107,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def print_summary(result) -> None:
-    from umit.ingest.catalog import CATALOG_NAME, Catalog
+    from umit.ingest.catalog import Catalog
     from umit.ingest.run import failure_line, set_aside_line
 
-    with Catalog(result.out / CATALOG_NAME) as cat:
+    with Catalog(result.catalog) as cat:
         summary = cat.summary()
     print(
         f"ingest: {result.ingested} new item(s), {result.skipped} already done, {result.failed} failed "

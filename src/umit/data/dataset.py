@@ -45,6 +45,8 @@ class StoreCropDataset(Dataset):
         foreground_prob: Probability of a foreground-centred crop (cases with a label).
         seed: Base seed; with the epoch and the index it fixes every crop.
         with_label: Return ``label`` for labeled cases.
+        chunk_cache: PREP on an object store (``s3://...``): a local folder keeping a copy of
+            the chunks read (each fetched once; worker processes share it). None: no copy.
 
     Returns (per item) a dict: ``image`` float32 (C, d, h, w); ``label`` int64 (1, d, h, w) for
     labeled cases; ``case_id`` str; ``crop_start`` int64 (3,) voxel start in the case (may be
@@ -65,6 +67,7 @@ class StoreCropDataset(Dataset):
         foreground_prob: float = 0.33,
         seed: int = 0,
         with_label: bool = True,
+        chunk_cache: str | Path | None = None,
     ):
         self.crop_size = _triple(crop_size, "crop_size")
         if samples_per_case < 1:
@@ -73,7 +76,8 @@ class StoreCropDataset(Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not 0.0 <= foreground_prob <= 1.0:
             raise ValueError(f"foreground_prob must be in [0, 1], got {foreground_prob}")
-        self.store = Store(prep_dir)  # reads index.json only; Zarr opens on first read
+        # reads index.json only; Zarr opens on first read
+        self.store = Store(prep_dir, chunk_cache=chunk_cache)
         self.case_ids = list(self.store.case_ids if cases is None else cases)
         missing = [c for c in self.case_ids if c not in self.store]
         if missing:

@@ -178,8 +178,17 @@ class Plan(UmitConfig):
         if not path.is_file():
             raise InputError(path, "plan file not found (run `umit preprocess` to make one)")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text = path.read_text()
+        except UnicodeDecodeError as exc:
+            raise InputError(path, f"plan is not valid JSON ({exc})") from exc
+        return cls.from_json(text, path)
+
+    @classmethod
+    def from_json(cls, text: str, path: str | Path) -> Plan:
+        """A plan from the JSON text of a plan file (``path`` names it in errors)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise InputError(path, f"plan is not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise InputError(path, f"plan must be a JSON object, got {type(data).__name__}")

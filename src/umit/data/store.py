@@ -16,10 +16,18 @@ Layout of a PREP folder::
 A case is written into ``cases/.tmp-<case_id>-<random>`` and renamed into place when complete, so a
 ``kill -9`` leaves either a complete case group or a ``.tmp-*`` folder that the next run deletes.
 The index can always be rebuilt from the case attributes (:func:`scan_complete`).
+
+PREP may also be an object-store URL, ``s3://bucket/prefix`` (Zarr v3 over fsspec/s3fs;
+credentials and endpoint from the usual AWS settings: ``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, ``~/.aws``...). An object store cannot rename, so there a case is written in
+place and its group's ``zarr.json`` with ``complete: true`` is the last object written: readers
+and reruns see a case either complete or not at all (an incomplete one is rewritten). Readers
+may keep a local copy of the chunks they fetched (``Store(..., chunk_cache=DIR)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,12 +39,14 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs as zc
-from zarr.storage import LocalStore
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from umit.data.meta import ImageMeta
 from umit.data.plan import PLAN_NAME, Plan
 from umit.errors import InputError
-from umit.utils.fileio import TMP_PREFIX, remove_stale_temps
+from umit.utils.fileio import TMP_PREFIX, atomic_write_bytes, remove_stale_temps
 
 STORE_NAME = "store.zarr"
 CASES_GROUP = "cases"
@@ -74,6 +84,165 @@ def check_case_id(case_id: str) -> str:
     return case_id
 
 
+def is_url(location: object) -> bool:
+    """A ``scheme://`` location (an object store), not a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+class PrepDir:
+    """Where a PREP lives: a local folder or an fsspec URL (``s3://bucket/prefix``).
+
+    The few operations the preprocess run and the reader need, the same on both: read and write
+    small JSON/YAML files (atomically: temp + rename locally, one PUT on an object store), list
+    case groups, open a Zarr store. Picklable (the file-system handle is made again on use).
+    """
+
+    def __init__(self, location: str | Path | PrepDir):
+        if isinstance(location, PrepDir):
+            location = location.location
+        self.remote = is_url(location)
+        self.location: str | Path = str(location).rstrip("/") if self.remote else Path(location)
+        self._fs: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+    def __repr__(self) -> str:
+        return f"PrepDir({str(self.location)!r})"
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            import fsspec
+
+            self._fs, self._root = fsspec.core.url_to_fs(self.location)
+        return self._fs
+
+    def _key(self, *parts: str) -> str:
+        self.fs  # noqa: B018 - sets _root
+        return "/".join([self._root, *parts])
+
+    def name(self, *parts: str) -> str | Path:
+        """How messages name ``parts`` under PREP."""
+        if self.remote:
+            return "/".join([str(self.location), *parts])
+        return self.location.joinpath(*parts)
+
+    def path(self, *parts: str) -> Path:
+        """A local path under PREP (local PREP only)."""
+        assert not self.remote, "object-store PREP has no local paths"
+        return self.location.joinpath(*parts)
+
+    def mkdir(self) -> None:
+        if not self.remote:
+            self.location.mkdir(parents=True, exist_ok=True)
+            return
+        bucket = self._key().split("/")[0]
+        try:
+            self.fs.ls(bucket, detail=False)
+        except (FileNotFoundError, PermissionError, OSError) as exc:
+            raise InputError(
+                str(self.location),
+                f"bucket {bucket!r} cannot be listed ({type(exc).__name__}: {exc})",
+            ) from None
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            if self.remote:
+                return self.fs.cat_file(self._key(*parts))
+            return self.path(*parts).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def read_text(self, *parts: str) -> str | None:
+        data = self.read_bytes(*parts)
+        return None if data is None else data.decode("utf-8")
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write atomically: a reader sees the old or the new file, never half of it."""
+        if self.remote:
+            self.fs.pipe_file(self._key(*parts), data)  # one PUT: all or nothing
+        else:
+            atomic_write_bytes(self.path(*parts), data)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode("utf-8"), *parts)
+
+    def exists(self, *parts: str) -> bool:
+        if self.remote:
+            return self.fs.exists(self._key(*parts))
+        return self.path(*parts).exists()
+
+    def remove(self, *parts: str) -> None:
+        """Delete a file or a folder/prefix (recursively), if present."""
+        if self.remote:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._key(*parts), recursive=True)
+            self.fs.invalidate_cache()
+            return
+        path = self.path(*parts)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def children(self, *parts: str) -> list[str]:
+        """Names of the sub-folders (prefixes) of ``parts``, sorted; [] when absent."""
+        if self.remote:
+            self.fs.invalidate_cache()  # other writers may have added cases
+            try:
+                entries = self.fs.ls(self._key(*parts), detail=True)
+            except FileNotFoundError:
+                return []
+            return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        folder = self.path(*parts)
+        if not folder.is_dir():
+            return []
+        return sorted(c.name for c in folder.iterdir() if c.is_dir())
+
+    def zarr_store(self, *parts: str, read_only: bool = False) -> Any:
+        """A Zarr store rooted at ``parts`` under PREP."""
+        if self.remote:
+            url = "/".join([str(self.location), *parts])
+            return FsspecStore.from_url(url, read_only=read_only)
+        return LocalStore(str(self.path(*parts)), read_only=read_only)
+
+
+class ChunkCacheStore(WrapperStore):
+    """Read-through local copy of what a remote store returns: each object fetched once.
+
+    For reading a finished store only (chunks and metadata are not rewritten while it is read).
+    Files go under ``cache_dir`` by key, written atomically, so several reader processes can
+    share one cache folder.
+    """
+
+    def __init__(self, store: Any, cache_dir: str | Path):
+        super().__init__(store)
+        self.cache_dir = Path(cache_dir)
+
+    def _with_store(self, store: Any) -> ChunkCacheStore:
+        return type(self)(store, self.cache_dir)
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        local = self.cache_dir / key
+        try:
+            return prototype.buffer.from_bytes(local.read_bytes())
+        except FileNotFoundError:
+            pass
+        value = await self._store.get(key, prototype)
+        if value is not None:
+            atomic_write_bytes(local, value.to_bytes())
+        return value
+
+
 def store_root(prep_dir: str | Path) -> Path:
     return Path(prep_dir) / STORE_NAME
 
@@ -93,24 +262,24 @@ def compressors_for(plan: Plan) -> Any:
     return None
 
 
-def init_store(prep_dir: str | Path) -> Path:
+def init_store(prep_dir: str | Path | PrepDir) -> str | Path:
     """Create ``store.zarr`` (root + ``cases`` group) if needed; delete stale ``.tmp-*`` case groups."""
-
-    root = store_root(prep_dir)
-    if not (root / "zarr.json").is_file():
-        group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    prep = PrepDir(prep_dir)
+    if not prep.exists(STORE_NAME, "zarr.json"):
+        group = zarr.open_group(prep.zarr_store(STORE_NAME), mode="a", zarr_format=3)
         group.update_attributes({"format": "umit-prep", "format_version": CASE_FORMAT_VERSION})
-    if not (root / CASES_GROUP / "zarr.json").is_file():
-        zarr.open_group(str(root / CASES_GROUP), mode="a", zarr_format=3)
-    remove_stale_temps(root / CASES_GROUP, recursive=False)
-    return root
+    if not prep.exists(STORE_NAME, CASES_GROUP, "zarr.json"):
+        zarr.open_group(prep.zarr_store(STORE_NAME, CASES_GROUP), mode="a", zarr_format=3)
+    if not prep.remote:
+        remove_stale_temps(prep.path(STORE_NAME, CASES_GROUP), recursive=False)
+    return prep.name(STORE_NAME)
 
 
-def read_case_attrs(prep_dir: str | Path, case_id: str) -> dict[str, Any] | None:
+def read_case_attrs(prep_dir: str | Path | PrepDir, case_id: str) -> dict[str, Any] | None:
     """Attributes of a case group straight from its ``zarr.json`` (None if absent or unreadable)."""
-    path = cases_dir(prep_dir) / case_id / "zarr.json"
     try:
-        return json.loads(path.read_text()).get("attributes", {})
+        text = PrepDir(prep_dir).read_text(STORE_NAME, CASES_GROUP, case_id, "zarr.json")
+        return None if text is None else json.loads(text).get("attributes", {})
     except (OSError, ValueError):
         return None
 
@@ -134,20 +303,20 @@ def index_entry(attrs: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def scan_complete(prep_dir: str | Path, plan_hash: str | None = None) -> dict[str, dict[str, Any]]:
+def scan_complete(
+    prep_dir: str | Path | PrepDir, plan_hash: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Index rows of every complete case group in the store (the index is derived, never primary).
 
     With ``plan_hash``, only groups written with that plan (``Plan.processing_hash()``) count.
     """
-    folder = cases_dir(prep_dir)
+    prep = PrepDir(prep_dir)
     out: dict[str, dict[str, Any]] = {}
-    if not folder.is_dir():
-        return out
-    for child in sorted(folder.iterdir()):
-        if child.is_dir() and not child.name.startswith(TMP_PREFIX):
-            attrs = read_case_attrs(prep_dir, child.name)
+    for name in prep.children(STORE_NAME, CASES_GROUP):
+        if not name.startswith(TMP_PREFIX):
+            attrs = read_case_attrs(prep, name)
             if is_complete(attrs) and (plan_hash is None or attrs.get("plan_hash") == plan_hash):
-                out[child.name] = index_entry(attrs)
+                out[name] = index_entry(attrs)
     return out
 
 
@@ -173,47 +342,18 @@ def write_case(
     """
 
     check_case_id(case_id)
-    folder = cases_dir(prep_dir)
+    prep = PrepDir(prep_dir)
+    if prep.remote:
+        return _write_case_in_place(prep, case_id, plan, image, label, locations, attrs)
+    folder = cases_dir(prep.location)
     final = folder / case_id
     tmp = folder / f"{TMP_PREFIX}{case_id}-{uuid.uuid4().hex[:8]}"
-    n = plan.chunk_size
-    compressors = compressors_for(plan)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        arr = group.create_array(
-            "image",
-            shape=image.shape,
-            dtype=image.dtype,
-            chunks=(1, n, n, n),
-            compressors=compressors,
-            fill_value=0,
-        )
-        arr[...] = image
-        if label is not None:
-            arr = group.create_array(
-                "label",
-                shape=label.shape,
-                dtype=label.dtype,
-                chunks=(n, n, n),
-                compressors=compressors,
-                fill_value=0,
-            )
-            arr[...] = label
-        for cls, coords in sorted(locations.items()):
-            if len(coords):
-                coords = np.ascontiguousarray(coords, dtype=np.int32)
-                arr = group.create_array(
-                    f"locations/{int(cls)}",
-                    shape=coords.shape,
-                    dtype=np.int32,
-                    chunks=(min(LOCATION_CHUNK, len(coords)), 3),
-                    compressors=compressors,
-                    fill_value=0,
-                )
-                arr[...] = coords
+        _write_arrays(group, plan, image, label, locations)
         group.update_attributes({**attrs, "complete": True})  # one metadata write, after the arrays
         if final.exists():
-            existing = read_case_attrs(prep_dir, case_id)
+            existing = read_case_attrs(prep, case_id)
             if is_complete(existing) and existing.get("plan_hash") == attrs.get("plan_hash"):
                 return final  # another writer finished it first; keep the existing one
             shutil.rmtree(final)  # incomplete, or written with another plan
@@ -222,6 +362,69 @@ def write_case(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _write_case_in_place(
+    prep: PrepDir,
+    case_id: str,
+    plan: Plan,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    locations: dict[int, np.ndarray],
+    attrs: dict[str, Any],
+) -> str | Path:
+    """Object store: no rename, so the group's ``zarr.json`` saying ``complete`` comes last."""
+    existing = read_case_attrs(prep, case_id)
+    if is_complete(existing) and existing.get("plan_hash") == attrs.get("plan_hash"):
+        return prep.name(STORE_NAME, CASES_GROUP, case_id)  # another writer finished it first
+    prep.remove(STORE_NAME, CASES_GROUP, case_id)  # incomplete, or written with another plan
+    store = prep.zarr_store(STORE_NAME, CASES_GROUP, case_id)
+    group = zarr.open_group(store, mode="w", zarr_format=3)  # zarr.json without "complete"
+    _write_arrays(group, plan, image, label, locations)
+    group.update_attributes({**attrs, "complete": True})  # the last object written
+    return prep.name(STORE_NAME, CASES_GROUP, case_id)
+
+
+def _write_arrays(
+    group: Any,
+    plan: Plan,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    locations: dict[int, np.ndarray],
+) -> None:
+    n = plan.chunk_size
+    compressors = compressors_for(plan)
+    arr = group.create_array(
+        "image",
+        shape=image.shape,
+        dtype=image.dtype,
+        chunks=(1, n, n, n),
+        compressors=compressors,
+        fill_value=0,
+    )
+    arr[...] = image
+    if label is not None:
+        arr = group.create_array(
+            "label",
+            shape=label.shape,
+            dtype=label.dtype,
+            chunks=(n, n, n),
+            compressors=compressors,
+            fill_value=0,
+        )
+        arr[...] = label
+    for cls, coords in sorted(locations.items()):
+        if len(coords):
+            coords = np.ascontiguousarray(coords, dtype=np.int32)
+            arr = group.create_array(
+                f"locations/{int(cls)}",
+                shape=coords.shape,
+                dtype=np.int32,
+                chunks=(min(LOCATION_CHUNK, len(coords)), 3),
+                compressors=compressors,
+                fill_value=0,
+            )
+            arr[...] = coords
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -345,25 +548,31 @@ class Store:
     """Reader of a PREP folder's Zarr store; picklable (handles are reopened after fork/spawn).
 
     Args:
-        prep_dir: The PREP folder written by ``umit preprocess``.
+        prep_dir: The PREP folder written by ``umit preprocess``, or its ``s3://bucket/prefix``.
         cache_size: How many opened cases to keep (each holds only metadata, no voxels).
+        chunk_cache: A local folder keeping a copy of every object read from a remote PREP
+            (chunks are fetched once; several readers may share the folder). None: no copy.
     """
 
-    def __init__(self, prep_dir: str | Path, cache_size: int = 256):
-        self.prep_dir = Path(prep_dir)
-        root = store_root(self.prep_dir)
-        if not (root / "zarr.json").is_file():
+    def __init__(
+        self, prep_dir: str | Path, cache_size: int = 256, chunk_cache: str | Path | None = None
+    ):
+        self.prep = PrepDir(prep_dir)
+        self.prep_dir = self.prep.location
+        self.chunk_cache = Path(chunk_cache) if chunk_cache is not None else None
+        if not self.prep.exists(STORE_NAME, "zarr.json"):
             raise InputError(
                 self.prep_dir,
                 f"no {STORE_NAME} here; run `umit preprocess RAW --out {self.prep_dir}`",
             )
-        index_path = self.prep_dir / INDEX_NAME
-        if not index_path.is_file():
+        index_path = self.prep.name(INDEX_NAME)
+        text = self.prep.read_text(INDEX_NAME)
+        if text is None:
             raise InputError(
                 index_path, "index is missing: the preprocess run did not finish; rerun it"
             )
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(text)
         except ValueError as exc:
             raise InputError(index_path, f"index is not valid JSON ({exc})") from exc
         self.index: dict[str, dict[str, Any]] = index.get("cases", {})
@@ -381,7 +590,13 @@ class Store:
     @property
     def plan(self) -> Plan:
         if self._plan is None:
-            self._plan = Plan.load(self.prep_dir / PLAN_NAME)
+            if self.prep.remote:
+                text = self.prep.read_text(PLAN_NAME)
+                if text is None:
+                    raise InputError(self.prep.name(PLAN_NAME), "plan file not found")
+                self._plan = Plan.from_json(text, self.prep.name(PLAN_NAME))
+            else:
+                self._plan = Plan.load(self.prep.path(PLAN_NAME))
         return self._plan
 
     @property
@@ -396,7 +611,10 @@ class Store:
 
     def _open(self) -> Any:
         if self._zstore is None or self._pid != os.getpid():
-            self._zstore = LocalStore(str(store_root(self.prep_dir)), read_only=True)
+            zstore = self.prep.zarr_store(STORE_NAME, read_only=True)
+            if self.chunk_cache is not None:
+                zstore = ChunkCacheStore(zstore, self.chunk_cache)
+            self._zstore = zstore
             self._pid = os.getpid()
             self._cases.clear()
         return self._zstore
@@ -405,12 +623,13 @@ class Store:
         """The case ``case_id`` (an InputError naming the store if it is not a finished case)."""
         if case_id not in self.index:
             raise InputError(
-                cases_dir(self.prep_dir) / str(case_id), "case is not in the store index"
+                self.prep.name(STORE_NAME, CASES_GROUP, str(case_id)),
+                "case is not in the store index",
             )
         zstore = self._open()
         case = self._cases.get(case_id)
         if case is None:
-            case = StoreCase(zstore, case_id, str(cases_dir(self.prep_dir) / case_id))
+            case = StoreCase(zstore, case_id, str(self.prep.name(STORE_NAME, CASES_GROUP, case_id)))
             self._cases[case_id] = case
             while len(self._cases) > self.cache_size:
                 self._cases.popitem(last=False)

@@ -35,11 +35,18 @@ def load_or_create_secret(folder: str | Path) -> bytes:
         return bytes.fromhex(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    tmp = path.with_name(f".tmp-{SECRET_NAME}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{SECRET_NAME}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key.hex())
-    os.replace(tmp, path)
+        f.flush()
+        os.fsync(f.fileno())
+    try:  # link, not rename: of several ingest processes starting at once, the first one wins
+        os.link(tmp, path)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink()
     return key
 
 

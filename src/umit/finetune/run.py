@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from umit.config import UmitConfig
 from umit.data.cases import CentredCases, balanced_cases, case_label
@@ -55,8 +55,20 @@ BEST_FILE = "best.pt"
 class FinetuneConfig(UmitConfig):
     """Settings of ``umit finetune``."""
 
-    data: Path
-    """Preprocessed store (PREP folder)."""
+    data: Path | str
+    """Preprocessed store (PREP folder), or its ``s3://bucket/prefix``."""
+    chunk_cache: Path | None = None
+    """PREP on an object store: a local folder keeping a copy of the chunks read (each fetched
+    once, shared by the loader workers); None reads every crop from the store."""
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """An ``s3://`` store stays a string (a Path would fold ``//``); others are paths."""
+        if isinstance(value, str) and "://" in value:
+            return value
+        return Path(value) if isinstance(value, str) else value
+
     out: Path = Path("runs/finetune")
     """Run folder: config.yaml, metrics.jsonl, checkpoints, best.pt."""
     task: Literal["segmentation", "classification"] = "segmentation"
@@ -443,6 +455,7 @@ def training_data(
             foreground_prob=cfg.foreground_prob,
             seed=cfg.train.seed,
             with_label=True,
+            chunk_cache=cfg.chunk_cache,
         )
     return AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
 
@@ -467,7 +480,7 @@ def seg_num_outputs(store: Store, cases: list[str], plan: Plan) -> int:
 # ---------------------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; returns a summary with the chosen model's metric and path."""
-    store = Store(cfg.data)
+    store = Store(cfg.data, chunk_cache=cfg.chunk_cache)
     if (
         cfg.labels is not None
         and cfg.task == "classification"

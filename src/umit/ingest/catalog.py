@@ -1,16 +1,26 @@
-"""The ingest catalog: one SQLite row per written series/channel, plus a table of failures.
+"""The ingest catalog: one row per written series/channel, plus a table of failures.
 
 The catalog is the hand-over from ``umit ingest`` to ``umit preprocess`` and to the bias
 analysis: it holds geometry and acquisition metadata and the subgroup attributes (sex, age band,
 site, contrast), never patient identifiers. Beside the ``series`` table, ``failures`` lists what
-could not be ingested, ``set_aside`` what was left out on purpose (localizers) and
-``remote_series`` which series of a DICOMweb source (a PACS) are done, by pseudonymised UID.
-Each series is committed in its own transaction, so a killed ingest can be resumed: a source
-whose ``source_key`` is present is not redone, nor a remote series that has its row.
+could not be ingested, ``set_aside`` what was left out on purpose (localizers),
+``remote_series`` which series of a DICOMweb source (a PACS) are done, by pseudonymised UID, and
+``locks`` which output folders a running ``umit preprocess`` holds and ``case_owners`` which
+source claimed each case id (before writing its files, so concurrent writers cannot clash). Each series is committed in
+its own transaction, so a killed ingest can be resumed: a source whose ``source_key`` is present
+is not redone, nor a remote series that has its row.
+
+Two backends share one schema and one numbered list of migrations (:data:`MIGRATIONS`):
+
+- SQLite (the embedded default): a file, ``RAW/catalog.db`` unless told otherwise;
+- PostgreSQL: a URL ``postgresql://USER@HOST:PORT/DB`` (password from ``~/.pgpass`` or
+  ``$PGPASSWORD``; one in the URL works but is redacted wherever the URL is shown or saved), so
+  that ingest workers on many machines can write one catalog at once. Unique keys and one
+  transaction per series keep it free of duplicates and lost rows.
 
 Layout of a RAW folder (paths in the catalog are relative to it)::
 
-    RAW/catalog.db
+    RAW/catalog.db                 (SQLite backend)
     RAW/images/<case_id>_<channel:04d>.nii.gz
     RAW/labels/<case_id>.nii.gz
 """
@@ -18,21 +28,58 @@ Layout of a RAW folder (paths in the catalog are relative to it)::
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import sqlite3
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from umit.errors import InputError
 
 CATALOG_NAME = "catalog.db"
-SCHEMA_VERSION = 2
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-# Schema 1; series columns added since are in _ADDED_COLUMNS (added to every catalog on open).
-_SCHEMA = """
+
+def is_postgres_url(location: str | Path | None) -> bool:
+    return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
+
+
+def redact_url(location: str | Path | None) -> str | None:
+    """``location`` with any password replaced by ``***`` (safe for logs and config.yaml)."""
+    if location is None:
+        return None
+    text = str(location)
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def catalog_location(catalog: str | Path | None, raw: str | Path) -> str | Path:
+    """Where the catalog of ``raw`` lives: ``catalog`` if given (a path or a PostgreSQL URL),
+    else ``RAW/catalog.db``."""
+    if catalog is None or str(catalog) == "":
+        return Path(raw) / CATALOG_NAME
+    return catalog if is_postgres_url(catalog) else Path(catalog)
+
+
+# -- schema: one numbered list of migrations, for both backends ------------------------------
+
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS series (
     series_id    TEXT PRIMARY KEY,
     source_key   TEXT NOT NULL,
@@ -87,18 +134,195 @@ CREATE TABLE IF NOT EXISTS remote_series (
     deid_study_uid  TEXT NOT NULL,
     modality        TEXT,
     n_instances     INTEGER NOT NULL,
-    n_bytes         INTEGER NOT NULL,
+    n_bytes         BIGINT NOT NULL,
     n_items         INTEGER NOT NULL,
     n_failed        INTEGER NOT NULL,
     retrieved_at    TEXT NOT NULL
-);
+)
 """
 
-_ADDED_COLUMNS: dict[str, str] = {
-    "transform": "TEXT",  # schema 2
-}
-"""Series columns added after schema 1 (name -> SQL type). A catalog written by an older
-version gets them on open (:func:`_migrate`); its earlier rows read them as None."""
+
+def _migration_1(db: _Db) -> None:
+    for statement in _SCHEMA_1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _migration_2(db: _Db) -> None:
+    if "transform" not in db.columns("series"):
+        db.execute("ALTER TABLE series ADD COLUMN transform TEXT")
+
+
+def _migration_3(db: _Db) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, pid INTEGER NOT NULL, "
+        "host TEXT NOT NULL, started_at TEXT NOT NULL)"
+    )
+
+
+def _migration_4(db: _Db) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS case_owners (case_id TEXT PRIMARY KEY, "
+        "source_key TEXT NOT NULL, source TEXT NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO case_owners (case_id, source_key, source) "
+        "SELECT case_id, MIN(source_key), MIN(source) FROM series GROUP BY case_id"
+    )
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[_Db], None]]] = [
+    (1, "tables series, failures, info, set_aside, remote_series", _migration_1),
+    (2, "series.transform: what ingest changed in the voxels", _migration_2),
+    (3, "locks: output folders held by a running umit preprocess", _migration_3),
+    (
+        4,
+        "case_owners: a case id is claimed by one source before its files are written",
+        _migration_4,
+    ),
+]
+"""Numbered, append-only: a catalog at version k gets migrations k+1.. on open, in one
+transaction (a second process opening at once waits, then finds nothing to do)."""
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class _Db:
+    """The few things the two backends do differently: placeholders, rows, locks, columns."""
+
+    def __init__(self, location: str | Path):
+        self.location = location
+        self.postgres = is_postgres_url(location)
+        if self.postgres:
+            try:
+                import psycopg
+                from psycopg.rows import dict_row
+            except ImportError as exc:  # pragma: no cover - the `scale` extra
+                raise InputError(
+                    redact_url(location),
+                    "a PostgreSQL catalog needs psycopg: pip install 'umit[scale]'",
+                ) from exc
+            try:
+                self.con = psycopg.connect(
+                    str(location), autocommit=True, row_factory=dict_row, connect_timeout=30
+                )
+            except psycopg.Error as exc:
+                raise InputError(
+                    redact_url(location), f"cannot connect to the PostgreSQL catalog: {exc}"
+                ) from None
+        else:
+            path = Path(location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per series.
+            self.con = sqlite3.connect(path, isolation_level=None, timeout=60)
+            self.con.row_factory = _dict_row
+            self.con.execute("PRAGMA journal_mode=WAL")
+            self.con.execute("PRAGMA synchronous=FULL")
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Any:
+        if self.postgres:
+            sql = sql.replace("?", "%s")
+        return self.con.execute(sql, params)
+
+    def all(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
+        return list(self.execute(sql, params).fetchall())
+
+    def one_value(self, sql: str, params: tuple | list = ()) -> Any:
+        row = self.execute(sql, params).fetchone()
+        return None if row is None else next(iter(row.values()))
+
+    @contextmanager
+    def transaction(self, lock: str | None = None) -> Iterator[_Db]:
+        """One atomic unit. SQLite takes the write lock at BEGIN; PostgreSQL takes the advisory
+        lock ``lock`` (a name) for the transaction, for check-then-write sequences."""
+        self.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+        try:
+            if lock is not None and self.postgres:
+                self.execute("SELECT pg_advisory_xact_lock(?)", (_lock_id(lock),))
+            yield self
+        except BaseException:
+            self.execute("ROLLBACK")
+            raise
+        else:
+            self.execute("COMMIT")
+
+    def upsert(self, table: str, row: dict[str, Any], keys: tuple[str, ...]) -> None:
+        """Insert ``row``, replacing the one with the same ``keys`` (same SQL on both backends)."""
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        update = ", ".join(f"{c} = excluded.{c}" for c in row if c not in keys)
+        self.execute(
+            f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {update}",
+            list(row.values()),
+        )
+
+    def tables(self) -> set[str]:
+        if self.postgres:
+            rows = self.all(
+                "SELECT table_name AS name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        else:
+            rows = self.all("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {r["name"] for r in rows}
+
+    def columns(self, table: str) -> set[str]:
+        if self.postgres:
+            rows = self.all(
+                "SELECT column_name AS name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?",
+                (table,),
+            )
+        else:
+            rows = self.all(f"PRAGMA table_info({table})")
+        return {r["name"] for r in rows}
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
+    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+
+
+def _lock_id(name: str) -> int:
+    """A stable signed 64-bit id for a PostgreSQL advisory lock named ``name``."""
+    return zlib.crc32(name.encode()) - 2**31
+
+
+def schema_version(db: _Db) -> int:
+    """The catalog's schema version: ``info.schema_version``, or, for a catalog written before
+    versions were recorded, what its tables show (0: empty)."""
+    tables = db.tables()
+    if "info" in tables:
+        value = db.one_value("SELECT value FROM info WHERE key = 'schema_version'")
+        if value is not None:
+            return int(json.loads(value))
+    if "series" not in tables:
+        return 0
+    return 2 if "transform" in db.columns("series") else 1
+
+
+def migrate(db: _Db) -> int:
+    """Bring the catalog to :data:`SCHEMA_VERSION`; returns the version it had before.
+
+    Raises:
+        InputError: the catalog was written by a newer UMIT (a version this one does not know).
+    """
+    with db.transaction(lock="umit-catalog-migrate"):  # before looking: one migrator at a time
+        before = schema_version(db)
+        if before > SCHEMA_VERSION:
+            raise InputError(
+                redact_url(db.location),
+                f"catalog schema version {before} is newer than this UMIT's {SCHEMA_VERSION}; "
+                "upgrade umit",
+            )
+        for number, _, step in MIGRATIONS:
+            if number > before:
+                step(db)
+        if before < SCHEMA_VERSION:
+            db.upsert("info", {"key": "schema_version", "value": str(SCHEMA_VERSION)}, ("key",))
+    return before
 
 
 @dataclass
@@ -173,31 +397,43 @@ def _now() -> str:
 
 
 class Catalog:
-    """SQLite catalog of a RAW folder. Use as a context manager or call :meth:`close`."""
+    """The catalog of a RAW folder, in SQLite (a path) or PostgreSQL (a ``postgresql://`` URL).
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per series.
-        self._con = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        self._con.row_factory = sqlite3.Row
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=FULL")
-        self._con.executescript(_SCHEMA)
-        _migrate(self._con)
+    Use as a context manager or call :meth:`close`. The schema is created or migrated on open.
+    """
+
+    def __init__(self, location: str | Path):
+        self._db = _Db(location)
+        self.location = location
+        try:
+            migrate(self._db)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file (None for PostgreSQL)."""
+        return None if self._db.postgres else Path(self.location)
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self._db.postgres else "sqlite"
+
+    def __repr__(self) -> str:
+        return f"Catalog({redact_url(self.location)!r})"
 
     @classmethod
-    def open_raw(cls, raw: str | Path) -> Catalog:
-        """Open the catalog of an existing RAW folder, with a clear error if there is none."""
-        path = Path(raw) / CATALOG_NAME
-        if not path.is_file():
-            raise InputError(
-                raw, f"no {CATALOG_NAME} here; run `umit ingest SRC --out {raw}` first"
-            )
-        return cls(path)
+    def open_raw(cls, raw: str | Path, catalog: str | Path | None = None) -> Catalog:
+        """Open the catalog of an existing RAW folder (``catalog`` if given), with a clear error
+        if there is none."""
+        location = catalog_location(catalog, raw)
+        if not is_postgres_url(location) and not Path(location).is_file():
+            raise InputError(location, f"no catalog here; run `umit ingest SRC --out {raw}` first")
+        return cls(location)
 
     def close(self) -> None:
-        self._con.close()
+        self._db.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -206,53 +442,49 @@ class Catalog:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, lock: str | None = None) -> Iterator[_Db]:
         """One atomic unit: everything inside commits together or not at all."""
-        self._con.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._con
-        except BaseException:
-            self._con.execute("ROLLBACK")
-            raise
-        else:
-            self._con.execute("COMMIT")
+        with self._db.transaction(lock=lock) as db:
+            yield db
 
     # -- writing ---------------------------------------------------------------------------
     def add_series(self, records: list[SeriesRecord]) -> None:
-        """Commit all channels of one source item at once, clearing an earlier failure of it."""
+        """Commit all channels of one source item at once, clearing an earlier failure of it.
+
+        The case-id check and the writes are one transaction holding the case's lock, so two
+        workers committing the same case at once write it once, and two sources claiming one
+        case id cannot both win.
+        """
         if not records:
             return
         now = _now()
-        with self.transaction() as con:
+        with self.transaction(lock=f"case:{records[0].case_id}") as db:
             for rec in records:
-                clash = con.execute(
+                clash = db.all(
                     "SELECT source FROM series WHERE case_id = ? AND channel = ? AND source_key != ?",
                     (rec.case_id, rec.channel, rec.source_key),
-                ).fetchone()
+                )
                 if clash:
                     raise InputError(
                         rec.source,
                         f"case id {rec.case_id!r} channel {rec.channel} was already ingested from "
-                        f"another source ({clash[0]}); case ids must be unique within a RAW folder",
+                        f"another source ({clash[0]['source']}); case ids must be unique within "
+                        "a RAW folder",
                     )
                 row = asdict(rec)
                 row["ingested_at"] = now
                 for key in _JSON_FIELDS:
                     row[key] = json.dumps(row[key])
-                cols = ", ".join(row)
-                marks = ", ".join("?" for _ in row)
-                con.execute(
-                    f"INSERT OR REPLACE INTO series ({cols}) VALUES ({marks})", list(row.values())
-                )
-                con.execute("DELETE FROM failures WHERE source_key = ?", (rec.source_key,))
+                db.upsert("series", row, ("series_id",))
+                db.execute("DELETE FROM failures WHERE source_key = ?", (rec.source_key,))
 
     def add_failure(self, source_key: str, source: str, reason: str, stage: str = "ingest") -> None:
         """Record why one source item could not be ingested (replaces an earlier reason)."""
-        with self.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?)",
-                (source_key, str(source), stage, reason, _now()),
-            )
+        row = dict(
+            source_key=source_key, source=str(source), stage=stage, reason=reason, failed_at=_now()
+        )
+        with self.transaction() as db:
+            db.upsert("failures", row, ("source_key",))
 
     def add_set_aside(
         self,
@@ -268,21 +500,19 @@ class Catalog:
     ) -> None:
         """Record images left out on purpose (localizers): reported, not failures, never redone
         (a rerun finds them again and replaces the row)."""
-        with self.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    source_key,
-                    source,
-                    kind,
-                    reason,
-                    n_images,
-                    modality,
-                    series_number,
-                    deid_series_uid,
-                    _now(),
-                ),
-            )
+        row = dict(
+            source_key=source_key,
+            source=source,
+            kind=kind,
+            reason=reason,
+            n_images=n_images,
+            modality=modality,
+            series_number=series_number,
+            deid_series_uid=deid_series_uid,
+            set_aside_at=_now(),
+        )
+        with self.transaction() as db:
+            db.upsert("set_aside", row, ("source_key",))
 
     def add_remote_series(
         self,
@@ -300,39 +530,99 @@ class Catalog:
         pseudonymised UIDs: ``n_items`` stacks and unreadable files found in it, ``n_failed``
         of them failure rows. ``clear_failure`` is the source key of an earlier failed
         retrieval of it, removed in the same transaction."""
-        with self.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO remote_series VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    deid_series_uid,
-                    deid_study_uid,
-                    modality,
-                    n_instances,
-                    n_bytes,
-                    n_items,
-                    n_failed,
-                    _now(),
-                ),
-            )
+        row = dict(
+            deid_series_uid=deid_series_uid,
+            deid_study_uid=deid_study_uid,
+            modality=modality,
+            n_instances=n_instances,
+            n_bytes=n_bytes,
+            n_items=n_items,
+            n_failed=n_failed,
+            retrieved_at=_now(),
+        )
+        with self.transaction() as db:
+            db.upsert("remote_series", row, ("deid_series_uid",))
             if clear_failure is not None:
-                con.execute("DELETE FROM failures WHERE source_key = ?", (clear_failure,))
+                db.execute("DELETE FROM failures WHERE source_key = ?", (clear_failure,))
 
     def set_info(self, key: str, value: Any) -> None:
-        with self.transaction() as con:
-            con.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (key, json.dumps(value)))
+        with self.transaction() as db:
+            db.upsert("info", {"key": key, "value": json.dumps(value)}, ("key",))
+
+    def claim_cases(self, claims: list[tuple[str, str, str]]) -> dict[str, tuple[str, str]]:
+        """Claim case ids for sources before their files are written: ``(case_id, source_key,
+        source)`` each; returns case id -> ``(source_key, source)`` of its owner, which is the
+        claimant unless another source claimed it first (here or in a concurrent process).
+
+        One transaction: of two processes claiming one case id at once, one wins.
+        """
+        with self.transaction(lock="case-claims") as db:
+            for case_id, key, source in claims:
+                db.execute(
+                    "INSERT INTO case_owners (case_id, source_key, source) VALUES (?, ?, ?) "
+                    "ON CONFLICT (case_id) DO NOTHING",
+                    (case_id, key, source),
+                )
+            wanted = {c for c, _, _ in claims}
+            rows = db.all("SELECT case_id, source_key, source FROM case_owners")
+        return {
+            r["case_id"]: (r["source_key"], r["source"]) for r in rows if r["case_id"] in wanted
+        }
+
+    # -- locks -----------------------------------------------------------------------------
+    def acquire_lock(self, name: str, holder: str = "umit preprocess") -> None:
+        """Hold ``name`` (an output folder) for this process, or raise naming the holder.
+
+        A lock held by a process of this host that no longer exists (killed) is taken over.
+
+        Raises:
+            InputError: another live process holds it.
+        """
+        host, pid = socket.gethostname(), os.getpid()
+        with self.transaction(lock=f"lock:{name}") as db:
+            rows = db.all("SELECT pid, host FROM locks WHERE name = ?", (name,))
+            if rows:
+                other = rows[0]
+                mine = other["host"] == host and other["pid"] == pid
+                dead = other["host"] == host and not _pid_alive(other["pid"])
+                if not (mine or dead):
+                    where = "" if other["host"] == host else f" on host {other['host']}"
+                    raise InputError(
+                        name,
+                        f"another {holder} is writing {name} (pid {other['pid']}{where}); wait "
+                        "for it to finish, or if it was killed on another host, delete its row "
+                        f"from the catalog's locks table",
+                    )
+            db.upsert("locks", dict(name=name, pid=pid, host=host, started_at=_now()), ("name",))
+
+    def release_lock(self, name: str) -> None:
+        """Let go of ``name`` if this process holds it."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM locks WHERE name = ? AND pid = ? AND host = ?",
+                (name, os.getpid(), socket.gethostname()),
+            )
+
+    @contextmanager
+    def lock(self, name: str, holder: str = "umit preprocess") -> Iterator[None]:
+        """:meth:`acquire_lock` for the ``with`` block."""
+        self.acquire_lock(name, holder)
+        try:
+            yield
+        finally:
+            self.release_lock(name)
 
     # -- reading ---------------------------------------------------------------------------
     def done_keys(self) -> set[str]:
         """Source keys that are finished (ingested or failed for good)."""
-        rows = self._con.execute(
-            "SELECT source_key FROM series UNION SELECT source_key FROM failures"
-        ).fetchall()
-        return {r[0] for r in rows}
+        rows = self._db.all("SELECT source_key FROM series UNION SELECT source_key FROM failures")
+        return {r["source_key"] for r in rows}
 
     def series(self, where: str = "", params: tuple = ()) -> list[SeriesRecord]:
-        """All series rows (optionally filtered by a SQL ``where`` clause), ordered by case/channel."""
+        """All series rows (optionally filtered by a SQL ``where`` clause with ``?``
+        placeholders), ordered by case/channel."""
         sql = "SELECT * FROM series" + (f" WHERE {where}" if where else "")
-        rows = self._con.execute(sql + " ORDER BY case_id, channel", params).fetchall()
+        rows = self._db.all(sql + " ORDER BY case_id, channel", params)
         return [_record_from_row(r) for r in rows]
 
     def cases(self) -> dict[str, list[SeriesRecord]]:
@@ -343,63 +633,63 @@ class Catalog:
         return out
 
     def failures(self) -> list[dict[str, str]]:
-        rows = self._con.execute("SELECT * FROM failures ORDER BY source").fetchall()
-        return [dict(r) for r in rows]
+        return self._db.all("SELECT * FROM failures ORDER BY source, source_key")
 
     def set_aside(self) -> list[dict[str, Any]]:
         """Rows of images set aside on purpose (localizers), ordered by source."""
-        rows = self._con.execute("SELECT * FROM set_aside ORDER BY source").fetchall()
-        return [dict(r) for r in rows]
+        return self._db.all("SELECT * FROM set_aside ORDER BY source, source_key")
 
     def remote_series(self) -> list[dict[str, Any]]:
         """Series of DICOMweb sources that are done, by pseudonymised UID."""
-        rows = self._con.execute("SELECT * FROM remote_series ORDER BY retrieved_at").fetchall()
-        return [dict(r) for r in rows]
+        return self._db.all("SELECT * FROM remote_series ORDER BY retrieved_at, deid_series_uid")
 
     def info(self) -> dict[str, Any]:
-        return {r[0]: json.loads(r[1]) for r in self._con.execute("SELECT key, value FROM info")}
+        return {r["key"]: json.loads(r["value"]) for r in self._db.all("SELECT * FROM info")}
 
     def summary(self) -> dict[str, Any]:
         """Counts by modality / format / split / site / sex for the closing summary."""
-        con = self._con
+        db = self._db
         out: dict[str, Any] = {
-            "series": con.execute("SELECT COUNT(*) FROM series").fetchone()[0],
-            "cases": con.execute("SELECT COUNT(DISTINCT case_id) FROM series").fetchone()[0],
-            "labeled_cases": con.execute(
+            "series": db.one_value("SELECT COUNT(*) FROM series"),
+            "cases": db.one_value("SELECT COUNT(DISTINCT case_id) FROM series"),
+            "labeled_cases": db.one_value(
                 "SELECT COUNT(DISTINCT case_id) FROM series WHERE label_path IS NOT NULL"
-            ).fetchone()[0],
-            "failures": con.execute("SELECT COUNT(*) FROM failures").fetchone()[0],
+            ),
+            "failures": db.one_value("SELECT COUNT(*) FROM failures"),
         }
         for col in ("modality", "source_format", "split", "site", "sex", "age_band", "contrast"):
-            rows = con.execute(
-                f"SELECT COALESCE({col}, '-') AS v, COUNT(DISTINCT case_id) FROM series GROUP BY v ORDER BY v"
-            ).fetchall()
-            out[f"by_{col}"] = {r[0]: r[1] for r in rows}
+            rows = db.all(
+                f"SELECT COALESCE({col}, '-') AS v, COUNT(DISTINCT case_id) AS n FROM series "
+                f"GROUP BY COALESCE({col}, '-') ORDER BY v"
+            )
+            out[f"by_{col}"] = {r["v"]: r["n"] for r in rows}
         return out
 
-
-def _migrate(con: sqlite3.Connection) -> None:
-    """Bring a catalog up to :data:`SCHEMA_VERSION`: add the series columns it lacks."""
-    con.execute("BEGIN IMMEDIATE")  # before looking: two processes opening at once add once
-    try:
-        with_columns = {r[1] for r in con.execute("PRAGMA table_info(series)")}
-        for name, sql_type in _ADDED_COLUMNS.items():
-            if name not in with_columns:
-                con.execute(f"ALTER TABLE series ADD COLUMN {name} {sql_type}")
-        con.execute(
-            "INSERT OR REPLACE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+    def size_bytes(self) -> int:
+        """Bytes the catalog takes on disk (the SQLite file, or the PostgreSQL database)."""
+        if self._db.postgres:
+            return int(self._db.one_value("SELECT pg_database_size(current_database())"))
+        path = Path(self.location)
+        return sum(
+            p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()
         )
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 _FIELD_NAMES = {f.name for f in fields(SeriesRecord)}
 
 
-def _record_from_row(row: sqlite3.Row) -> SeriesRecord:
-    data = {k: row[k] for k in row.keys() if k in _FIELD_NAMES}  # noqa: SIM118 (Row iterates values)
+def _record_from_row(row: dict[str, Any]) -> SeriesRecord:
+    data = {k: v for k, v in row.items() if k in _FIELD_NAMES}
     for key in _JSON_FIELDS:
         data[key] = json.loads(data[key]) if data[key] is not None else None
     data["shape"] = tuple(data["shape"])

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from umit import __version__
 from umit.deid.secret import load_or_create_secret, replace_uid
 from umit.errors import InputError
-from umit.ingest.catalog import CATALOG_NAME, Catalog
+from umit.ingest.catalog import Catalog, catalog_location
 from umit.ingest.dicomweb import (
     AuthenticationError,
     DicomWebClient,
@@ -173,9 +173,9 @@ def run_dicomweb(
             log.info("removed series left half-retrieved by an interrupted run")
             shutil.rmtree(tmp_root)
         tmp_root.mkdir(mode=0o700)
-        result = IngestResult(out=out)
+        result = IngestResult(out=out, catalog=catalog_location(cfg.catalog, out))
         try:
-            with Catalog(out / CATALOG_NAME) as catalog:
+            with Catalog(result.catalog) as catalog:
                 catalog.set_info("umit_version", __version__)
                 done = {
                     r["deid_series_uid"]

@@ -16,11 +16,12 @@ import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 from tqdm import tqdm
 
 from umit import __version__
@@ -31,7 +32,13 @@ from umit.deid.allowlist import COLUMN_ATTRIBUTES, safe_attributes
 from umit.deid.secret import accession_pseudonym, load_or_create_secret, pseudonym, replace_uid
 from umit.errors import InputError
 from umit.ingest.bvecs import write_fsl_gradients
-from umit.ingest.catalog import CATALOG_NAME, Catalog, SeriesRecord
+from umit.ingest.catalog import (
+    Catalog,
+    SeriesRecord,
+    catalog_location,
+    is_postgres_url,
+    redact_url,
+)
 from umit.ingest.dicom import age_band
 from umit.ingest.dicomweb import DicomWebSettings, is_remote_source
 from umit.ingest.formats import (
@@ -42,12 +49,16 @@ from umit.ingest.formats import (
     folder_items,
     medmnist_items,
 )
+from umit.utils.executor import check_executor, dask_client, dask_map_unordered
 from umit.utils.fileio import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
+SHARED_TEMP_AGE_S = 3600.0
+"""With a PostgreSQL catalog, a ``.tmp-*`` file in RAW counts as left by a killed process only
+when older than this (younger ones may be another worker's write in progress)."""
 SEX_CODES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M", "o": "O", "other": "O"}
 
 
@@ -59,8 +70,21 @@ class IngestConfig(DicomWebSettings):
     .npz, or a DICOMweb service ``dicomweb+http(s)://HOST:PORT/ROOT`` (a PACS: docs/pacs.md)."""
     out: Path
     """RAW output folder: catalog.db, images/, labels/ (created; an existing one is resumed)."""
+    catalog: str | None = Field(default=None, repr=False)
+    """Where the catalog is: a SQLite file (default ``RAW/catalog.db``) or a PostgreSQL URL
+    ``postgresql://USER@HOST:PORT/DB`` that many ingest processes, on many machines, write at
+    once (password from ``~/.pgpass`` or ``$PGPASSWORD``; one in the URL is redacted in
+    config.yaml and in messages)."""
     workers: int = Field(default=1, ge=1)
-    """Processes that load and write items in parallel (the catalog is written by the parent)."""
+    """Processes that load and write items in parallel (the catalog is written by the parent);
+    with executor=dask and no scheduler, the processes of the LocalCluster."""
+    executor: Literal["local", "dask"] = "local"
+    """Where items are loaded and written: ``local`` (a process pool of ``workers``) or ``dask``
+    (one task per item on a Dask cluster; this process commits the rows)."""
+    scheduler: str | None = None
+    """executor=dask: address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786`` (default:
+    a LocalCluster of ``workers`` processes on this machine). RAW must be reachable by every
+    worker under the same path (a shared file system)."""
     site: str | None = None
     """Site label given to every item of this source that has none (a pseudonym, not a hospital name)."""
     retry_failed: bool = False
@@ -94,6 +118,16 @@ class IngestConfig(DicomWebSettings):
     pacs_ca_file: Path | None = None
     """DICOMweb source over https: CA bundle to trust (default: the system's)."""
 
+    @field_serializer("catalog")
+    def _redacted(self, value: str | None) -> str | None:
+        return redact_url(value)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None, info: Any) -> str | None:
+        check_executor(info.data.get("executor", "local"), value)
+        return value
+
     @field_validator("src", mode="before")
     @classmethod
     def _url_or_path(cls, value: Any) -> Any:
@@ -108,6 +142,8 @@ class IngestResult:
     """What one ``umit ingest`` run did."""
 
     out: Path
+    catalog: str | Path | None = None
+    """Where the catalog is (a SQLite path or a PostgreSQL URL)."""
     found: int = 0
     ingested: int = 0
     skipped: int = 0
@@ -156,6 +192,13 @@ def run(
     if is_remote_source(cfg.src):
         from umit.ingest.pacs import run_dicomweb  # imports this module: import it on use
 
+        if cfg.executor != "local":
+            raise InputError(
+                None,
+                "executor=dask is for folder and file sources; a DICOMweb source is retrieved "
+                "by pacs_workers threads and ingested here (run one ingest per study list instead)",
+            )
+
         return run_dicomweb(cfg, progress=progress, auth=auth)
     if isinstance(cfg.src, str):  # a URL of another kind (not echoed: it may hold a password)
         raise InputError(
@@ -168,8 +211,8 @@ def run(
     start = time.perf_counter()
     out = prepare_out(cfg)
     secret = load_or_create_secret(out)
-    result = IngestResult(out=out)
-    with Catalog(out / CATALOG_NAME) as catalog:
+    result = IngestResult(out=out, catalog=catalog_location(cfg.catalog, out))
+    with Catalog(result.catalog) as catalog:
         catalog.set_info("umit_version", __version__)
         found = discover(cfg.src)
         ingest_found(found, cfg, secret, catalog, result, progress, limit=cfg.limit)
@@ -185,9 +228,11 @@ def prepare_out(cfg: IngestConfig) -> Path:
     a killed run removed, the resolved config written."""
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
+    # With a shared (PostgreSQL) catalog other processes may be writing RAW right now.
+    min_age_s = SHARED_TEMP_AGE_S if is_postgres_url(cfg.catalog) else 0.0
     for sub in (IMAGES_DIR, LABELS_DIR):
         (out / sub).mkdir(exist_ok=True)
-        removed = remove_stale_temps(out / sub)
+        removed = remove_stale_temps(out / sub, min_age_s=min_age_s)
         if removed:
             log.info("removed %d half-written file(s) left by an interrupted run", removed)
     save_config(cfg, out)
@@ -289,11 +334,14 @@ def _assign_case_ids(todo: list[IngestItem], catalog: Catalog, secret: bytes) ->
 
     Checked before anything is written, so a clash can never overwrite another case's files.
     """
-    owner = {rec.case_id: (rec.source_key, rec.source) for rec in catalog.series()}
-    keep = []
+    claims = []
     for item in todo:
         item.case_id = item.case_hint or f"{item.fmt}_{pseudonym(secret, item.key)}"
-        key, source = owner.setdefault(item.case_id, (item.key, item.source))
+        claims.append((item.case_id, item.key, item.source))
+    owner = catalog.claim_cases(claims)  # atomic: concurrent ingest processes cannot both win
+    keep = []
+    for item in todo:
+        key, source = owner[item.case_id]
         if key != item.key:
             catalog.add_failure(
                 item.key,
@@ -333,7 +381,16 @@ def _process(
                 catalog.add_failure(item.key, item.source, str(exc))
         bar.update(1)
 
-    if workers == 1 or len(todo) < 2:
+    if cfg.executor == "dask" and todo:
+        with dask_client(cfg.scheduler, workers) as client:
+            fn = partial(ingest_item, cfg=cfg, secret=secret)
+            for item, outcome, exc in dask_map_unordered(
+                client, fn, todo, name=lambda it: f"ingest-{it.key}"
+            ):
+                if exc is not None:
+                    outcome = f"{item.source}: worker failed: {type(exc).__name__}: {exc}"
+                commit(item, outcome)
+    elif workers == 1 or len(todo) < 2:
         for item in todo:
             commit(item, ingest_item(item, cfg, secret))
     else:

@@ -14,7 +14,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -22,14 +21,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 from tqdm.auto import tqdm
 
-from umit.config import UmitConfig, save_config
+from umit.config import RESOLVED_CONFIG_NAME, UmitConfig, config_text
 from umit.data.plan import PLAN_NAME, SCHEMES, Plan
 from umit.data.store import (
     CATALOG_KEYS,
@@ -37,6 +37,7 @@ from umit.data.store import (
     FINGERPRINT_NAME,
     INDEX_NAME,
     STORE_NAME,
+    PrepDir,
     check_case_id,
     index_entry,
     init_store,
@@ -44,7 +45,7 @@ from umit.data.store import (
     write_case,
 )
 from umit.errors import GeometryError, InputError
-from umit.ingest.catalog import Catalog, SeriesRecord
+from umit.ingest.catalog import Catalog, SeriesRecord, redact_url
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.fingerprint import channel_names, compute_fingerprint, stable_seed
 from umit.preprocess.plan import apply_overrides, plan_from_fingerprint
@@ -52,7 +53,8 @@ from umit.preprocess.resample import (
     read_nifti,
     same_geometry,
 )
-from umit.utils.fileio import atomic_write_json, remove_stale_temps
+from umit.utils.executor import check_executor, dask_client, dask_map, dask_map_unordered
+from umit.utils.fileio import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,22 @@ class PreprocessConfig(UmitConfig):
 
     raw: Path
     """RAW folder written by ``umit ingest`` (holds catalog.db, images/, labels/)."""
-    out: Path
-    """PREP folder to write (plan.json, store.zarr, index.json, failures.json)."""
+    out: Path | str
+    """PREP folder to write (plan.json, store.zarr, index.json, failures.json), or an object-store
+    URL ``s3://bucket/prefix`` (credentials and endpoint from the usual AWS settings)."""
+    catalog: str | None = Field(default=None, repr=False)
+    """The catalog ``umit ingest`` wrote: default ``RAW/catalog.db``; a SQLite path or a
+    PostgreSQL URL (password redacted in config.yaml). It also holds the lock on PREP."""
     workers: int = Field(default_factory=_default_workers)
-    """Worker processes (1: in this process). Default min(2, CPUs)."""
+    """Worker processes (1: in this process). Default min(2, CPUs). With executor=dask and no
+    scheduler: the processes of the LocalCluster."""
+    executor: Literal["local", "dask"] = "local"
+    """Where cases are processed: ``local`` (a process pool of ``workers``) or ``dask`` (one task
+    per case on a Dask cluster, each writing its case group atomically)."""
+    scheduler: str | None = None
+    """executor=dask: address of a running Dask scheduler, e.g. ``tcp://10.0.0.5:8786`` (default:
+    a LocalCluster of ``workers`` processes on this machine). RAW and PREP must be reachable by
+    every worker under the same path or URL."""
     max_fingerprint_cases: int = 50
     """At most this many cases are read for intensity statistics (0: all)."""
     fingerprint_voxels_per_case: int = 100_000
@@ -105,6 +119,24 @@ class PreprocessConfig(UmitConfig):
     """Override: compression level."""
     interpolation_order: Literal[1, 3] | None = None
     """Override: image interpolation order (1 trilinear, 3 cubic)."""
+
+    @field_serializer("catalog")
+    def _redacted(self, value: str | None) -> str | None:
+        return redact_url(value)
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """An ``s3://`` PREP stays a string (a Path would fold ``//``); others are paths."""
+        if isinstance(value, str) and "://" in value:
+            return value
+        return Path(value) if isinstance(value, str) else value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None, info: Any) -> str | None:
+        check_executor(info.data.get("executor", "local"), value)
+        return value
 
     @field_validator("workers")
     @classmethod
@@ -142,7 +174,7 @@ class PreprocessConfig(UmitConfig):
 class PreprocessResult:
     """What a run did. ``seconds`` is the whole run; ``cases_per_s`` counts cases processed now."""
 
-    out: Path
+    out: Path | str
     total: int
     done: int
     skipped: int
@@ -162,7 +194,7 @@ class PreprocessResult:
             f"processing) -> {self.out}"
         )
         if self.failed:
-            text += f"\nfailures are listed in {self.out / FAILURES_NAME}"
+            text += f"\nfailures are listed in {PrepDir(self.out).name(FAILURES_NAME)}"
         return text
 
 
@@ -347,11 +379,12 @@ def _catalog_hash(cases: dict[str, list[SeriesRecord]], cfg: PreprocessConfig) -
 
 def _fingerprint(cfg: PreprocessConfig, cases, map_fn) -> dict[str, Any]:
     """The fingerprint, reused from PREP/fingerprint.json when the catalog and settings match."""
-    path = Path(cfg.out) / FINGERPRINT_NAME
+    prep = PrepDir(cfg.out)
     key = _catalog_hash(cases, cfg)
-    if path.is_file():
+    text = prep.read_text(FINGERPRINT_NAME)
+    if text is not None:
         try:
-            cached = json.loads(path.read_text())
+            cached = json.loads(text)
             if cached.get("catalog_hash") == key:
                 return cached
         except ValueError:
@@ -366,7 +399,7 @@ def _fingerprint(cfg: PreprocessConfig, cases, map_fn) -> dict[str, Any]:
         map_fn=map_fn,
     )
     fp["catalog_hash"] = key
-    atomic_write_json(path, fp)
+    prep.write_text(_json_text(fp), FINGERPRINT_NAME)
     return json.loads(json.dumps(fp))  # the same JSON view as a cached one
 
 
@@ -388,10 +421,14 @@ def resolve_plan(
     return plan_from_fingerprint(fp, labels=_labels_from_info(info), **overrides)
 
 
-def _clear_outputs(out: Path) -> None:
-    shutil.rmtree(out / STORE_NAME, ignore_errors=True)
-    for name in (INDEX_NAME, FAILURES_NAME, PLAN_NAME):
-        (out / name).unlink(missing_ok=True)
+def _clear_outputs(prep: PrepDir) -> None:
+    for name in (STORE_NAME, INDEX_NAME, FAILURES_NAME, PLAN_NAME):
+        prep.remove(name)
+
+
+def _json_text(obj: Any) -> str:
+    """JSON as :func:`~umit.utils.fileio.atomic_write_json` writes it."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def _now() -> str:
@@ -401,7 +438,7 @@ def _now() -> str:
 class _Ledger:
     """index.json and failures.json, rewritten atomically (at most once per interval while busy)."""
 
-    def __init__(self, out: Path, plan: Plan, index: dict, failures: dict):
+    def __init__(self, out: PrepDir, plan: Plan, index: dict, failures: dict):
         self.out, self.plan_hash = out, plan.processing_hash()
         self.index, self.failures = index, failures
         self._last = 0.0
@@ -411,44 +448,73 @@ class _Ledger:
         if not force and now - self._last < INDEX_WRITE_INTERVAL_S:
             return
         self._last = now
-        atomic_write_json(
-            self.out / INDEX_NAME,
-            {
-                "format": "umit-prep-index",
-                "plan_hash": self.plan_hash,
-                "n_cases": len(self.index),
-                "updated_at": _now(),
-                "cases": self.index,
-            },
+        self.out.write_text(
+            _json_text(
+                {
+                    "format": "umit-prep-index",
+                    "plan_hash": self.plan_hash,
+                    "n_cases": len(self.index),
+                    "updated_at": _now(),
+                    "cases": self.index,
+                }
+            ),
+            INDEX_NAME,
         )
-        atomic_write_json(
-            self.out / FAILURES_NAME,
-            {"n_failed": len(self.failures), "updated_at": _now(), "cases": self.failures},
+        self.out.write_text(
+            _json_text(
+                {"n_failed": len(self.failures), "updated_at": _now(), "cases": self.failures}
+            ),
+            FAILURES_NAME,
         )
 
 
-def _old_failures(out: Path) -> dict[str, Any]:
+def _old_failures(out: PrepDir) -> dict[str, Any]:
     try:
-        return dict(json.loads((out / FAILURES_NAME).read_text()).get("cases", {}))
+        return dict(json.loads(out.read_text(FAILURES_NAME) or "{}").get("cases", {}))
     except (OSError, ValueError, AttributeError):
         return {}
 
 
 def run(cfg: PreprocessConfig) -> PreprocessResult:
-    """Preprocess every case of ``cfg.raw`` into ``cfg.out`` (see the module docstring)."""
+    """Preprocess every case of ``cfg.raw`` into ``cfg.out`` (see the module docstring).
+
+    Raises:
+        InputError: another ``umit preprocess`` is writing the same PREP (the catalog holds
+            the lock; one left by a killed process of this host is taken over).
+    """
     t0 = time.perf_counter()
-    raw, out = Path(cfg.raw), Path(cfg.out)
-    with Catalog.open_raw(raw) as catalog:
+    raw, out = Path(cfg.raw), cfg.out
+    with Catalog.open_raw(raw, cfg.catalog) as catalog:
         cases, info = catalog.cases(), catalog.info()
-    if not cases:
-        raise InputError(raw, "the catalog lists no series; nothing to preprocess")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out, recursive=False)
-    with _pool(cfg.workers) as pool:
-        plan = resolve_plan(cfg, cases, info, map_fn=pool.map if pool else map)
-        plan_path = out / PLAN_NAME
-        if plan_path.is_file():
-            old = Plan.load(plan_path)
+        if not cases:
+            raise InputError(raw, "the catalog lists no series; nothing to preprocess")
+        with catalog.lock(lock_name(out)):
+            return _run_locked(cfg, cases, info, t0)
+
+
+def lock_name(out: str | Path) -> str:
+    """The name under which a run holds PREP in the catalog's locks table."""
+    prep = PrepDir(out)
+    return str(prep.location) if prep.remote else str(prep.location.resolve())
+
+
+def _run_locked(
+    cfg: PreprocessConfig, cases: dict[str, list[SeriesRecord]], info: dict[str, Any], t0: float
+) -> PreprocessResult:
+    raw, out = Path(cfg.raw), PrepDir(cfg.out)
+    out.mkdir()
+    if not out.remote:
+        remove_stale_temps(out.location, recursive=False)
+    dask = cfg.executor == "dask"
+    with _pool(1 if dask else cfg.workers) as pool, _dask(cfg) as client:
+        map_fn = map if pool is None else pool.map
+        if client is not None:  # the fingerprint's reads too run where the data is
+            map_fn = partial(_dask_map, client)
+        plan = resolve_plan(cfg, cases, info, map_fn=map_fn)
+        plan_path = out.name(PLAN_NAME)
+        old_text = out.read_text(PLAN_NAME)
+        if old_text is not None:
+            old = Plan.from_json(old_text, plan_path)
             diffs = old.differences(plan)
             if diffs and not cfg.overwrite:
                 raise InputError(
@@ -459,12 +525,12 @@ def run(cfg: PreprocessConfig) -> PreprocessResult:
             if diffs:
                 log.warning("plan changed (%s): deleting the old store", ", ".join(diffs))
                 _clear_outputs(out)
-                plan.save(plan_path)
+                out.write_text(_json_text(plan.model_dump(mode="json")), PLAN_NAME)
             else:
                 plan = old  # keep the provenance of the plan the store was made with
         else:
-            plan.save(plan_path)
-        save_config(cfg, out)
+            out.write_text(_json_text(plan.model_dump(mode="json")), PLAN_NAME)
+        out.write_text(config_text(cfg), RESOLVED_CONFIG_NAME)
         init_store(out)
 
         ids = sorted(cases)
@@ -477,9 +543,9 @@ def run(cfg: PreprocessConfig) -> PreprocessResult:
         ledger.write()
         t1 = time.perf_counter()
         done = 0
-        jobs = [(cid, cases[cid], str(raw), plan, str(out)) for cid in todo]
+        jobs = [(cid, cases[cid], str(raw), plan, str(out.location)) for cid in todo]
         with tqdm(total=len(jobs), desc="preprocess", unit="case", disable=None) as bar:
-            for cid, entry, reason in _results(jobs, pool):
+            for cid, entry, reason in _results(jobs, pool, client):
                 if entry is not None:
                     index[cid] = entry
                     failures.pop(cid, None)
@@ -492,7 +558,7 @@ def run(cfg: PreprocessConfig) -> PreprocessResult:
         ledger.write()
     t2 = time.perf_counter()
     return PreprocessResult(
-        out=out,
+        out=out.location,
         total=len(ids),
         done=done,
         skipped=len(ids) - len(todo),
@@ -503,9 +569,31 @@ def run(cfg: PreprocessConfig) -> PreprocessResult:
     )
 
 
+@contextmanager
+def _dask(cfg: PreprocessConfig) -> Iterator[Any]:
+    if cfg.executor != "dask":
+        yield None
+        return
+    with dask_client(cfg.scheduler, cfg.workers) as client:
+        yield client
+
+
+def _dask_map(client: Any, fn: Any, items: Any) -> list[Any]:
+    return dask_map(client, fn, items)
+
+
 def _results(
-    jobs: list[tuple], pool: ProcessPoolExecutor | None
+    jobs: list[tuple], pool: ProcessPoolExecutor | None, client: Any = None
 ) -> Iterator[tuple[str, dict | None, str | None]]:
+    if client is not None:
+        for job, res, exc in dask_map_unordered(
+            client, _process_case_job, jobs, name=lambda j: f"preprocess-{j[0]}"
+        ):
+            if exc is None:
+                yield res
+            else:  # e.g. KilledWorker: the case took down workers repeatedly (out of memory?)
+                yield job[0], None, f"worker failed: {type(exc).__name__}: {exc}"
+        return
     if pool is None:
         yield from map(_process_case_job, jobs)
         return

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from umit.config import UmitConfig
 from umit.data.augment3d import ViewConfig
@@ -147,8 +147,21 @@ METHODS = ("mae", "simclr", "genesis", "report_labels", "cross_sequence")
 class PretrainConfig(UmitConfig):
     """Settings of ``umit pretrain``."""
 
-    data: Path
-    """Preprocessed store (the PREP folder written by ``umit preprocess``)."""
+    data: Path | str
+    """Preprocessed store (the PREP folder written by ``umit preprocess``), or its
+    ``s3://bucket/prefix``."""
+    chunk_cache: Path | None = None
+    """PREP on an object store: a local folder keeping a copy of the chunks read (each fetched
+    once, shared by the loader workers); None reads every crop from the store."""
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _url_or_path(cls, value: Any) -> Any:
+        """An ``s3://`` store stays a string (a Path would fold ``//``); others are paths."""
+        if isinstance(value, str) and "://" in value:
+            return value
+        return Path(value) if isinstance(value, str) else value
+
     out: Path = Path("runs/pretrain")
     """Run folder: config.yaml, metrics.jsonl, checkpoints, encoder.pt."""
     model: str = "vit3d_base_p16"
@@ -282,11 +295,14 @@ def training_data(cfg: PretrainConfig, cases: list[str]) -> AugmentedDataset:
         foreground_prob=cfg.foreground_prob,
         seed=cfg.train.seed,
         with_label=False,
+        chunk_cache=cfg.chunk_cache,
     )
     return AugmentedDataset(crops, cfg.augment, seed=cfg.train.seed)
 
 
-def build_validation(store_dir: Path, cases: list[str], cfg: PretrainConfig) -> list[torch.Tensor]:
+def build_validation(
+    store_dir: Path | str, cases: list[str], cfg: PretrainConfig
+) -> list[torch.Tensor]:
     """Fixed validation crops (no augmentation), batched one crop per tensor."""
 
     if not cases:
@@ -299,6 +315,7 @@ def build_validation(store_dir: Path, cases: list[str], cfg: PretrainConfig) -> 
         foreground_prob=0.0,
         seed=cfg.train.seed + 1,
         with_label=False,
+        chunk_cache=cfg.chunk_cache,
     )
     return [ds[i]["image"].unsqueeze(0) for i in range(min(cfg.val_crops, len(ds)))]
 
@@ -542,7 +559,7 @@ def initial_eval(cfg: PretrainConfig, evaluate: Any) -> dict[str, float]:
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; returns a summary (first/last train and validation losses, paths)."""
 
-    store = Store(cfg.data)
+    store = Store(cfg.data, chunk_cache=cfg.chunk_cache)
     plan = store.plan
     in_chans = len(plan.channels)
     train_cases, val_cases = split_cases(store, cfg.exclude_splits, cfg.val_cases, cfg.train.seed)

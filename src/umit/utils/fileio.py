@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,14 +62,26 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def remove_stale_temps(folder: str | Path, recursive: bool = True) -> int:
-    """Delete ``.tmp-*`` files/folders a killed process left in ``folder``; return how many."""
+def remove_stale_temps(folder: str | Path, recursive: bool = True, min_age_s: float = 0.0) -> int:
+    """Delete ``.tmp-*`` files/folders a killed process left in ``folder``; return how many.
+
+    Args:
+        min_age_s: Leave temporaries younger than this alone: where several processes write one
+            folder at once (ingest workers sharing a PostgreSQL catalog), a young one may be
+            another process's write in progress.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     pattern = f"**/{TMP_PREFIX}*" if recursive else f"{TMP_PREFIX}*"
     count = 0
+    now = time.time()
     for p in sorted(folder.glob(pattern), key=lambda q: len(q.parts), reverse=True):
+        try:
+            if min_age_s > 0 and now - p.lstat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
