@@ -223,6 +223,13 @@ class _Db:
             sql = sql.replace("?", "%s")
         return self.con.execute(sql, params)
 
+    def executemany(self, sql: str, rows: list[tuple] | list[list]) -> None:
+        if self.postgres:
+            with self.con.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+        else:
+            self.con.executemany(sql, rows)
+
     def all(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
         return list(self.execute(sql, params).fetchall())
 
