@@ -28,6 +28,7 @@ STAGES: tuple[str, ...] = (
     "evaluate",
     "audit",
     "predict",
+    "explain",
     "data-efficiency",
     "demo",
 )
