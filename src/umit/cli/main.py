@@ -29,6 +29,7 @@ STAGES: tuple[str, ...] = (
     "audit",
     "predict",
     "explain",
+    "labels",
     "data-efficiency",
     "demo",
 )

@@ -327,7 +327,12 @@ class Explainer:
 # figures and the command
 # ---------------------------------------------------------------------------------------------
 def overlay_png(
-    path: Path, image: np.ndarray, heat: np.ndarray, centre: tuple[int, int, int], title: str
+    path: Path,
+    image: np.ndarray,
+    heat: np.ndarray,
+    centre: tuple[int, int, int],
+    title: str,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> Path:
     """Three planes through ``centre`` (input voxel index): the image in grey, the map on top."""
     import matplotlib
@@ -343,10 +348,11 @@ def overlay_png(
         sl = [slice(None)] * 3
         sl[axis] = int(centre[axis])
         img, hm = image[tuple(sl)].T, heat[tuple(sl)].T
-        ax.imshow(img, cmap="gray", origin="lower")
-        ax.imshow(np.ma.masked_less_equal(hm, 0), cmap="jet", alpha=0.45, origin="lower",
-                  vmin=0, vmax=vmax)  # fmt: skip
         rest = [a for a in range(3) if a != axis]
+        aspect = spacing[rest[1]] / spacing[rest[0]]  # rows are axis rest[1]
+        ax.imshow(img, cmap="gray", origin="lower", aspect=aspect)
+        ax.imshow(np.ma.masked_less_equal(hm, 0), cmap="jet", alpha=0.45, origin="lower",
+                  vmin=0, vmax=vmax, aspect=aspect)  # fmt: skip
         ax.plot(centre[rest[0]], centre[rest[1]], "w+", ms=12)
         ax.set_title(f"{name} = {centre[axis]}")
         ax.axis("off")
@@ -387,12 +393,13 @@ def run(cfg: ExplainConfig) -> dict[str, Any]:
         if cfg.png:
             main = "rollout" if explainer.method == "attention" else "gradcam"
             centre = tuple(info.get("query_voxel") or info["peak_voxel"])
-            arrays, _ = load_channels(path, explainer.plan)
+            arrays, meta_in = load_channels(path, explainer.plan)
+            spacing = tuple(float(v) for v in np.linalg.norm(meta_in.affine[:3, :3], axis=0))
             shape = np.array(arrays[0].shape)
             centre = tuple(int(c) for c in np.clip(centre, 0, shape - 1))
             png = overlay_png(
                 cfg.out / f"{name}_overlay.png", arrays[0], maps[main], centre,
-                f"{name}: {main} ({explainer.method}), query {cfg.query}",
+                f"{name}: {main} ({explainer.method}), query {cfg.query}", spacing,
             )  # fmt: skip
             row["png"] = str(png)
         outputs.append(row)

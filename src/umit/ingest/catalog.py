@@ -82,6 +82,14 @@ CREATE TABLE IF NOT EXISTS set_aside (
     deid_series_uid TEXT,
     set_aside_at    TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS label_sources (
+    case_id    TEXT NOT NULL,
+    source     TEXT NOT NULL,
+    label_path TEXT NOT NULL,
+    details    TEXT,
+    added_at   TEXT NOT NULL,
+    PRIMARY KEY (case_id, source)
+);
 CREATE TABLE IF NOT EXISTS remote_series (
     deid_series_uid TEXT PRIMARY KEY,
     deid_study_uid  TEXT NOT NULL,
@@ -316,6 +324,50 @@ class Catalog:
             )
             if clear_failure is not None:
                 con.execute("DELETE FROM failures WHERE source_key = ?", (clear_failure,))
+
+    def add_label_source(
+        self,
+        case_id: str,
+        source: str,
+        label_path: str | Path,
+        details: dict[str, Any] | None = None,
+        activate: bool = False,
+    ) -> None:
+        """Record another label of a case (e.g. ``consensus_staple`` from several raters).
+
+        With ``activate`` it also becomes the case's label (``series.label_path``, which
+        ``umit preprocess`` reads); the label it replaces is kept as source ``original``.
+        """
+        now = _now()
+        with self.transaction() as con:
+            if activate:
+                row = con.execute(
+                    "SELECT label_path FROM series WHERE case_id = ? LIMIT 1", (case_id,)
+                ).fetchone()
+                if row is None:
+                    raise InputError(self.path, f"case {case_id!r} is not in the catalog")
+                if row[0]:
+                    con.execute(
+                        "INSERT OR IGNORE INTO label_sources VALUES (?, 'original', ?, NULL, ?)",
+                        (case_id, row[0], now),
+                    )
+                con.execute(
+                    "UPDATE series SET label_path = ? WHERE case_id = ?", (str(label_path), case_id)
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO label_sources VALUES (?, ?, ?, ?, ?)",
+                (case_id, source, str(label_path), json.dumps(details or {}), now),
+            )
+
+    def label_sources(self, case_id: str | None = None) -> list[dict[str, Any]]:
+        """Rows of ``label_sources`` (all, or one case's), details parsed."""
+        sql, params = "SELECT * FROM label_sources", ()
+        if case_id is not None:
+            sql, params = sql + " WHERE case_id = ?", (case_id,)
+        rows = [dict(r) for r in self._con.execute(sql + " ORDER BY case_id, source", params)]
+        for r in rows:
+            r["details"] = json.loads(r["details"]) if r["details"] else {}
+        return rows
 
     def set_info(self, key: str, value: Any) -> None:
         with self.transaction() as con:

@@ -1,0 +1,1 @@
+"""Labels beyond the ones a dataset ships: consensus of several raters (``aggregate``)."""
