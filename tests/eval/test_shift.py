@@ -132,6 +132,7 @@ def test_evaluate_runs_the_suites(tiny_ct_store, tmp_path, register_models):
     for site, entry in loso["per_site"].items():
         assert entry["train_cases"] == train_sites.count(site)
     assert (tmp_path / "ev" / "shift.png").stat().st_size > 1000
+    assert e["shift"]["perturbations"] == shift["perturbations"]
     with pytest.raises(InputError, match="unknown shift"):
         evaluate(
             EvaluateConfig(
