@@ -173,7 +173,7 @@ def test_bad_inputs_are_named(tmp_path):
         run(ExplainConfig(inputs=tmp_path / "nope.nii.gz", model=model, out=tmp_path / "o"))
     cnn = create_model("resnet3d_test", num_classes=2, in_chans=1)
     cnn_path = save_model(cnn, tmp_path / "cnn.pt")
-    with pytest.raises(InputError, match="no ViT attention layer"):
+    with pytest.raises(InputError, match=r"cnn.pt.*no attention layer \(a CNN\)"):
         run(ExplainConfig(inputs=src, model=cnn_path, out=tmp_path / "o", method="attention"))
     noc = create_model(
         "classifier", encoder="vit3d_test_p4", num_classes=2, pool="mean", img_size=16,
@@ -237,3 +237,66 @@ def test_gradcam_cli_on_a_cnn_segmenter(tmp_path):
     arr, meta = read_image(out / "case_gradcam.nii.gz")
     np.testing.assert_allclose(meta.affine, affines()["oblique"], atol=1e-5)
     assert arr.shape == (16, 16, 16) and arr.min() >= 0 and arr.max() <= 1 + 1e-6
+
+
+def test_swin_window_attention_recomputed_exactly():
+    """The recomputed window weights reproduce each block's attention output (shifted windows
+    with a mask, and a grid padded up to the window)."""
+    from umit.explain.attention import record_window_attention, window_attention_weights
+    from umit.models.swin3d import SwinBlock3D, window_partition
+
+    torch.manual_seed(0)
+    model = create_model("swin3d_test", img_size=20, in_chans=1, window_size=3).eval()
+    x = torch.randn(1, 1, 20, 20, 20)
+    seen = []
+
+    def check(block, args, _out):
+        h, window, shift, mask = args
+        A, padded, shifted = window_attention_weights(block, h, window, shift, mask)
+        g = block.norm1(h)
+        pad = [(-s) % w for s, w in zip(g.shape[1:4], window, strict=True)]
+        g = torch.nn.functional.pad(g, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        if shifted:
+            g = torch.roll(g, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        win = window_partition(g, window)
+        want = block.attn(win, mask if shifted else None)
+        Bw, N, C = win.shape
+        v = block.attn.qkv(win).reshape(Bw, N, 3, block.attn.num_heads, -1)[:, :, 2]
+        got = block.attn.proj((A @ v.transpose(1, 2)).transpose(1, 2).reshape(Bw, N, C))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        seen.append((shifted, any(pad)))
+
+    hooks = [m.register_forward_hook(check) for m in model.modules() if isinstance(m, SwinBlock3D)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert (True, True) in seen and (False, True) in seen  # shifted + padded blocks were checked
+    with torch.no_grad(), record_window_attention(model) as maps:
+        model(x)
+    assert len(maps) == 8 and maps[0].shape == (1, 3, 10, 10, 10)
+    # attention received: every window's queries spread a total of N_window over its tokens
+    with torch.no_grad(), record_window_attention(model, query=(0.52, 0.52, 0.52)) as rows:
+        model(x)
+    r = rows[0][0].sum(0)  # (10, 10, 10): the query token's row, summed over heads
+    assert r.sum().item() == pytest.approx(3.0, abs=1e-4)  # one softmax row per head
+    nz = np.argwhere(r.numpy() > 0)
+    assert (nz.max(0) - nz.min(0) < 3).all() and r[5, 5, 5] > 0  # only the query's 3³ window
+
+
+def test_swin_classifier_maps_on_the_input_grid(tmp_path):
+    src = write_case(tmp_path / "case.nii.gz", affines()["oblique"])
+    net = create_model(
+        "classifier", encoder="swin3d_test", num_classes=2, img_size=16, in_chans=1
+    )  # fmt: skip
+    model = save_model(net, tmp_path / "best.pt")
+    far = (affines()["oblique"] @ np.array([13.0, 1.0, 2.0, 1.0]))[:3].tolist()
+    s = run(ExplainConfig(inputs=src, model=model, out=tmp_path / "o", query=far))
+    row = s["outputs"][0]
+    assert s["method"] == "attention" and row["method"] == "window_attention"
+    mean, meta = read_image(row["maps"]["mean"])
+    np.testing.assert_allclose(meta.affine, affines()["oblique"], atol=1e-5)
+    heads, _ = read_image(row["maps"]["heads"])
+    assert mean.shape == (16, 16, 16) and heads.shape[:3] == (16, 16, 16)
+    # the first block's row of the query token lies in the query's window: near voxel (13, 1, 2)
+    assert mean[13, 1, 2] > 0 and (tmp_path / "o" / "case_overlay.png").is_file()

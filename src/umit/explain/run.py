@@ -37,10 +37,16 @@ from umit.data.io import write_image
 from umit.data.meta import ImageMeta
 from umit.data.plan import Plan
 from umit.errors import InputError, UmitError
-from umit.explain.attention import attention_layers, attention_rollout, record_attention
+from umit.explain.attention import (
+    attention_layers,
+    attention_rollout,
+    record_attention,
+    record_window_attention,
+)
 from umit.explain.gradcam import gradcam
 from umit.inference.predict import find_inputs, input_name, load_channels
 from umit.inference.segment import full_resolution
+from umit.models.swin3d import SwinBlock3D
 from umit.preprocess.apply import apply_plan
 from umit.preprocess.resample import restore_original
 from umit.train.checkpoint import InferenceSpec, load_model
@@ -168,18 +174,19 @@ class Explainer:
         self.device = torch.device(cfg.device)
         self.model.to(self.device).eval()
         has_attn = bool(attention_layers(self.model))
+        has_windows = any(isinstance(m, SwinBlock3D) for m in self.model.modules())
         method = cfg.method
         if method == "auto":
-            method = "attention" if has_attn else "gradcam"
-        if method == "attention" and not has_attn:
+            method = "attention" if has_attn or has_windows else "gradcam"
+        if method == "attention" and not (has_attn or has_windows):
             raise InputError(
                 cfg.model,
-                f"{ckpt.get('model_name')} has no ViT attention layer (CNN or Swin): "
-                "use method=gradcam",
+                f"{ckpt.get('model_name')} has no attention layer (a CNN): use method=gradcam",
             )
         self.method = method
+        self.windows = method == "attention" and not has_attn  # Swin: window attention
         self.encoder = getattr(self.model, "encoder", self.model)
-        if method == "attention":
+        if method == "attention" and not self.windows:
             self.patch: Int3 = tuple(int(p) for p in self.encoder.patch_size)  # type: ignore[assignment]
             self.prefix = int(getattr(self.encoder, "num_prefix_tokens", 0))
             if cfg.query == "cls" and self.prefix < 1:
@@ -219,7 +226,9 @@ class Explainer:
             )
         window = read_window(image, offset, self.roi, geom["pad_values"])
         x = torch.from_numpy(window)[None].to(self.device)
-        if self.method == "attention":
+        if self.method == "attention" and self.windows:
+            win_maps, info = self._window_attention(x, q_win)
+        elif self.method == "attention":
             win_maps, info = self._attention(x, q_win)
         else:
             win_maps, info = self._gradcam(x, q_win)
@@ -230,7 +239,7 @@ class Explainer:
                 maps[name] = np.stack(per, axis=-1)
             else:
                 maps[name] = restore_original(paste_window(m, shape, offset), geom)[0]
-        main = maps["rollout" if self.method == "attention" else "gradcam"]
+        main = maps.get("rollout", maps.get("mean", maps.get("gradcam")))
         peak_idx = np.unravel_index(int(np.argmax(main)), main.shape)
         peak_world = (meta.affine @ np.array([*peak_idx, 1.0]))[:3]
         info.update(
@@ -278,6 +287,34 @@ class Explainer:
             "patch": list(self.patch),
         }
         return maps, info
+
+    def _window_attention(
+        self, x: torch.Tensor, q_win: np.ndarray | None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Swin: each block's window attention (received, or the query token's row) on its token
+        grid, resampled (nearest) to the window; ``mean`` over blocks and heads, ``heads`` of
+        block ``layer``."""
+        import torch.nn.functional as F
+
+        query = None
+        if q_win is not None:
+            query = tuple((float(v) + 0.5) / n for v, n in zip(q_win, self.roi, strict=True))
+        with torch.no_grad(), record_window_attention(self.model, query) as maps:
+            self.model(x)
+        layer = self.cfg.layer
+        if not -len(maps) <= layer < len(maps):
+            raise ValueError(f"layer={layer} out of range for {len(maps)} Swin blocks")
+        up = [F.interpolate(m, size=self.roi, mode="nearest")[0] for m in maps]  # (heads, *roi)
+        mean = torch.stack([u.mean(0) for u in up]).mean(0)
+        out = {"heads": up[layer].cpu().numpy(), "mean": mean.cpu().numpy()}
+        info = {
+            "method": "window_attention",
+            "query": "received" if query is None else "query_row",
+            "layers": len(maps),
+            "heads": int(up[layer].shape[0]),
+            "token_grids": [list(m.shape[2:]) for m in maps],
+        }
+        return out, info
 
     def _gradcam(
         self, x: torch.Tensor, q_win: np.ndarray | None
@@ -391,7 +428,8 @@ def run(cfg: ExplainConfig) -> dict[str, Any]:
             write_image(target, m.astype(np.float32), meta)
             row["maps"][kind] = str(target)
         if cfg.png:
-            main = "rollout" if explainer.method == "attention" else "gradcam"
+            main = "gradcam" if explainer.method == "gradcam" else "mean"
+            main = "rollout" if "rollout" in maps else main
             centre = tuple(info.get("query_voxel") or info["peak_voxel"])
             arrays, meta_in = load_channels(path, explainer.plan)
             spacing = tuple(float(v) for v in np.linalg.norm(meta_in.affine[:3, :3], axis=0))
