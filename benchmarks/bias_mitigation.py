@@ -90,7 +90,7 @@ def cell_cmds(view: Path, out: Path, arm: str, seed: int) -> list[list[str]]:
     ft = py + ["finetune", "--data", str(view), "--out", str(run / "run"), *RECIPE,
                f"train.seed={seed}", *ARMS[arm]]  # fmt: skip
     ev = py + ["evaluate", "--model", str(run / "run" / "best.pt"), "--data", str(view),
-               "--out", str(run / "eval"), "attributes=[site]", "case_figures=false", f"seed={seed}"]  # fmt: skip
+               f"out={run / 'eval'}", "attributes=[site]", "case_figures=false", f"seed={seed}"]  # fmt: skip
     return [ft, ev]
 
 

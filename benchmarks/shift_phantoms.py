@@ -38,7 +38,7 @@ def main() -> None:
             if not (out / "shift.json").is_file():
                 t0 = time.perf_counter()
                 cmd = [sys.executable, "-m", "umit.cli.main", "evaluate", "--model", str(model),
-                       "--data", str(args.prep), "--out", str(out), "shift=[all]",
+                       "--data", str(args.prep), f"out={out}", "shift=[all]",
                        f"shift_strengths={json.dumps(args.strengths)}", f"shift_cases={args.cases}",
                        "case_figures=false", "n_boot=2000", f"seed={seed}"]  # fmt: skip
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
