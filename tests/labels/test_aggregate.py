@@ -127,8 +127,8 @@ def test_cli_folder_of_cases_into_the_catalog(tmp_path):
     _write_raters(tmp_path / "raters" / "case_a", truth, n=5)
     raw = _raw_with_case(tmp_path)
     out = tmp_path / "cons"
-    rc = cli_main(["labels", "aggregate", str(tmp_path / "raters"), "--out", str(out),
-                   "--raw", str(raw), "activate=true"])  # fmt: skip
+    rc = cli_main(["labels", "aggregate", str(tmp_path / "raters"), "activate=true",
+                   "--out", str(out), "--raw", str(raw)])  # fmt: skip
     assert rc == 0
     rows = json.loads((out / "raters.json").read_text())
     assert rows[0]["case_id"] == "case_a" and len(rows[0]["raters"]) == 5

@@ -1,5 +1,5 @@
-"""``umit explain``: attention maps (ViT-based models) or Grad-CAM (CNN, Swin) of a fine-tuned
-model on raw images, written as NIfTI maps on each input's own grid (they overlay the input voxel
+"""``umit explain``: attention maps (ViT-based models; window attention for Swin) or Grad-CAM
+(CNNs) of a fine-tuned model on raw images, written as NIfTI maps on each input's own grid (they overlay the input voxel
 for voxel, as predict masks do) and PNG overlays through the query.
 
   umit explain IMAGE --model RUN/best.pt --out EXPLAIN                 # class-token attention
@@ -17,7 +17,7 @@ from umit.cli.common import add_config_args
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
-        help="attention / Grad-CAM maps of a model, on the input's grid (NIfTI + PNG)",
+        help="attention (ViT, Swin) or Grad-CAM (CNN) maps of a model on the input's grid",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

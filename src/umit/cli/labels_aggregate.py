@@ -36,11 +36,17 @@ def main(args: argparse.Namespace) -> int:
     from umit.config import build_config
     from umit.labels.aggregate import AggregateConfig, run
 
+    from pathlib import Path
+
+    # both positionals take many words: key=value words that are not files are overrides
+    words = list(args.inputs or [])
+    settings = [w for w in words if "=" in w and not Path(w).exists()]
+    inputs = [w for w in words if w not in settings]
     cfg = build_config(
         AggregateConfig,
         args.config,
-        args.overrides,
-        inputs=args.inputs or None,
+        [*settings, *args.overrides],
+        inputs=inputs or None,
         out=args.out,
         case_id=args.case_id,
         raw=args.raw,
