@@ -33,10 +33,10 @@ def register_aggregate(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from umit.config import build_config
     from umit.labels.aggregate import AggregateConfig, run
-
-    from pathlib import Path
 
     # both positionals take many words: key=value words that are not files are overrides
     words = list(args.inputs or [])
