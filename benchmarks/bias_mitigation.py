@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--summarize-only", action="store_true")
     args = ap.parse_args()
     view = make_view(args.prep, args.out, args.minority, 2, 19, 15)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -145,22 +146,48 @@ def main() -> None:
                 continue
             cells.append((str(run), cell_cmds(view, args.out, arm, seed)))
     t0 = time.perf_counter()
+    if args.summarize_only:
+        summarize(args.out, args.arms, args.seeds)
+        return
     run_cells(cells, args.jobs, env)
     print(f"cells done in {time.perf_counter() - t0:.0f} s", flush=True)
     summarize(args.out, args.arms, args.seeds)
 
 
 def summarize(out: Path, arms, seeds) -> None:
-    rows = {}
+    """Per-site Dice and the largest site gap (bootstrap CIs from ``umit evaluate``), per cell,
+    and the change from ``none`` per site (paired by seed)."""
+    cells = {}
     for arm in arms:
         for seed in seeds:
             f = out / "cells" / f"{arm}_s{seed}" / "eval" / "summary.json"
             if f.is_file():
-                rows[(arm, seed)] = json.loads(f.read_text())
-    (out / "bias_summary.json").write_text(
-        json.dumps({f"{a}_s{s}": v for (a, s), v in rows.items()}, indent=1, default=str)
+                cells[(arm, seed)] = json.loads(f.read_text())["result"]
+    rows = {}
+    print(
+        "| arm | seed | overall Dice | "
+        + " | ".join(f"{s}" for s in ("site_a", "site_b", "site_c"))
+        + " | largest gap (high - low) |"
     )
-    print(f"{len(rows)} cells summarised -> {out / 'bias_summary.json'}")
+    print("|---|---|---|---|---|---|---|")
+    for (arm, seed), res in cells.items():
+        site = res["attributes"]["site"]
+        per = {g["group"]: g["metrics"]["dice"] for g in site["groups"]}
+        gap = site["gaps"].get("dice", {})
+        o = res["overall"]["dice"]
+        rows[f"{arm}_s{seed}"] = {"overall": o, "per_site": per, "gap": gap}
+
+        def f(m):
+            return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+        gtxt = f"{f(gap)} ({gap.get('high_group')} - {gap.get('low_group')})" if gap else "-"
+        print(
+            f"| {arm} | {seed} | {f(o)} | "
+            + " | ".join(f(per[s]) for s in sorted(per))
+            + f" | {gtxt} |"
+        )
+    (out / "bias_summary.json").write_text(json.dumps(rows, indent=1))
+    print(f"{len(cells)} cells -> {out / 'bias_summary.json'}")
 
 
 if __name__ == "__main__":

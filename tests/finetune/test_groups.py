@@ -93,7 +93,7 @@ def tiny_seg_groups(**kw):
     return TinySeg(**kw)
 
 
-@pytest.mark.parametrize("mode", ["sample", "reweight"])
+@pytest.mark.parametrize("mode", ["reweight"])  # sampling: test_balanced_sampling_counts
 def test_finetune_balances_by_a_catalog_attribute(tiny_ct_store, tmp_path, register_models, mode):
     register_models(tiny_seg_groups)
     store = Store(tiny_ct_store)
