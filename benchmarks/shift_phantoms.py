@@ -46,16 +46,19 @@ def main() -> None:
             table[f"{arm}_s{seed}"] = json.loads((out / "shift.json").read_text())["perturbations"]
     (args.out / "shift_table.json").write_text(json.dumps(table, indent=1))
     kinds = sorted(next(iter(table.values())))
-    print("| model | " + " | ".join(f"{k} {s:g}" for k in kinds for s in args.strengths) + " |")
-    print("|---|" + "---|" * (len(kinds) * len(args.strengths)))
-    for name, res in table.items():
-        base = res[kinds[0]]["0"]["mean"]
-        cells = []
-        for k in kinds:
-            for s in args.strengths:
-                c = res[k][f"{s:g}"]["change"]
+    names = list(table)
+    print("| perturbation | strength | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    print("| none (clean) | 0 | " + " | ".join(
+        f"{table[n][kinds[0]]['0']['mean']:.3f} [{table[n][kinds[0]]['0']['ci_low']:.3f}, "
+        f"{table[n][kinds[0]]['0']['ci_high']:.3f}]" for n in names) + " |")  # fmt: skip
+    for k in kinds:
+        for s in args.strengths:
+            cells = []
+            for n in names:
+                c = table[n][k][f"{s:g}"]["change"]
                 cells.append(f"{c['mean']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
-        print(f"| {name} (clean {base:.3f}) | " + " | ".join(cells) + " |")
+            print(f"| {k} | {s:g} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
