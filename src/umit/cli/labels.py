@@ -6,8 +6,12 @@ Example::
 
 reads the reports, labels each vocabulary finding present / absent / uncertain / not_mentioned
 (ConText rules: negation, uncertainty, history, experiencer) and replaces the catalog's
-``labels`` rows of source "reports". Sub-commands register in ``SUBCOMMANDS`` (``aggregate``
-joins them later).
+``labels`` rows of source "reports";
+
+    umit labels aggregate r1.nii.gz r2.nii.gz r3.nii.gz --out CONS --case-id case_007
+
+builds the consensus of several raters' label maps (STAPLE, majority vote). Sub-commands
+register in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 from collections.abc import Callable
 
 from umit.cli.common import add_config_args
+from umit.cli.labels_aggregate import register_aggregate
 
 
 def _from_reports(args: argparse.Namespace) -> int:
@@ -60,6 +65,7 @@ def _register_from_reports(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "from-reports": _register_from_reports,
+    "aggregate": register_aggregate,
 }
 """Sub-command name -> function adding its parser (and ``func``) to the ``labels`` subparsers."""
 
@@ -67,7 +73,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "labels",
-        help="per-case finding labels in the catalog (from-reports: radiology reports)",
+        help="per-case labels in the catalog (from-reports: radiology reports; aggregate: rater consensus)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -31,6 +31,7 @@ STAGES: tuple[str, ...] = (
     "audit",
     "predict",
     "export",
+    "explain",
     "data-efficiency",
     "demo",
 )

@@ -36,6 +36,13 @@ from umit.eval.report import (
     subgroup_section,
     write_report,
 )
+from umit.eval.shift import (
+    PERTURBATIONS,
+    run_perturbations,
+    shift_figure,
+    site_shift,
+    summarize_shift,
+)
 from umit.eval.subgroup import MetricSpec, analyze_subgroups, write_subgroup_csv
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
 from umit.labels.table import LabelsTableConfig, overlay_index
@@ -85,6 +92,18 @@ class EvaluateConfig(UmitConfig):
     """Input channels (sequence names of the model's spec, e.g. ``[FLAIR]``) treated as missing
     at inference: absent for a model trained with ``channel_dropout`` (its learned absent
     embedding), 0 (the normalised mean) for any other model."""
+    shift: list[str] = Field(default_factory=list)
+    """Shift suite: perturbations of the test images to score at ``shift_strengths`` (``all``,
+    or some of noise, blur, bias_field, intensity_remap, resolution, texture;
+    :mod:`umit.eval.shift`). Writes ``shift.csv``, ``shift.json`` and ``shift.png``."""
+    shift_strengths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """Perturbation strengths in [0, 1] (0, the unperturbed image, is always scored)."""
+    shift_cases: int | None = Field(default=None, ge=1)
+    """Score the shift suite on the first N evaluated cases only (it costs one prediction per
+    case, perturbation and strength)."""
+    loso: bool = False
+    """Leave-one-site-out: compare the sites absent from the model's training cases with those
+    present (per-site metric, unseen - seen difference with a bootstrap CI)."""
 
 
 def _rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -353,6 +372,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "dp": ckpt.get("dp"),
         "drop_channels": list(cfg.drop_channels),
     }
+    if cfg.shift or cfg.loso:
+        summary["shift"] = shift_suites(cfg, model, ckpt, store, rows, out)
     atomic_write_json(out / "summary.json", summary)
     names = display_names(list(result["overall"]), structures)
     sections = report_sections(cfg, task, rows, result, names, headline, structures)
@@ -387,6 +408,55 @@ def listed_cases(cfg: EvaluateConfig, store: Store, ckpt: dict[str, Any]) -> lis
             f"cases ({seen[:5]}); evaluate on held-out cases",
         )  # fmt: skip
     return cases
+
+
+def shift_suites(
+    cfg: EvaluateConfig, model, ckpt: dict[str, Any], store, rows: list[dict[str, Any]], out: Path
+) -> dict[str, Any]:
+    """The perturbation and leave-one-site-out suites (:mod:`umit.eval.shift`)."""
+    result: dict[str, Any] = {}
+    task = ckpt["task"]
+    metric = "dice" if task == "segmentation" else "correct"
+    if cfg.shift:
+        kinds = list(PERTURBATIONS) if cfg.shift == ["all"] else list(cfg.shift)
+        bad = [k for k in kinds if k not in PERTURBATIONS]
+        if bad:
+            raise InputError(None, f"unknown shift {bad}; one of all, {', '.join(PERTURBATIONS)}")
+        cases = [r["case_id"] for r in rows][: cfg.shift_cases]
+        targets = {r["case_id"]: r["label"] for r in rows if "label" in r}
+        srows = run_perturbations(
+            model, ckpt, store, cases, kinds, cfg.shift_strengths, cfg.seed, targets
+        )
+        atomic_write_text(out / "shift.csv", _rows_to_csv(srows))
+        result["perturbations"] = summarize_shift(srows, metric, cfg.n_boot, cfg.seed)
+        shift_figure(
+            result["perturbations"], metric, out / "shift.png", Path(cfg.model).parent.name
+        )
+    if cfg.loso:
+        train = ((ckpt.get("cases") or {}).get("train")) or []
+        if not train:
+            raise InputError(cfg.model, "the model file lists no training cases: no site split")
+        sites: dict[str, int] = {}
+        for c in train:
+            s = str(store.index.get(c, {}).get("site"))
+            sites[s] = sites.get(s, 0) + 1
+        names = ckpt.get("class_names") or []
+        key = "dice_mean" if task == "segmentation" else "correct"
+        scored = [
+            {
+                **r,
+                "site": store.index[r["case_id"]].get("site"),
+                **(
+                    {}
+                    if task == "segmentation"
+                    else {"correct": float(r["pred"] == names[r["label"]])}
+                ),
+            }
+            for r in rows
+        ]
+        result["leave_one_site_out"] = site_shift(scored, key, sites, "site", cfg.n_boot, cfg.seed)
+    atomic_write_json(out / "shift.json", result)
+    return result
 
 
 def report_sections(

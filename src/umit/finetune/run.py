@@ -27,6 +27,12 @@ from umit.data.plan import Plan
 from umit.data.store import Store
 from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
+from umit.finetune.groups import (
+    GroupWeightedTask,
+    case_groups,
+    group_balanced_cases,
+    group_weights,
+)
 from umit.finetune.recipe import encoder_recipe
 from umit.finetune.subsets import select_labeled
 from umit.inference.segment import predict_case_classification, predict_case_segmentation
@@ -163,6 +169,14 @@ class FinetuneConfig(UmitConfig):
     encoders with a linear input projection (ViT, Swin), an "absent" token embedding per
     channel (:mod:`umit.models.absent`). The saved model then accepts missing channels
     (``umit evaluate drop_channels=[FLAIR]``). 0 = off."""
+    balance_by: str | None = None
+    """Bias mitigation: a case attribute of the store index (from the catalog: ``site``,
+    ``sex``, ``age_band``, ``manufacturer``, ...) whose groups the training balances
+    (``umit.finetune.groups``)."""
+    balance: Literal["sample", "reweight", "dro"] = "sample"
+    """With ``balance_by``: group-balanced sampling, group-reweighted loss, or group DRO."""
+    dro_eta: float = Field(default=0.01, gt=0)
+    """Group DRO step size of the group distribution."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,11 +527,21 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         train_cases = (
             balanced_cases(cases["train"], targets) if cfg.class_balanced else cases["train"]
         )
+    groups = None
+    if cfg.balance_by is not None:  # bias mitigation (umit.finetune.groups)
+        if cfg.dp.enabled and cfg.balance != "sample":
+            raise InputError(None, f"balance={cfg.balance!r} cannot run with DP-SGD; use sample")
+        groups = case_groups(store.index, cases["train"], cfg.balance_by)
+        if cfg.balance == "sample":
+            train_cases = group_balanced_cases(train_cases, groups)
     seed_everything(cfg.train.seed)  # before anything random is built: the same seed, the same run
     model = build_model(cfg, in_chans, num_outputs)
     dataset = training_data(cfg, store, train_cases)
     train_cfg = scheduled_train_config(cfg, len(dataset))
     task = make_task(cfg, model, targets)
+    if groups is not None and cfg.balance != "sample":
+        weights = group_weights(cases["train"], groups)
+        task = GroupWeightedTask(task, groups, weights, cfg.balance, cfg.dro_eta)
     cfg.out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {
         "cases": cases,
@@ -526,6 +550,14 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         "label_key": cfg.label_key,
         "num_outputs": num_outputs,
     }
+    if groups is not None:
+        extra["balance"] = {
+            "by": cfg.balance_by,
+            "mode": cfg.balance,
+            "train_groups": {
+                g: list(groups.values()).count(g) for g in sorted(set(groups.values()))
+            },
+        }
     spec = inference_spec(cfg, plan, extra)
     selection = selection_rule(cfg, len(cases["train"]), len(cases["val"]))
     extra["selection"] = selection

@@ -171,6 +171,24 @@ def _migration_4(db: _Db) -> None:
     )
 
 
+def _migration_5(db: _Db) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS label_sources (case_id TEXT NOT NULL, source TEXT NOT NULL, "
+        "label_path TEXT NOT NULL, details TEXT, added_at TEXT NOT NULL, "
+        "PRIMARY KEY (case_id, source))"
+    )
+
+
+def _migration_6(db: _Db) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS labels (case_id TEXT NOT NULL, finding TEXT NOT NULL, "
+        "value TEXT NOT NULL, sentence_start INTEGER, sentence_end INTEGER, report_row INTEGER, "
+        "source TEXT NOT NULL, labeler TEXT NOT NULL, labeled_at TEXT NOT NULL, "
+        "PRIMARY KEY (case_id, finding, source))"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS labels_finding ON labels (finding, source)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[_Db], None]]] = [
     (1, "tables series, failures, info, set_aside, remote_series", _migration_1),
     (2, "series.transform: what ingest changed in the voxels", _migration_2),
@@ -180,6 +198,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[_Db], None]]] = [
         "case_owners: a case id is claimed by one source before its files are written",
         _migration_4,
     ),
+    (5, "label_sources: other labels of a case (e.g. a raters' consensus)", _migration_5),
+    (6, "labels: per-case finding labels (umit labels from-reports)", _migration_6),
 ]
 """Numbered, append-only: a catalog at version k gets migrations k+1.. on open, in one
 transaction (a second process opening at once waits, then finds nothing to do)."""
@@ -551,6 +571,58 @@ class Catalog:
             db.upsert("remote_series", row, ("deid_series_uid",))
             if clear_failure is not None:
                 db.execute("DELETE FROM failures WHERE source_key = ?", (clear_failure,))
+
+    def add_label_source(
+        self,
+        case_id: str,
+        source: str,
+        label_path: str | Path,
+        details: dict[str, Any] | None = None,
+        activate: bool = False,
+    ) -> None:
+        """Record another label of a case (e.g. ``consensus_staple`` from several raters).
+
+        With ``activate`` it also becomes the case's label (``series.label_path``, which
+        ``umit preprocess`` reads); the label it replaces is kept as source ``original``.
+        """
+        now = _now()
+        with self.transaction(lock=f"case:{case_id}") as db:
+            if activate:
+                rows = db.all("SELECT label_path FROM series WHERE case_id = ? LIMIT 1", (case_id,))
+                if not rows:
+                    raise InputError(
+                        redact_url(self.location), f"case {case_id!r} is not in the catalog"
+                    )
+                if rows[0]["label_path"]:
+                    db.execute(
+                        "INSERT INTO label_sources VALUES (?, 'original', ?, NULL, ?) "
+                        "ON CONFLICT (case_id, source) DO NOTHING",
+                        (case_id, rows[0]["label_path"], now),
+                    )
+                db.execute(
+                    "UPDATE series SET label_path = ? WHERE case_id = ?", (str(label_path), case_id)
+                )
+            db.upsert(
+                "label_sources",
+                {
+                    "case_id": case_id,
+                    "source": source,
+                    "label_path": str(label_path),
+                    "details": json.dumps(details or {}),
+                    "added_at": now,
+                },
+                ("case_id", "source"),
+            )
+
+    def label_sources(self, case_id: str | None = None) -> list[dict[str, Any]]:
+        """Rows of ``label_sources`` (all, or one case's), details parsed."""
+        sql, params = "SELECT * FROM label_sources", ()
+        if case_id is not None:
+            sql, params = sql + " WHERE case_id = ?", (case_id,)
+        rows = self._db.all(sql + " ORDER BY case_id, source", params)
+        for r in rows:
+            r["details"] = json.loads(r["details"]) if r["details"] else {}
+        return rows
 
     def set_info(self, key: str, value: Any) -> None:
         with self.transaction() as db:

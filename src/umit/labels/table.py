@@ -27,21 +27,6 @@ from umit.config import UmitConfig
 from umit.errors import InputError
 from umit.ingest.catalog import CATALOG_NAME, Catalog
 
-LABELS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (
-    case_id        TEXT NOT NULL,
-    finding        TEXT NOT NULL,
-    value          TEXT NOT NULL,
-    sentence_start INTEGER,
-    sentence_end   INTEGER,
-    report_row     INTEGER,
-    source         TEXT NOT NULL,
-    labeler        TEXT NOT NULL,
-    labeled_at     TEXT NOT NULL,
-    PRIMARY KEY (case_id, finding, source)
-);
-CREATE INDEX IF NOT EXISTS labels_finding ON labels (finding, source);
-"""
 LABEL_COLUMNS = (
     "case_id",
     "finding",
@@ -66,12 +51,10 @@ def catalog_path(raw_or_db: str | Path) -> Path:
 
 
 def replace_labels(catalog: Catalog, source: str, rows: Iterable[dict]) -> int:
-    """Replace every row of ``source`` by ``rows`` in one transaction; returns the row count."""
+    """Replace every row of ``source`` by ``rows`` in one transaction; returns the row count.
+    The table is the catalog's (migration 6 of :mod:`umit.ingest.catalog`)."""
     rows = list(rows)
     with catalog.transaction() as con:
-        for stmt in LABELS_SCHEMA.split(";"):  # one by one: executescript would COMMIT
-            if stmt.strip():
-                con.execute(stmt)
         con.execute("DELETE FROM labels WHERE source = ?", (source,))
         con.executemany(
             f"INSERT INTO labels ({', '.join(LABEL_COLUMNS)}) "
