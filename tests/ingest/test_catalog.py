@@ -87,7 +87,7 @@ def test_transform_column_and_migration_of_a_schema_1_catalog(tmp_path):
     con.commit()
     con.close()
     with Catalog(path) as cat:
-        assert cat.info()["schema_version"] == SCHEMA_VERSION == 4
+        assert cat.info()["schema_version"] == SCHEMA_VERSION == 6
         assert cat.series()[0].transform is None
         text = "resampled nonuniform slices 4.2/7.4 mm -> 4.2 mm (26 -> 35 slices)"
         cat.add_series([_rec("b", transform=text)])

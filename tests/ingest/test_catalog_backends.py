@@ -135,7 +135,8 @@ def test_upgrade_of_a_catalog_written_by_the_previous_release(tmp_path):
     con.executescript(_SCHEMA_2_SQLITE)
     con.close()
     with Catalog(path) as cat:
-        assert cat.info()["schema_version"] == SCHEMA_VERSION == 4
+        assert cat.info()["schema_version"] == SCHEMA_VERSION == 6
+        assert {"locks", "case_owners", "label_sources", "labels"} <= cat._db.tables()
         assert [r.series_id for r in cat.series()] == ["old_0000"]
         with cat.lock(str(tmp_path / "prep")):
             pass

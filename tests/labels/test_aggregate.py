@@ -164,7 +164,7 @@ def test_bad_inputs_are_named(tmp_path):
     assert "at least 2 rater" in next(iter(s["failures"].values()))
     with pytest.raises(InputError, match="nope.nii.gz.*no such file"):
         run(AggregateConfig(inputs=[paths[0], tmp_path / "nope.nii.gz"], out=tmp_path / "o"))
-    with pytest.raises(InputError, match="no catalog.db"):
+    with pytest.raises(InputError, match="no catalog here"):
         run(AggregateConfig(inputs=paths, out=tmp_path / "o", raw=tmp_path / "r"))
     raw = _raw_with_case(tmp_path, case="case_b")
     with pytest.raises(InputError, match="'rater0' is not in the catalog"):

@@ -213,5 +213,5 @@ def test_cli_errors_exit_2_naming_the_file(raw_copy, tmp_path, capsys):
     bad.write_text("who,text\n1,x\n")
     assert cli_main(["labels", "from-reports", str(bad), "--catalog", str(raw_copy)]) == 2
     assert f"umit labels: error: {bad}: no key column" in capsys.readouterr().err
-    with pytest.raises(InputError, match="has no labels table"):
+    with pytest.raises(InputError, match="has no labels yet"):
         read_labels(raw_copy)

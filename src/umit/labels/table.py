@@ -72,9 +72,10 @@ def read_labels(
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     con.row_factory = sqlite3.Row
     try:
-        if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'labels'").fetchone():
+        has_table = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'labels'").fetchone()
+        if not has_table or not con.execute("SELECT 1 FROM labels LIMIT 1").fetchone():
             raise InputError(
-                path, "has no labels table; run `umit labels from-reports REPORTS --catalog RAW`"
+                path, "has no labels yet; run `umit labels from-reports REPORTS --catalog RAW`"
             )
         where, params = [], []
         if finding is not None:
