@@ -111,7 +111,14 @@ def test_resume_after_crash_reproduces_the_run(reference, tmp_path):
 
 def test_resume_after_sigkill_reproduces_the_run(reference, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(HERE / "train_helpers.py"), "kill", str(tmp_path), "13"],
+        [
+            sys.executable,
+            str(HERE / "train_helpers.py"),
+            "kill",
+            str(tmp_path),
+            "13",
+            str(torch.get_num_threads()),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -299,6 +299,7 @@ def _dist_main(out: Path) -> None:
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "kill":
+        torch.set_num_threads(int(sys.argv[4]))  # the parent's: reductions split the same way
         make_run(out, kill_at=int(sys.argv[3])).fit()
         raise SystemExit("not killed")
     if mode == "dist":
