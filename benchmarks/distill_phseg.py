@@ -32,6 +32,8 @@ ARMS = {
     "distill_u": {"alpha": 0.5, "kd_unlabeled_weight": 1.0},
     # KL weighted like the CE term of DiceCE (ce_weight 0.03): the Dice term keeps small organs
     "distill_w": {"alpha": 0.9, "kd_unlabeled_weight": 0.1},
+    # both KL terms at the CE level (0.03 of the loss), T = 1
+    "distill_c": {"alpha": 0.97, "kd_unlabeled_weight": 0.03, "temperature": 1.0},
 }
 
 
@@ -83,13 +85,20 @@ def train(args: argparse.Namespace) -> None:
             base = finetune_base(args.prep)
             base["out"] = str(out)
             base["train"] = {**base["train"], "seed": seed}
+            if args.steps is not None:  # a longer schedule: warm-up 10%, checkpoint at the end
+                base["train"] |= {
+                    "total_steps": args.steps,
+                    "warmup_steps": args.steps // 10,
+                    "eval_every": args.steps,
+                    "ckpt_every": args.steps,
+                }
             t0 = time.perf_counter()
             if arm == "direct":
                 s = finetune(FinetuneConfig.model_validate(base))
             else:
                 kd = {
                     "teacher": str(args.teacher),
-                    "temperature": 2.0,
+                    "temperature": 2.0,  # unless the arm sets it
                     "kd_unlabeled": True,
                     "unlabeled_cases": 60,
                     "teacher_cache": False,
@@ -247,6 +256,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=["direct", "distill_u"])
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the study's 300)"
+    )
     args = p.parse_args()
     {"train": train, "eval": evaluate_all, "time": time_models, "table": table}[args.phase](args)
 
