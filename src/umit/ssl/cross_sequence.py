@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from umit.models.absent import AbsentChannels, token_width
-from umit.models.heads import feature_dim, feature_map
+from umit.models.heads import feature_map
+from umit.ssl.genesis import upsampling_decoder
 
 __all__ = [
     "CrossSequence3D",
@@ -161,20 +162,7 @@ class CrossSequence3D(nn.Module):
         self.encoder = encoder
         self.absent = AbsentChannels(self.in_chans, token_width(encoder))
         self.absent.attach(encoder)
-        reduction = encoder.feature_info[-1].get("reduction", 16)
-        reduction = max(reduction) if isinstance(reduction, (tuple, list)) else int(reduction)
-        width = decoder_dim
-        layers: list[nn.Module] = [nn.Conv3d(feature_dim(encoder), width, 1)]
-        for _ in range(max(0, math.ceil(math.log2(max(1, reduction))))):
-            nxt = max(8, width // 2)
-            layers += [
-                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
-                nn.Conv3d(width, nxt, 3, padding=1, bias=False),
-                nn.BatchNorm3d(nxt),
-                nn.ReLU(inplace=True),
-            ]
-            width = nxt
-        self.decoder = nn.Sequential(*layers)
+        self.decoder, width = upsampling_decoder(encoder, decoder_dim)
         self.out = nn.Conv3d(width, self.in_chans, 3, padding=1)
         # a voxelwise linear map of the (filled) sequences: the global intensity mixing, which
         # the encoder-decoder path then corrects with context

@@ -105,6 +105,27 @@ def corrupt(
     return x
 
 
+def upsampling_decoder(encoder: nn.Module, decoder_dim: int) -> tuple[nn.Sequential, int]:
+    """A light decoder from the encoder's deepest feature map back to the input grid: a 1x1x1
+    projection to ``decoder_dim``, then (x2 trilinear upsampling, 3³ conv, BN, ReLU) per factor
+    of two of the encoder's reduction, halving the width down to 8. Returns it and its output
+    width (the caller adds the output convolution)."""
+    reduction = encoder.feature_info[-1].get("reduction", 16)
+    reduction = max(reduction) if isinstance(reduction, (tuple, list)) else int(reduction)
+    width = decoder_dim
+    layers: list[nn.Module] = [nn.Conv3d(feature_dim(encoder), width, 1)]
+    for _ in range(max(0, math.ceil(math.log2(max(1, reduction))))):
+        nxt = max(8, width // 2)
+        layers += [
+            nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            nn.Conv3d(width, nxt, 3, padding=1, bias=False),
+            nn.BatchNorm3d(nxt),
+            nn.ReLU(inplace=True),
+        ]
+        width = nxt
+    return nn.Sequential(*layers), width
+
+
 class Genesis3D(nn.Module):
     """Restoration wrapper: corrupt, encode, decode, MSE to the original.
 
@@ -169,21 +190,7 @@ class Genesis3D(nn.Module):
             return
         self.network = None
         self.encoder = encoder
-        reduction = encoder.feature_info[-1].get("reduction", 16)
-        reduction = max(reduction) if isinstance(reduction, (tuple, list)) else int(reduction)
-        steps = max(0, math.ceil(math.log2(max(1, reduction))))
-        width = decoder_dim
-        layers: list[nn.Module] = [nn.Conv3d(feature_dim(encoder), width, 1)]
-        for _ in range(steps):
-            nxt = max(8, width // 2)
-            layers += [
-                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
-                nn.Conv3d(width, nxt, 3, padding=1, bias=False),
-                nn.BatchNorm3d(nxt),
-                nn.ReLU(inplace=True),
-            ]
-            width = nxt
-        self.decoder = nn.Sequential(*layers)
+        self.decoder, width = upsampling_decoder(encoder, decoder_dim)
         self.out = nn.Conv3d(width, in_chans, 3, padding=1)
         self.model_args = {
             "encoder": getattr(encoder, "model_name", type(encoder).__name__),
