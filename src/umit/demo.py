@@ -38,6 +38,7 @@ from umit.eval.data_efficiency import (
 from umit.eval.data_efficiency import run as data_efficiency
 from umit.eval.evaluate import EvaluateConfig, case_section, structure_names, structure_table
 from umit.eval.evaluate import run as evaluate
+from umit.eval.explain_views import explain_section
 from umit.eval.paired import read_per_case
 from umit.eval.report import Section, Table, display_names, subgroup_section, write_report
 from umit.ingest.catalog import CATALOG_NAME, Catalog
@@ -338,6 +339,7 @@ def write_demo_report(
             n_boot=500,
             min_group_size=5,
             case_figures=False,  # drawn below for this page
+            explain_figures=False,
         )
     )
     model, ckpt = load_model(best_model)
@@ -355,6 +357,10 @@ def write_demo_report(
     if cases is not None:
         cases.title = f"Best, median and worst test phantom: {who}"
         sections.append(cases)
+    looked = explain_section(model, ckpt, best_model, store, rows, names)
+    if looked is not None:
+        looked.title = f"Where the model looked: {who}"
+        sections.append(looked)
     sections.append(
         subgroup_section(
             ev["result"],

@@ -101,6 +101,8 @@ def test_segmentation_finetune_then_evaluate(tiny_ct_store, tmp_path):
     assert "dice_4" not in page and "dice_mean" not in page
     assert "Best, median and worst case" in page and "median and worst" in page  # 2 cases
     assert page.count("data:image/png;base64,") >= 2  # the two case figures
+    # the stand-in CNN has no feature API: no map, and the section says why (evaluation goes on)
+    assert "Where the model looked" in page and "exposes no feature_info" in page
 
 
 def test_evaluate_cli_prints_structure_names(tiny_ct_store, tmp_path, capsys):

@@ -37,8 +37,8 @@ ORIENTATION_NOTE = (
     "anterior on the left, superior up."
 )
 _REF_WIDTH, _PRED_WIDTH = 3.0, 1.3  # points: the prediction's line runs inside the reference's
-_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis a view cuts across
-_EDGES = {  # letters at the (left, right, top, bottom) edges of a displayed slice
+VIEW_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis a view cuts across
+VIEW_EDGES = {  # letters at the (left, right, top, bottom) edges of a displayed slice
     "axial": ("R", "L", "A", "P"),
     "coronal": ("R", "L", "S", "I"),
     "sagittal": ("A", "P", "S", "I"),
@@ -95,9 +95,11 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[fl
 def display_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     """Slice ``index`` of a RAS volume (i, j, k) as shown on screen: row 0 at the top, column 0
     at the left, in radiological convention (see the module docstring)."""
-    if view not in _AXIS:
+    if view not in VIEW_AXIS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    s = np.take(volume, index, axis=_AXIS[view])  # axial (i, j), coronal (i, k), sagittal (j, k)
+    s = np.take(
+        volume, index, axis=VIEW_AXIS[view]
+    )  # axial (i, j), coronal (i, k), sagittal (j, k)
     # (a, b) -> (b, a): rows along the second axis; then high j / k at the top (A, S) and high
     # i (R) or high j (A) at the left.
     return s.T[::-1, ::-1]
@@ -253,7 +255,7 @@ def plot_case_views(
 
     fig = new_figure(9.6, 3.9)
     for n, view in enumerate(VIEWS):
-        axis = _AXIS[view]
+        axis = VIEW_AXIS[view]
         k = int(centre[axis])
         ax = fig.add_subplot(1, 3, n + 1)
         draw_view(
@@ -263,7 +265,7 @@ def plot_case_views(
             display_slice(pred, view, k),
             aspect=pixel_aspect(spacing, view),
             window=window,
-            letters=_EDGES[view],
+            letters=VIEW_EDGES[view],
         )
         ax.set_title(f"{view} {k + 1}/{image.shape[axis]}", fontsize=9)
     fig.legend(

@@ -27,6 +27,7 @@ from umit.data.cases import case_label
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.eval.case_views import case_figure, select_cases, structure_name, worst_structure
+from umit.eval.explain_views import explain_section
 from umit.eval.report import (
     Section,
     Table,
@@ -82,6 +83,10 @@ class EvaluateConfig(UmitConfig):
     case_figures: bool = True
     """Show the best, median and worst case by mean Dice in the report, each in three views
     (segmentation; the three cases are predicted once more for the figures)."""
+    explain_figures: bool = True
+    """Show where the model looked (``umit explain`` maps) on two cases in the report: the median
+    and worst by mean Dice queried at their worst structure (segmentation), the most confident
+    case of each class (classification); :mod:`umit.eval.explain_views`."""
     seed: int = 0
     """Seed of the bootstrap."""
     labels: LabelsTableConfig | None = None
@@ -311,6 +316,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     task = ckpt["task"]
     if cfg.labels is not None and task == "classification":
         overlay_index(store.index, cfg.labels, ckpt.get("label_key", "target"))
+    trained_model = model  # explained as trained, whatever drop_channels says
     if cfg.drop_channels:
         model = with_missing_channels(model, ckpt, cfg)
     cases = listed_cases(cfg, store, ckpt) if cfg.cases is not None else [
@@ -381,12 +387,20 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         sec = case_section(model, ckpt, store, rows, structures)
         if sec is not None:
             sections.insert(2, sec)  # after the overall and per-structure tables
+    if cfg.explain_figures:
+        sec = explain_section(trained_model, ckpt, Path(cfg.model), store, rows, structures)
+        if sec is not None:  # after the case figures, else after the tables of all cases
+            shown = [i for i, x in enumerate(sections) if x.title in _BEFORE_EXPLAIN]
+            sections.insert(shown[-1] + 1 if shown else 1, sec)
     if ckpt.get("dp"):  # trained with DP-SGD: state the guarantee next to the metrics
         sections.insert(1, Section(title="Differential privacy", text=format_dp(ckpt["dp"])))
     paths = write_report(out, f"UMIT evaluation: {Path(cfg.model).parent.name}", sections)
     summary["report"] = str(paths["html"])
     summary["out"] = str(out)
     return summary
+
+
+_BEFORE_EXPLAIN = ("Overall", "Per structure", "Best, median and worst case")
 
 
 def scope(cfg: EvaluateConfig) -> str:

@@ -160,9 +160,18 @@ def world_to_store(point: tuple[float, float, float], affine: np.ndarray) -> np.
 class Explainer:
     """A loaded model, its plan and spec; ``explain(path)`` maps one input."""
 
-    def __init__(self, cfg: ExplainConfig):
+    def __init__(
+        self,
+        cfg: ExplainConfig,
+        model: torch.nn.Module | None = None,
+        ckpt: dict[str, Any] | None = None,
+    ):
+        """``model`` and ``ckpt`` (from :func:`load_model` of ``cfg.model``) when the caller has
+        them loaded already (``umit evaluate``'s report); else they are loaded here."""
         self.cfg = cfg
-        self.model, ckpt = load_model(cfg.model)
+        if model is None or ckpt is None:
+            model, ckpt = load_model(cfg.model)
+        self.model = model
         if not ckpt.get("plan"):
             raise InputError(cfg.model, "the model file carries no preprocessing plan")
         self.plan = Plan.model_validate(ckpt["plan"])
@@ -212,26 +221,9 @@ class Explainer:
                     f"query {list(self.cfg.query)} mm lies outside the preprocessed image "
                     f"(store voxel {q_store.tolist()}, shape {list(shape)})",
                 )
-        if self.task == "classification":
-            offset = centred_offset(shape, self.roi)
-        else:
-            centre = tuple(q_store) if q_store is not None else tuple(n // 2 for n in shape)
-            offset = window_offset(shape, self.roi, centre)  # type: ignore[arg-type]
-        q_win = None if q_store is None else q_store - np.array(offset)
-        if q_win is not None and (np.any(q_win < 0) or np.any(q_win >= np.array(self.roi))):
-            raise InputError(
-                path,
-                f"query {list(self.cfg.query)} mm lies outside the classifier's centred "
-                f"{list(self.roi)} input",
-            )
-        window = read_window(image, offset, self.roi, geom["pad_values"])
-        x = torch.from_numpy(window)[None].to(self.device)
-        if self.method == "attention" and self.windows:
-            win_maps, info = self._window_attention(x, q_win)
-        elif self.method == "attention":
-            win_maps, info = self._attention(x, q_win)
-        else:
-            win_maps, info = self._gradcam(x, q_win)
+        win_maps, info, offset = self.explain_store(
+            image, geom["pad_values"], q_store, source=path, query_text=f"{list(self.cfg.query)} mm"
+        )
         maps = {}
         for name, m in win_maps.items():
             if m.ndim == 4:  # (heads, *roi) -> (i, j, k, heads)
@@ -251,6 +243,46 @@ class Explainer:
             q_in = np.rint(np.linalg.inv(meta.affine) @ np.array([*self.cfg.query, 1.0]))[:3]
             info["query_voxel"] = [int(v) for v in q_in]
         return maps, meta, info
+
+    def explain_store(
+        self,
+        image: np.ndarray,
+        pad_values: list[float],
+        q_store: np.ndarray | None = None,
+        source: Path | str = "image",
+        query_text: str | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any], Int3]:
+        """Maps of one preprocessed image ``(C, X, Y, Z)`` on the store grid (a store case, or
+        an input after ``apply_plan``), for the query voxel ``q_store`` (store index; None: the
+        class token, or the image centre for a segmentation window).
+
+        Returns:
+            ``(maps on the model's window, info, the window's offset in the store grid)``: the
+            maps are ``(*roi)`` (or ``(heads, *roi)`` for ``heads``); :func:`paste_window` puts
+            them on the store grid.
+        """
+        shape: Int3 = tuple(image.shape[1:])  # type: ignore[assignment]
+        if self.task == "classification":
+            offset = centred_offset(shape, self.roi)
+        else:
+            centre = tuple(q_store) if q_store is not None else tuple(n // 2 for n in shape)
+            offset = window_offset(shape, self.roi, centre)  # type: ignore[arg-type]
+        q_win = None if q_store is None else np.asarray(q_store) - np.array(offset)
+        if q_win is not None and (np.any(q_win < 0) or np.any(q_win >= np.array(self.roi))):
+            raise InputError(
+                source,
+                f"query {query_text or f'voxel {np.asarray(q_store).tolist()}'} lies outside "
+                f"the classifier's centred {list(self.roi)} input",
+            )
+        window = read_window(image, offset, self.roi, pad_values)
+        x = torch.from_numpy(window)[None].to(self.device)
+        if self.method == "attention" and self.windows:
+            win_maps, info = self._window_attention(x, q_win)
+        elif self.method == "attention":
+            win_maps, info = self._attention(x, q_win)
+        else:
+            win_maps, info = self._gradcam(x, q_win)
+        return win_maps, info, offset
 
     def _attention(
         self, x: torch.Tensor, q_win: np.ndarray | None
