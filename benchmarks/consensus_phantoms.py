@@ -48,8 +48,13 @@ def grow(label: np.ndarray, labels: list[int], step: int) -> np.ndarray:
     return out
 
 
-def honest(truth: np.ndarray, labels: list[int], rng: np.random.Generator) -> np.ndarray:
-    bias = BIASES[rng.integers(len(BIASES))]
+def honest(
+    truth: np.ndarray, labels: list[int], rng: np.random.Generator, bias: str | None = None
+) -> np.ndarray:
+    """One honest rater's map: ``bias`` (over / under / none; drawn from ``rng`` when None), random
+    misses and boundary noise."""
+    if bias is None:
+        bias = BIASES[rng.integers(len(BIASES))]
     r = grow(truth, labels, +1) if bias == "over" else truth.copy()
     if bias == "under":
         r = grow(truth, labels, -1)
