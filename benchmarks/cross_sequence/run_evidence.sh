@@ -26,7 +26,7 @@ pretrain() {  # data out method val_cases synthesis_split
     train.total_steps=$PRE_STEPS train.eval_every=$PRE_STEPS train.ckpt_every=$PRE_STEPS "${extra[@]}"
 }
 
-efficiency() {  # data out pretrain_dir seeds
+efficiency() {  # data out pretrain_dir seeds [only_arms]
   cat > $2.yaml <<YAML
 data: $1
 out: $2
@@ -56,7 +56,7 @@ arms:
   unetr_scratch: {model: unetr, model_args: {encoder: $ENC, feature_size: 8}}
   resunet: {model: resunet3d, model_args: {features: [8, 16, 32]}}
 YAML
-  $UMIT data-efficiency --config $2.yaml
+  $UMIT data-efficiency --config $2.yaml ${5:+"only_arms=$5"}
 }
 
 dropout() {  # data out: the unetr_xseq cell with 2 labeled subjects (seed 0) again with
@@ -81,6 +81,17 @@ lane_brats() {
     pretrain $d $o/mae mae 1 test
     efficiency $d $o/eff $o "[0]"
     dropout $d $o
+  done
+}
+
+lane_brats_long() {  # the longer budget with 3 fine-tuning seeds per fold, cross-sequence
+  # pretraining against scratch only (R=runs/xseq_long PRE_STEPS=2000 FT_STEPS=300; the fold
+  # stores of the short run, DATA_R=runs/xseq)
+  for k in 0 1 2; do
+    local d=${DATA_R:-$R}/brats/fold$k o=$R/brats/runs/fold$k
+    mkdir -p $o
+    pretrain $d $o/xseq cross_sequence 1 test
+    efficiency $d $o/eff $o "[0, 1, 2]" "[unetr_xseq,unetr_scratch]"
   done
 }
 
