@@ -211,7 +211,7 @@ def summarize(out: Path, seeds: list[int], quality: dict) -> dict:
     (out / "consensus_training.json").write_text(json.dumps(result, indent=1))
     q = {"truth": 1.0, "staple": quality["staple"]["mean"],
          "majority": quality["majority"]["mean"],
-         "one_rater": float(np.mean([quality[f"one_rater{k}"]["mean"] for k in range(1, 5)]))}  # fmt: skip
+         "one_rater": float(np.mean([quality[f"one_rater{s % 4 + 1}"]["mean"] for s in seeds]))}  # fmt: skip
     print("| trained on | training labels' Dice vs truth | test Dice (mean ± sd) | per seed | "
           "minus truth (95% CI) |")  # fmt: skip
     print("|---|---|---|---|---|")
@@ -221,7 +221,14 @@ def summarize(out: Path, seeds: list[int], quality: dict) -> dict:
         sd = f" ± {row['sd']:.3f}" if row["sd"] is not None else ""
         mt = row.get("minus_truth")
         mt_txt = f"{mt[0]:+.3f} [{mt[1]:+.3f}, {mt[2]:+.3f}]" if mt else ""
-        print(f"| {arm} | {q[arm]:.3f} | {row['mean']:.3f}{sd} | {row['per_seed']} | {mt_txt} |")
+        per = row["per_seed"]
+        if arm == "one_rater":  # which rater each seed trained on, and its labels' quality
+            per = [
+                f"{v} (rater{s % 4 + 1}: {quality['biases'][f'rater{s % 4 + 1}']}, "
+                f"{quality[f'one_rater{s % 4 + 1}']['mean']:.3f})"
+                for s, v in zip(seeds, per, strict=False)
+            ]
+        print(f"| {arm} | {q[arm]:.3f} | {row['mean']:.3f}{sd} | {per} | {mt_txt} |")
     return result
 
 
