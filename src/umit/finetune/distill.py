@@ -50,12 +50,12 @@ from umit.data.store import Store
 from umit.errors import InputError
 from umit.finetune.run import (
     BEST_FILE,
+    BestModelWriter,
     FinetuneConfig,
     build_model,
     class_names,
     inference_spec,
     make_eval_fn,
-    save_model,
     scheduled_train_config,
     seg_num_outputs,
     selection_rule,
@@ -63,7 +63,7 @@ from umit.finetune.run import (
     training_data,
 )
 from umit.train.checkpoint import load_artifact, load_encoder, load_model
-from umit.train.distributed import init_from_env, is_main
+from umit.train.distributed import init_from_env
 from umit.train.loop import Trainer, resolve_device, seed_everything
 from umit.train.tasks import segmentation_loss
 from umit.utils.distributed import world_size
@@ -657,19 +657,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     spec = inference_spec(cfg, plan, extra)
     selection = selection_rule(cfg, len(cases["train"]), len(cases["val"]))
     extra["selection"] = selection
-    best: dict[str, Any] = {}
-
-    def saver(step: int, metric: dict[str, float]) -> None:
-        best.update(step=step, **metric)
-        if is_main():
-            save_model(
-                student,
-                cfg.out / BEST_FILE,
-                plan=plan,
-                cfg=cfg,
-                spec=spec,
-                extra={**extra, "best": dict(best)},
-            )
+    saver = BestModelWriter(student, cfg, plan, spec, extra)
 
     evaluate = make_eval_fn(
         student, store, cases["val"], spec, targets, saver if selection == "best_val" else None
@@ -683,18 +671,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         run_config=cfg,
     )
     result = trainer.fit()
-    if not best and is_main():
-        evals = [h for h in result.history if h.get("split") == "eval"]
-        last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("val_")}
-        best.update(step=result.step, **last)
-        save_model(
-            student,
-            cfg.out / BEST_FILE,
-            plan=plan,
-            cfg=cfg,
-            spec=spec,
-            extra={**extra, "best": best},
-        )
+    saver.finish(result)  # the last model of the fixed schedule, if no best step was saved
+    best = saver.record
     history = [h for h in result.history if h.get("split", "train") == "train"]
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())

@@ -435,6 +435,51 @@ def save_model(
     )
 
 
+class BestModelWriter:
+    """Writes ``best.pt`` for a run: at every new best validation (call it as the ``saver`` of
+    :func:`make_eval_fn`), or, when none was chosen that way, the model at the end of the fixed
+    schedule (:meth:`finish`). ``record`` holds the chosen step and its metrics; ``before_save``
+    refreshes ``extra`` first (e.g. the DP-SGD report). Only the main rank writes."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: FinetuneConfig,
+        plan: Any,
+        spec: InferenceSpec,
+        extra: dict[str, Any],
+        before_save: Callable[[], None] | None = None,
+    ):
+        self.model, self.cfg, self.plan, self.spec, self.extra = model, cfg, plan, spec, extra
+        self.before_save = before_save
+        self.record: dict[str, Any] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.cfg.out / BEST_FILE
+
+    def _save(self) -> None:
+        if is_main():
+            save_model(self.model, self.path, plan=self.plan, cfg=self.cfg, spec=self.spec,
+                       extra={**self.extra, "best": dict(self.record)})  # fmt: skip
+
+    def __call__(self, step: int, metric: dict[str, float]) -> None:
+        self.record.update(step=step, **metric)
+        if self.before_save is not None:
+            self.before_save()
+        self._save()
+
+    def finish(self, result: Any) -> None:
+        """After training: the last model, with the last validation metrics, unless a best
+        validation step was saved already."""
+        if self.record:
+            return
+        evals = [h for h in result.history if h.get("split") == "eval"]
+        last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("val_")}
+        self.record.update(step=result.step, **last)
+        self._save()
+
+
 def scheduled_train_config(cfg: FinetuneConfig, n_samples: int) -> TrainConfig:
     """``cfg.train`` with ``total_steps`` / ``warmup_steps`` from ``epochs`` /
     ``warmup_fraction`` when set (one epoch = ``n_samples`` crops in batches of ``batch_size``)."""
@@ -561,7 +606,6 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     spec = inference_spec(cfg, plan, extra)
     selection = selection_rule(cfg, len(cases["train"]), len(cases["val"]))
     extra["selection"] = selection
-    best: dict[str, Any] = {}
     layer_ids = layer_id_fn_for(model) if cfg.train.layer_decay < 1 else None
     task, optimizer_factory = encoder_recipe(
         model,
@@ -582,20 +626,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         )
         extra["dp"] = dp.report()
 
-    def saver(step: int, metric: dict[str, float]) -> None:
-        best.update(step=step, **metric)
+    def refresh_dp() -> None:
         if dp is not None:
             extra["dp"] = dp.report()
-        if is_main():
-            save_model(
-                model,
-                cfg.out / BEST_FILE,
-                plan=plan,
-                cfg=cfg,
-                spec=spec,
-                extra={**extra, "best": dict(best)},
-            )
 
+    saver = BestModelWriter(model, cfg, plan, spec, extra, before_save=refresh_dp)
     evaluate = make_eval_fn(
         model, store, cases["val"], spec, targets, saver if selection == "best_val" else None
     )
@@ -612,15 +647,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     result = trainer.fit()
     if dp is not None:
         extra["dp"] = dp.report()
-        if best and is_main():  # chosen by validating every step's model: the whole run's epsilon
+        if (
+            saver.record and is_main()
+        ):  # chosen by validating every step's model: the whole run's epsilon
             stamp_report(cfg.out / BEST_FILE, extra["dp"])
-    if not best and is_main():  # the last model of the fixed schedule
-        evals = [h for h in result.history if h.get("split") == "eval"]
-        last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("val_")}
-        best.update(step=result.step, **last)
-        save_model(
-            model, cfg.out / BEST_FILE, plan=plan, cfg=cfg, spec=spec, extra={**extra, "best": best}
-        )
+    saver.finish(result)  # the last model of the fixed schedule, if no best step was saved
+    best = saver.record
     history = [h for h in result.history if h.get("split", "train") == "train"]
     return {
         "out": str(cfg.out),
