@@ -95,6 +95,13 @@ lane_brats_long() {  # the longer budget with 3 fine-tuning seeds per fold, cros
   done
 }
 
+lane_brats_seeds() {  # seeds 1 and 2 for every arm and fold (the encoders and seed-0 cells of
+  # lane_brats are reused: data-efficiency resumes per cell)
+  for k in 0 1 2; do
+    efficiency $R/brats/fold$k $R/brats/runs/fold$k/eff $R/brats/runs/fold$k "[0, 1, 2]"
+  done
+}
+
 lane_dropout() {  # the channel-dropout step alone, every fold
   for k in 0 1 2; do dropout $R/brats/fold$k $R/brats/runs/fold$k; done
 }
