@@ -166,7 +166,7 @@ def explain_section(
         target = q["label"] if task == "segmentation" else None
         try:
             heat, info = case_map(model, ckpt, model_path, case, q["voxel"], target)
-        except (UmitError, ValueError, RuntimeError) as exc:
+        except (UmitError, ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
             log.warning("explain section: %s failed: %s", q["case_id"], exc)
             notes.append(f"{q['case_id']}: not explained ({exc}).")
             continue
@@ -180,16 +180,17 @@ def explain_section(
         if task == "segmentation":
             what = (
                 f"queried at the centre of {structure_name(q['label'], structures)}, its worst "
-                "structure"
+                "structure (white cross)"
                 if q["label"] is not None
-                else "queried at the foreground's centre"
+                else "queried at the foreground's centre (white cross)"
             )
             title = f"{q['role'].capitalize()} case {q['case_id']} (mean Dice {q['dice']:.3f})"
         else:
-            what = "from the class token" if method == "attention" else "at the map's peak"
+            what = "from the class token" if method == "attention" else "of the predicted class"
+            what += "; white cross: the map's peak"
             title = f"{q['role'].capitalize()}: {q['case_id']} (p = {q['confidence']:.3f})"
         caption = (
-            f"{title}: {METHOD_TEXT.get(method, method)}, {what} (white cross); the model's "
+            f"{title}: {METHOD_TEXT.get(method, method)}, {what}; the model's "
             f"input window only. {ORIENTATION_NOTE}"
         )
         figures.append(
