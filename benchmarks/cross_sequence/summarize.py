@@ -108,15 +108,21 @@ def main(root: Path) -> None:
     for k, fold in enumerate(brats_folds):
         for arm in ARMS:
             for b in BUDGETS:
-                for _seed, rows in cells(fold / "eff", arm, b).items():
-                    brats.setdefault(arm, {}).setdefault(b, {})[k] = rows  # a fold = a replicate
+                for seed, rows in cells(fold / "eff", arm, b).items():
+                    brats.setdefault(arm, {}).setdefault(b, {})[(k, seed)] = rows
     print("## BRATS tumour Dice (3-fold subject CV, 2 test subjects per fold)\n")
-    print("\n".join(dice_table(brats, "folds")))
-    # folds hold disjoint test subjects: pair the arms over the pooled 6 subjects (one replicate)
-    pooled = {
-        arm: {b: {0: [r for rows in reps.values() for r in rows]} for b, reps in budgets.items()}
-        for arm, budgets in brats.items()
-    }
+    print("\n".join(dice_table(brats, "fold x seed cells")))
+    # folds hold disjoint test subjects: per seed, pool the 6 subjects of the folds (a seed = a
+    # replicate), so the CI resamples seeds and subjects
+    pooled: dict[str, dict[str, dict]] = {}
+    for arm, budgets in brats.items():
+        for b, reps in budgets.items():
+            seeds = sorted({s for _, s in reps})
+            pooled.setdefault(arm, {})[b] = {
+                s: [r for (k, s2), rows in sorted(reps.items()) if s2 == s for r in rows]
+                for s in seeds
+                if all((k, s) in reps for k in range(len(brats_folds)))
+            }
     print("\n" + "\n".join(diff_table(pooled)))
     ph = root / "phantoms" / "runs" / "eff"
     phantoms = {arm: {b: cells(ph, arm, b) for b in BUDGETS} for arm in ARMS}
