@@ -289,6 +289,16 @@ def structure_name(label: int, structures: Mapping[int, str] | None) -> str:
     return (structures or {}).get(int(label)) or f"label {int(label)}"
 
 
+def structure_dice(row: Mapping[str, Any]) -> dict[int, Any]:
+    """``{label value: Dice}`` from a per-case row's ``dice_<label>`` columns (``dice_mean`` and
+    other non-numeric suffixes left out)."""
+    return {
+        int(k.split("_", 1)[1]): v
+        for k, v in row.items()
+        if k.startswith("dice_") and k.split("_", 1)[1].isdigit()
+    }
+
+
 def worst_structure(dice: Mapping[int, Any]) -> tuple[int, float] | None:
     """``(label, dice)`` of the structure with the lowest finite Dice (ties: the smaller label);
     None when no structure has one. Values may be CSV strings."""

@@ -26,7 +26,13 @@ from umit.config import UmitConfig, save_config
 from umit.data.cases import case_label
 from umit.data.store import Store
 from umit.errors import InputError
-from umit.eval.case_views import case_figure, select_cases, structure_name, worst_structure
+from umit.eval.case_views import (
+    case_figure,
+    select_cases,
+    structure_dice,
+    structure_name,
+    worst_structure,
+)
 from umit.eval.explain_views import explain_section
 from umit.eval.report import (
     Section,
@@ -250,11 +256,7 @@ def case_section(
     for pick in picks:
         c = pick["case_id"]
         case = store.case(c)
-        dice = {
-            int(k.split("_", 1)[1]): v
-            for k, v in by_id[c].items()
-            if k.startswith("dice_") and k.split("_", 1)[1].isdigit()
-        }
+        dice = structure_dice(by_id[c])
         worst = worst_structure(dice)
         table.append(
             [

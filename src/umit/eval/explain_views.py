@@ -34,12 +34,13 @@ from umit.eval.case_views import (
     pixel_aspect,
     select_cases,
     structure_centre,
+    structure_dice,
     structure_name,
     to_ras,
     worst_structure,
 )
 from umit.eval.report import Figure, Section, new_figure, render_png
-from umit.explain.run import ExplainConfig, Explainer, paste_window
+from umit.explain.run import ExplainConfig, Explainer, main_map_name, paste_window
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,7 @@ def _queries(
         by_id = {r["case_id"]: r for r in rows}
         out = []
         for p in picks:
-            dice = {
-                int(k.split("_", 1)[1]): v
-                for k, v in by_id[p["case_id"]].items()
-                if k.startswith("dice_") and k.split("_", 1)[1].isdigit()
-            }
-            worst = worst_structure(dice)
+            worst = worst_structure(structure_dice(by_id[p["case_id"]]))
             label = None if worst is None else worst[0]
             ref = np.asarray(store.case(p["case_id"]).read_label())
             out.append({**p, "label": label, "voxel": structure_centre(ref, ref, label)})
@@ -163,9 +159,10 @@ def explain_section(
     method = None
     for q in queries:
         case = store.case(q["case_id"])
+        image = np.asarray(case.read(), np.float32)  # (C, X, Y, Z), for the map and the figure
         target = q["label"] if task == "segmentation" else None
         try:
-            heat, info = case_map(model, ckpt, model_path, case, q["voxel"], target)
+            heat, info = case_map(model, ckpt, model_path, case, q["voxel"], target, image)
         except (UmitError, ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
             log.warning("explain section: %s failed: %s", q["case_id"], exc)
             notes.append(f"{q['case_id']}: not explained ({exc}).")
@@ -174,7 +171,7 @@ def explain_section(
         voxel = q["voxel"]
         if voxel is None:
             voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(heat)), heat.shape))
-        img_ras, spacing = to_ras(np.asarray(case.read()[0], np.float32), case.affine)
+        img_ras, spacing = to_ras(image[0], case.affine)
         heat_ras, _ = to_ras(heat, case.affine)
         centre = ras_index(voxel, heat.shape, case.affine)
         if task == "segmentation":
@@ -223,6 +220,7 @@ def case_map(
     case: Any,
     voxel: Sequence[int] | None,
     target_class: int | None = None,
+    image: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The main map of one store case on the store grid ``(X, Y, Z)`` (zero outside the model's
     window) and the explainer's info.
@@ -231,8 +229,10 @@ def case_map(
         case: A :class:`umit.data.store.StoreCase` (``read``, ``affine``, ``pad_values``).
         voxel: Query voxel (store index); None: the class token (classifiers).
         target_class: Grad-CAM's class (None: the explainer's default).
+        image: The case's ``(C, X, Y, Z)`` voxels when the caller has read them (else read here).
     """
-    image = np.asarray(case.read(), np.float32)  # (C, X, Y, Z)
+    if image is None:
+        image = np.asarray(case.read(), np.float32)  # (C, X, Y, Z)
     point: Any = "cls"
     if voxel is not None:
         point = tuple(float(v) for v in (np.asarray(case.affine) @ np.array([*voxel, 1.0]))[:3])
@@ -249,5 +249,5 @@ def case_map(
     pads = list(case.pad_values) if case.pad_values else [0.0] * image.shape[0]
     q_store = None if voxel is None else np.asarray(voxel, int)
     maps, info, offset = explainer.explain_store(image, pads, q_store, source=case.case_id)
-    main = maps.get("rollout", maps.get("mean", maps.get("gradcam")))
+    main = maps[main_map_name(maps)]
     return paste_window(main, image.shape[1:], offset), info

@@ -149,6 +149,12 @@ def tokens_to_window(values: np.ndarray, grid: Int3, patch: Int3) -> np.ndarray:
     return v
 
 
+def main_map_name(maps: dict[str, np.ndarray]) -> str:
+    """The map a figure shows: the rollout when there is one, else the head mean, else
+    Grad-CAM."""
+    return next(k for k in ("rollout", "mean", "gradcam") if k in maps)
+
+
 def world_to_store(point: tuple[float, float, float], affine: np.ndarray) -> np.ndarray:
     """World RAS+ mm -> continuous store index."""
     return (np.linalg.inv(affine) @ np.array([*point, 1.0]))[:3]
@@ -231,7 +237,7 @@ class Explainer:
                 maps[name] = np.stack(per, axis=-1)
             else:
                 maps[name] = restore_original(paste_window(m, shape, offset), geom)[0]
-        main = maps.get("rollout", maps.get("mean", maps.get("gradcam")))
+        main = maps[main_map_name(maps)]
         peak_idx = np.unravel_index(int(np.argmax(main)), main.shape)
         peak_world = (meta.affine @ np.array([*peak_idx, 1.0]))[:3]
         info.update(
@@ -460,8 +466,7 @@ def run(cfg: ExplainConfig) -> dict[str, Any]:
             write_image(target, m.astype(np.float32), meta)
             row["maps"][kind] = str(target)
         if cfg.png:
-            main = "gradcam" if explainer.method == "gradcam" else "mean"
-            main = "rollout" if "rollout" in maps else main
+            main = main_map_name(maps)
             centre = tuple(info.get("query_voxel") or info["peak_voxel"])
             arrays, meta_in = load_channels(path, explainer.plan)
             spacing = tuple(float(v) for v in np.linalg.norm(meta_in.affine[:3, :3], axis=0))
