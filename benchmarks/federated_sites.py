@@ -28,6 +28,14 @@ metrics); the table gives per site the mean test Dice over seeds (mean +- sd) an
 difference of every arm minus ``local`` with a hierarchical bootstrap CI over test cases and
 seeds (``umit.eval.paired``). Writes ``results.json``, ``per_case/*.json`` and ``table.md`` into
 ``out``; finished cells are skipped on a rerun.
+
+Classification with sites made by class ratio (``task: classification``, ``positive_fraction``;
+``benchmarks/federated_adrenal.yaml``): a store without a ``site`` attribute (AdrenalMNIST3D) is
+split into non-IID sites, site ``s`` drawing ``n_train[s]`` of the store's ``train`` cases with a
+fraction ``positive_fraction[s]`` of positives (``finetune.label_key`` == 1). Every model is
+scored on the store's own ``test`` split, shared by all sites (test AUC); each site's local model
+is an arm of its own (``local_<site>``), and the floors are ``umit.eval.floors``' voxel-count
+regression and random-feature probe trained on the pooled training cases.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from pydantic import Field
 from umit.config import UmitConfig
 
 ARMS = ("local", "fedavg", "fedprox", "central")
+SHARED = "shared"  # test_site of test cases shared by every site (sites made by class ratio)
 SMALL_FILES = ("plan.json", "fingerprint.json", "config.yaml")
 
 
@@ -57,6 +66,12 @@ class SitesStudyConfig(UmitConfig):
 
     data: Path
     """PREP folder of the phantoms (one plan for every site; catalog attribute ``site``)."""
+    task: Literal["segmentation", "classification"] = "segmentation"
+    """Scored by test Dice per site (segmentation) or by AUC on a shared test split."""
+    positive_fraction: dict[str, float] | None = None
+    """Sites made by class ratio instead of read from ``site``: site -> fraction of positives
+    (``finetune.label_key`` == 1) among its ``n_train`` cases, drawn from the store's ``train``
+    split; the store's ``test`` split is the shared test set (``n_test`` unused)."""
     out: Path = Path("runs/fedsites")
     """Study folder: derived stores, cells, per-case rows, results.json, table.md."""
     split_seed: int = 0
@@ -90,35 +105,90 @@ def derive_stores(cfg: dict[str, Any], out: Path) -> dict[str, Path]:
     src = Path(cfg["data"]).resolve()
     index = json.loads((src / "index.json").read_text())
     cases = index["cases"]
+    if cfg.get("positive_fraction"):
+        split, site_of = class_ratio_sites(cfg, cases, src)
+    else:
+        split, site_of = attribute_sites(cfg, cases, src), {}
+    folders = {"pooled": out / "prep" / "pooled"} | {s: out / "prep" / s for s in cfg["n_train"]}
+    for name, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / "store.zarr"
+        if not (link.is_symlink() or link.exists()):
+            link.symlink_to(src / "store.zarr", target_is_directory=True)
+        for f in SMALL_FILES:
+            if (src / f).is_file():
+                shutil.copy2(src / f, folder / f)
+        keep = {}
+        for c, v in cases.items():
+            v = (
+                v
+                | {"split": split.get(c, "unused")}
+                | ({"site": site_of[c]} if c in site_of else {})
+            )
+            if name == "pooled" or v.get("site") == name:
+                keep[c] = v
+        tmp = folder / "index.json.tmp"
+        tmp.write_text(json.dumps({**index, "cases": keep}, indent=1))
+        os.replace(tmp, folder / "index.json")
+    return folders
+
+
+def attribute_sites(cfg: dict[str, Any], cases: dict[str, dict], src: Path) -> dict[str, str]:
+    """case -> ``test`` / ``train``: per site (catalog ``site``) ``n_test`` + ``n_train`` cases."""
     rng = np.random.default_rng(int(cfg.get("split_seed", 0)))
-    chosen: dict[str, dict[str, str]] = {}
+    split: dict[str, str] = {}
     for site, n_train in cfg["n_train"].items():
         ids = sorted(c for c, v in cases.items() if v.get("site") == site and v.get("has_label"))
         need = n_train + int(cfg["n_test"])
         if len(ids) < need:
             raise ValueError(f"{src}: site {site} has {len(ids)} labeled cases, {need} needed")
         order = [ids[i] for i in rng.permutation(len(ids))]
-        chosen[site] = {c: "test" for c in order[: cfg["n_test"]]}
-        chosen[site] |= {c: "train" for c in order[cfg["n_test"] : need]}
-    split = {c: s for d in chosen.values() for c, s in d.items()}
-    folders = {"pooled": out / "prep" / "pooled"} | {s: out / "prep" / s for s in chosen}
-    for name, folder in folders.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        link = folder / "store.zarr"
-        if not link.exists():
-            link.symlink_to(src / "store.zarr", target_is_directory=True)
-        for f in SMALL_FILES:
-            if (src / f).is_file():
-                shutil.copy2(src / f, folder / f)
-        keep = {
-            c: v | {"split": split.get(c, "unused")}
-            for c, v in cases.items()
-            if name == "pooled" or v.get("site") == name
-        }
-        tmp = folder / "index.json.tmp"
-        tmp.write_text(json.dumps({**index, "cases": keep}, indent=1))
-        os.replace(tmp, folder / "index.json")
-    return folders
+        split |= {c: "test" for c in order[: cfg["n_test"]]}
+        split |= {c: "train" for c in order[cfg["n_test"] : need]}
+    return split
+
+
+def class_ratio_sites(
+    cfg: dict[str, Any], cases: dict[str, dict], src: Path
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(case -> split, case -> site) of non-IID sites made by class ratio.
+
+    Site ``s`` draws ``round(n_train[s] * positive_fraction[s])`` positives and the rest
+    negatives from the store's ``train`` cases, without replacement across sites (sites in
+    sorted order); the store's ``test`` cases keep ``test`` and get no site (shared).
+    """
+    from umit.data.cases import case_label
+
+    key = cfg["finetune"].get("label_key", "target")
+    fractions = cfg["positive_fraction"]
+    if set(fractions) != set(cfg["n_train"]):
+        raise ValueError(
+            f"positive_fraction sites {sorted(fractions)} differ from n_train's {sorted(cfg['n_train'])}"
+        )
+    labels = {c: str(case_label(v, key)) for c, v in cases.items()}
+    pools = {
+        y: sorted(c for c, v in cases.items() if v.get("split") == "train" and labels[c] == str(y))
+        for y in (0, 1)
+    }
+    rng = np.random.default_rng(int(cfg.get("split_seed", 0)))
+    pools = {y: [ids[i] for i in rng.permutation(len(ids))] for y, ids in pools.items()}
+    split = {c: "test" for c, v in cases.items() if v.get("split") == "test"}
+    if not split:
+        raise ValueError(f"{src}: no case has split 'test' (the shared test set)")
+    site_of: dict[str, str] = {}
+    for site in sorted(cfg["n_train"]):
+        n = int(cfg["n_train"][site])
+        n_pos = round(n * float(fractions[site]))
+        for y, k in ((1, n_pos), (0, n - n_pos)):
+            if len(pools[y]) < k:
+                raise ValueError(
+                    f"{src}: site {site} needs {k} training cases with {key} = {y}, "
+                    f"{len(pools[y])} are left"
+                )
+            drawn, pools[y] = pools[y][:k], pools[y][k:]
+            split |= {c: "train" for c in drawn}
+            site_of |= {c: site for c in drawn}
+    return split, site_of
 
 
 def site_test_cases(folder: Path) -> dict[str, list[str]]:
@@ -127,7 +197,7 @@ def site_test_cases(folder: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for c, v in sorted(cases.items()):
         if v["split"] == "test":
-            out.setdefault(v["site"], []).append(c)
+            out.setdefault(v.get("site") or SHARED, []).append(c)
     return out
 
 
@@ -179,16 +249,25 @@ def train_federated(cfg, pooled: Path, out: Path, seed: int, strategy: str) -> P
 
 
 def score(model_path: Path, folder: Path, cases: list[str]) -> list[dict[str, Any]]:
-    """Per-case Dice of a ``best.pt`` (``umit evaluate``'s sliding-window prediction)."""
+    """Per-case rows of a ``best.pt``: Dice (``umit evaluate``'s sliding-window prediction) or,
+    for a classifier, the case's class index (``label``) and positive-class ``score``."""
+    from umit.data.cases import case_label
     from umit.data.store import Store
-    from umit.inference.segment import predict_case_segmentation
+    from umit.inference.segment import predict_case_classification, predict_case_segmentation
     from umit.train.checkpoint import InferenceSpec, load_model
 
     model, ckpt = load_model(model_path)
     spec = InferenceSpec.model_validate(ckpt["spec"])
     store = Store(folder)
-    labels = sorted(int(v) for v in (ckpt.get("label_names") or {}).values() if int(v) > 0)
     rows = []
+    if spec.task == "classification":
+        names = list(ckpt["class_names"])
+        for c in cases:
+            probs = predict_case_classification(model, store, c, tuple(spec.roi_size))
+            label = str(case_label(store.index[c], ckpt.get("label_key", "target")))
+            rows.append({"case_id": c, "label": names.index(label), "score": float(probs[1])})
+        return rows
+    labels = sorted(int(v) for v in (ckpt.get("label_names") or {}).values() if int(v) > 0)
     for c in cases:
         pred = predict_case_segmentation(model, store, c, spec)
         ref = np.asarray(store.case(c).read_label())
@@ -244,6 +323,16 @@ def atlas_rows(pooled: Path, tests: dict[str, list[str]]) -> list[dict[str, Any]
     return rows
 
 
+def classification_floor_rows(cfg, pooled: Path) -> dict[str, list[dict[str, Any]]]:
+    """Floors of the classification study: ``umit.eval.floors`` (voxel-count regression, random
+    feature probe) fitted on the pooled training cases, scored on the shared test cases."""
+    from umit.eval.floors import floor_rows
+    from umit.finetune.run import FinetuneConfig
+
+    section = finetune_section(cfg, 0) | {"data": pooled, "out": pooled / "unused"}
+    return floor_rows(FinetuneConfig.model_validate(section), seed=0)
+
+
 def run_cell(cfg, folders, out: Path, arm: str, seed: int, site: str | None) -> Path:
     """Train one arm for one seed (and one site for ``local``); score it; returns the rows file."""
     name = f"{arm}_{site}_s{seed}" if site else f"{arm}_s{seed}"
@@ -265,7 +354,7 @@ def run_cell(cfg, folders, out: Path, arm: str, seed: int, site: str | None) -> 
     tests = site_test_cases(folders["pooled"])
     rows = []
     for s, cases in tests.items():
-        if site is None or s == site:
+        if site is None or s in (site, SHARED):
             rows += [r | {"site": s} for r in score(model, folders["pooled"], cases)]
     rows_file.parent.mkdir(parents=True, exist_ok=True)
     record = {"arm": arm, "seed": seed, "site": site, "train_s": trained, "rows": rows}
@@ -289,7 +378,7 @@ def summarize(cfg, out: Path, folders) -> dict[str, Any]:
     seconds: dict[str, list[float]] = {}
     for f in sorted((out / "per_case").glob("*.json")):
         rec = json.loads(f.read_text())
-        if rec["arm"] == "atlas":
+        if rec["arm"] in ("atlas", "floors"):
             continue
         seconds.setdefault(rec["arm"], []).append(rec["train_s"])
         for r in rec["rows"]:
@@ -357,6 +446,73 @@ def markdown(cfg, result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize_shared(cfg, out: Path) -> dict[str, Any]:
+    """Classification on a shared test split: per arm (each site's local model an arm of its own,
+    ``local_<site>``) the test AUC over seeds, and the paired difference (hierarchical bootstrap
+    over test cases and seeds) of each of fedavg / fedprox / central minus every local arm, and
+    of fedavg / fedprox minus central."""
+    from umit.eval.paired import full_metric, paired_difference
+
+    runs: dict[str, dict[int, list]] = {}  # arm name -> seed -> rows
+    seconds: dict[str, list[float]] = {}
+    for f in sorted((out / "per_case").glob("*.json")):
+        rec = json.loads(f.read_text())
+        if rec["arm"] == "floors":
+            continue
+        name = f"local_{rec['site']}" if rec["arm"] == "local" else rec["arm"]
+        runs.setdefault(name, {})[rec["seed"]] = rec["rows"]
+        seconds.setdefault(name, []).append(rec["train_s"])
+    floors = json.loads((out / "per_case" / "floors.json").read_text())["rows"]
+    result: dict[str, Any] = {
+        "metric": "auc",
+        "floors": {k: full_metric(rows, "auc") for k, rows in floors.items()},
+        "arms": {},
+        "train_seconds": seconds,
+    }
+    order = [f"local_{s}" for s in sorted(cfg["n_train"])] + list(ARMS[1:])
+    for name in (n for n in order if n in runs):
+        aucs = [full_metric(rows, "auc") for rows in runs[name].values()]
+        entry: dict[str, Any] = {
+            "mean": float(np.mean(aucs)),
+            "sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None,
+            "seeds": len(aucs),
+            "minus": {},
+        }
+        if not name.startswith("local_"):
+            bases = [n for n in order if n.startswith("local_") or n == "central"]
+            for base in (b for b in bases if b != name and b in runs):
+                entry["minus"][base] = paired_difference(
+                    runs[name], runs[base], "auc", n_boot=cfg.get("n_boot", 2000), seed=0
+                )
+        result["arms"][name] = entry
+    return result
+
+
+def markdown_shared(cfg, result) -> str:
+    """The classification study's tables: AUC per arm, then the paired differences."""
+    n, frac = cfg["n_train"], cfg["positive_fraction"]
+    lines = ["| arm | trained on | test AUC (mean ± sd, seeds) |", "|---|---|---|"]
+    for name, e in result["arms"].items():
+        site = name.removeprefix("local_")
+        where = f"{n[site]} cases, {frac[site]:.0%} positive" if site in n else "all sites"
+        sd = "" if e["sd"] is None else f" ± {e['sd']:.3f}"
+        lines.append(f"| {name} | {where} | {e['mean']:.3f}{sd} ({e['seeds']}) |")
+    for name, auc in result["floors"].items():
+        lines.append(f"| {name} (floor) | all sites' training cases | {auc:.3f} |")
+    lines += [
+        "",
+        "| a - b | AUC difference (95% CI) | CI excludes 0 | seeds |",
+        "|---|---|---|---|",
+    ]
+    for name, e in result["arms"].items():
+        for base, d in e["minus"].items():
+            if d["diff"] is not None:
+                ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                row = f"| {name} - {base} | {d['diff']:+.3f} {ci} | {d['excludes_zero']} |"
+                lines.append(f"{row} {d['n_seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, required=True)
@@ -379,22 +535,28 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     folders = derive_stores(cfg, out)
     tests = site_test_cases(folders["pooled"])
-    atlas_file = out / "per_case" / "atlas.json"
-    if not atlas_file.is_file():
-        atlas_file.parent.mkdir(parents=True, exist_ok=True)
-        rows = atlas_rows(folders["pooled"], tests)
-        atlas_file.write_text(json.dumps({"arm": "atlas", "seed": 0, "site": None, "rows": rows}))
+    shared = cfg["task"] == "classification"
+    floor_file = out / "per_case" / ("floors.json" if shared else "atlas.json")
+    if not floor_file.is_file():
+        floor_file.parent.mkdir(parents=True, exist_ok=True)
+        if shared:
+            rows = classification_floor_rows(cfg, folders["pooled"])
+        else:
+            rows = atlas_rows(folders["pooled"], tests)
+        record = {"arm": "floors" if shared else "atlas", "seed": 0, "site": None, "rows": rows}
+        floor_file.write_text(json.dumps(record))
     if not args.summarize_only:
         for seed in seeds:
             for arm in args.arms or ARMS:
                 for site in sorted(cfg["n_train"]) if arm == "local" else [None]:
                     run_cell(cfg, folders, out, arm, seed, site)
-    result = summarize(cfg, out, folders)
+    result = summarize_shared(cfg, out) if shared else summarize(cfg, out, folders)
+    table = markdown_shared(cfg, result) if shared else markdown(cfg, result)
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
     result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "table.md").write_text(markdown(cfg, result))
-    print(markdown(cfg, result))
+    (out / "table.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
