@@ -14,7 +14,7 @@ import yaml
 
 from umit.data.store import Store
 from umit.ssl.cross_sequence import synthesis_scores
-from umit.ssl.pretrain import SYNTHESIS_FILE, PretrainConfig, build_method
+from umit.ssl.pretrain import SYNTHESIS_FILE, PretrainConfig, build_method, split_cases
 from umit.utils.fileio import atomic_write_json
 
 
@@ -27,7 +27,8 @@ def resynthesize(run: Path) -> dict:
     module.load_state_dict(ckpt["model"])
     split = cfg.cross_sequence.synthesis_split
     cases = [c for c in store.case_ids if store.index[c].get("split") == split]
-    scores = synthesis_scores(module, store, cases, cfg.crop_size)
+    train, _ = split_cases(store, cfg.exclude_splits, cfg.val_cases, cfg.train.seed)
+    scores = synthesis_scores(module, store, cases, cfg.crop_size, fit_cases=train)
     atomic_write_json(run / SYNTHESIS_FILE, scores)
     return scores
 
@@ -36,4 +37,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for run in sys.argv[1:]:
         for seq, v in resynthesize(Path(run))["targets"].items():
-            print(run, seq, f"PSNR {v['model_psnr']:.2f} vs {v['baseline_psnr']:.2f}")
+            print(
+                run,
+                seq,
+                f"PSNR {v['model_psnr']:.2f} vs oracle {v['baseline_psnr']:.2f}"
+                f" and population {v['population_psnr']:.2f}",
+            )

@@ -13,7 +13,14 @@ from torch import nn
 from umit.cli.main import main as cli_main
 from umit.errors import InputError
 from umit.models import create_model
-from umit.ssl.cross_sequence import CrossSequence3D, intensity_matched, psnr, ssim3d
+from umit.ssl.cross_sequence import (
+    CrossSequence3D,
+    foreground,
+    intensity_matched,
+    population_match,
+    psnr,
+    ssim3d,
+)
 from umit.ssl.pretrain import PretrainConfig
 from umit.ssl.pretrain import run as pretrain
 from umit.train.checkpoint import load_encoder
@@ -93,6 +100,44 @@ def test_baseline_copies_an_affine_relative_exactly():
     m = CrossSequence3D(enc, SEQ, target="FLAIR").eval()
     out = m(x[None].clone())
     assert math.isclose(float(out["baseline_loss"]), float((ref - x[2]).abs().mean()), rel_tol=1e-4)
+
+
+class _Volumes:
+    """A store stand-in: ``case(c).read()`` returns the (C, D, H, W) array of ``c``."""
+
+    def __init__(self, volumes: dict[str, np.ndarray]):
+        self.volumes = volumes
+
+    def case(self, c: str):
+        return type("Case", (), {"read": lambda _self: self.volumes[c]})()
+
+
+def test_population_baseline_is_fitted_on_the_training_subjects_only():
+    """The pooled least-squares fit of the best source over the fitting cases' foreground,
+    against numpy's polyfit; the scored case's own target never enters it."""
+    g = np.random.default_rng(3)
+    vols = {}
+    for c in ("a", "b"):
+        v = np.zeros((3, 10, 10, 10))
+        v[:, 2:8, 2:8, 2:8] = g.normal(size=(3, 6, 6, 6)) + 2.0
+        v[2] = 0.9 * v[0] + 0.05 * g.normal(size=v[0].shape)  # FLAIR ~ T1, T2 unrelated
+        vols[c] = v
+    store = _Volumes(vols)
+    src, a, b = population_match(store, ["a", "b"], 2)
+    xs, ys = [], []
+    for v in vols.values():
+        m = foreground(torch.from_numpy(v), 2).numpy()
+        xs.append(v[0][m])
+        ys.append(v[2][m])
+    ref_a, ref_b = np.polyfit(np.concatenate(xs), np.concatenate(ys), 1)
+    assert src == 0 and a == pytest.approx(ref_a, rel=1e-9) and b == pytest.approx(ref_b, abs=1e-9)
+    vols["b"][2] *= 5.0  # a different target in b: a fit on "a" alone does not move
+    assert population_match(store, ["a"], 2) == population_match(
+        _Volumes({"a": vols["a"]}), ["a"], 2
+    )
+    assert population_match(store, ["a", "b"], 2)[1] != pytest.approx(a)
+    with pytest.raises(ValueError, match="at least one fitting case"):
+        population_match(store, [], 2)
 
 
 def test_psnr_and_ssim_against_hand_computations():
@@ -292,6 +337,7 @@ def test_pretrain_cross_sequence_cli(tiny_mr_store, tmp_path, capsys, one_thread
     for v in syn["targets"].values():
         assert len(v["per_case"]) == 1 and v["per_case"][0]["voxels"] > 100
         assert math.isfinite(v["model_psnr"]) and v["baseline_ssim"] <= 1.0
+        assert math.isfinite(v["population_psnr"]) and v["population_fit"]["cases"] >= 1
     enc, meta = load_encoder(out / "encoder.pt")
     assert meta["model_name"] == "vit3d_test_p8" and meta["method"] == "cross_sequence"
 

@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -293,15 +294,56 @@ def foreground(volume: torch.Tensor, target: int, tol: float = 0.02) -> torch.Te
     return torch.stack([(volume[c] - volume[c, 0, 0, 0]).abs() > tol for c in other]).any(0)
 
 
+def population_match(store: Any, cases: Sequence[str], target: int) -> tuple[int, float, float]:
+    """The trivial prediction of channel ``target`` that never sees the target of a scored case.
+
+    For every other channel ``s``, the least-squares affine map ``a * x_s + b`` to the target is
+    fitted on the pooled :func:`foreground` voxels of ``cases`` (training subjects); the channel
+    with the smallest pooled squared error there is kept. Returns ``(s, a, b)``.
+    """
+    if not cases:
+        raise ValueError("population_match needs at least one fitting case")
+    sums: dict[int, np.ndarray] = {}  # s -> [n, Σx, Σy, Σx², Σxy, Σy²]
+    for c in cases:
+        vol = np.asarray(store.case(c).read(), np.float64)
+        mask = foreground(torch.from_numpy(vol), target).numpy()
+        y = vol[target][mask]
+        for s in range(vol.shape[0]):
+            if s != target:
+                x = vol[s][mask]
+                row = np.array([x.size, x.sum(), y.sum(), x @ x, x @ y, y @ y])
+                sums[s] = sums.get(s, 0) + row
+    best: tuple[float, int, float, float] | None = None
+    for s, (n, sx, sy, sxx, sxy, syy) in sums.items():
+        var = sxx / n - (sx / n) ** 2
+        a = (sxy / n - sx * sy / n**2) / var if var > 1e-12 else 0.0
+        b = sy / n - a * sx / n
+        # mean of (a x + b - y)^2 from the sums
+        err = (a * a * sxx + 2 * a * b * sx + b * b * n - 2 * a * sxy - 2 * b * sy + syy) / n
+        if best is None or err < best[0]:
+            best = (err, s, float(a), float(b))
+    assert best is not None, "a target needs at least one other channel"
+    return best[1], best[2], best[3]
+
+
 def synthesis_scores(
-    module: CrossSequence3D, store: Any, cases: Sequence[str], roi: Sequence[int]
+    module: CrossSequence3D,
+    store: Any,
+    cases: Sequence[str],
+    roi: Sequence[int],
+    fit_cases: Sequence[str] = (),
 ) -> dict[str, Any]:
     """PSNR / SSIM of each sequence predicted from the others on whole ``cases`` of a store,
-    against the intensity-matched nearest other sequence (affine fit over the whole case).
+    against two trivial predictions:
 
-    Scored over :func:`foreground` (the intensity match is fitted there too). Returns per target
-    sequence the per-case scores and their means (``model_psnr``, ``baseline_psnr``,
-    ``model_ssim``, ``baseline_ssim``, L1); data range = the reference's in the foreground.
+    * ``baseline``: the intensity-matched nearest other sequence, the affine map fitted on the
+      scored case's own target (an oracle: it reads the target);
+    * ``population`` (with ``fit_cases``): :func:`population_match` fitted on the training
+      subjects ``fit_cases``, which never reads a scored case's target.
+
+    Scored over :func:`foreground` (the oracle's fit too). Returns per target sequence the
+    per-case scores and their means (``model_psnr``, ``baseline_psnr``, ``population_psnr``,
+    SSIM and L1 alike); data range = the reference's in the foreground.
     """
     was = module.training
     module.eval()
@@ -309,31 +351,37 @@ def synthesis_scores(
     targets = [module.target_index] if module.target_index is not None else range(module.in_chans)
     out: dict[str, Any] = {"cases": list(cases), "roi": list(roi), "targets": {}}
     for t in targets:
+        pop = population_match(store, fit_cases, t) if fit_cases else None
         rows = []
         for c in cases:
             case = store.case(c)
             vol = torch.from_numpy(case.read().astype("float32")).to(device)
             pad = [float(p) for p in case.pad_values] if case.pad_values else 0.0
-            pred = module.synthesize(vol, t, roi, pad).float()
             mask = foreground(vol, t)
-            base = intensity_matched(vol, t, mask).float()
             ref = vol[t]
-            rows.append(
-                {
-                    "case": c,
-                    "voxels": int(mask.sum()),
-                    "model_psnr": psnr(pred, ref, mask=mask),
-                    "baseline_psnr": psnr(base, ref, mask=mask),
-                    "model_ssim": ssim3d(pred, ref, mask=mask),
-                    "baseline_ssim": ssim3d(base, ref, mask=mask),
-                    "model_l1": float((pred - ref).abs()[mask].mean()),
-                    "baseline_l1": float((base - ref).abs()[mask].mean()),
-                }
-            )
+            guesses = {
+                "model": module.synthesize(vol, t, roi, pad).float(),
+                "baseline": intensity_matched(vol, t, mask).float(),
+            }
+            if pop is not None:
+                guesses["population"] = pop[1] * vol[pop[0]] + pop[2]
+            row: dict[str, Any] = {"case": c, "voxels": int(mask.sum())}
+            for name, guess in guesses.items():
+                row[f"{name}_psnr"] = psnr(guess, ref, mask=mask)
+                row[f"{name}_ssim"] = ssim3d(guess, ref, mask=mask)
+                row[f"{name}_l1"] = float((guess - ref).abs()[mask].mean())
+            rows.append(row)
         keys = [k for k in rows[0] if k not in ("case", "voxels")] if rows else []
         out["targets"][module.channel_names[t]] = {
             "per_case": rows,
             **{k: sum(r[k] for r in rows) / len(rows) for k in keys},
         }
+        if pop is not None:
+            out["targets"][module.channel_names[t]]["population_fit"] = {
+                "source": module.channel_names[pop[0]],
+                "a": pop[1],
+                "b": pop[2],
+                "cases": len(fit_cases),
+            }
     module.train(was)
     return out

@@ -638,7 +638,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         else val_cases
     )
     if cfg.method == "cross_sequence" and xs.synthesis_eval and held_out:
-        summary["synthesis"] = synthesis_scores(module, store, held_out, cfg.crop_size)
+        summary["synthesis"] = synthesis_scores(
+            module, store, held_out, cfg.crop_size, fit_cases=train_cases
+        )
         if is_main():
             atomic_write_json(cfg.out / SYNTHESIS_FILE, summary["synthesis"])
     if is_main():
