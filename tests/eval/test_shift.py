@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 
 from umit.errors import InputError
-from umit.eval.shift import PERTURBATIONS, bootstrap_mean, perturb, site_shift
+from umit.eval.shift import (
+    PERTURBATIONS,
+    bootstrap_mean,
+    perturb,
+    site_shift,
+    summarize_shift,
+)
 
-from _shared import TinySeg
+from _shared import TinyCls, TinySeg
 
 
 def _image():
@@ -80,6 +86,65 @@ def test_bootstrap_and_site_shift_by_hand():
     gap = r["unseen_minus_seen"]
     assert gap["value"] == pytest.approx(0.5 - 0.85)
     assert gap["ci_low"] <= gap["value"] <= gap["ci_high"] < 0
+
+
+def test_auc_under_shift_by_hand():
+    """Labels 0 0 1 1: clean scores rank every (positive, negative) pair right (AUC 1); under
+    noise 0.1 0.6 0.4 0.9 rank 3 of 4 (AUC 0.75), a change of -0.25 paired case by case."""
+    labels, clean, noisy = [0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], [0.1, 0.6, 0.4, 0.9]
+    rows = []
+    for strength, scores in ((0.0, clean), (1.0, noisy)):
+        for i, (y, sc) in enumerate(zip(labels, scores, strict=True)):
+            correct = float((sc >= 0.5) == y)
+            rows.append({"case_id": f"c{i}", "kind": "noise", "strength": strength,
+                         "correct": correct, "label": y, "score": sc})  # fmt: skip
+    out = summarize_shift(rows, "correct", n_boot=500, seed=0)["noise"]
+    assert out["0"]["auc"]["mean"] == pytest.approx(1.0) and out["0"]["mean"] == 1.0
+    auc = out["1"]["auc"]
+    assert auc["mean"] == pytest.approx(0.75) and out["1"]["mean"] == pytest.approx(0.5)
+    assert auc["change"]["mean"] == pytest.approx(-0.25) and auc["n"] == 4
+    assert auc["change"]["ci_low"] <= -0.25 <= auc["change"]["ci_high"] <= 0.0
+    assert out["0"]["auc"]["change"]["ci_low"] == out["0"]["auc"]["change"]["ci_high"] == 0.0
+    # no score (a multi-class model): accuracy alone
+    plain = [{k: v for k, v in r.items() if k != "score"} for r in rows]
+    assert "auc" not in summarize_shift(plain, "correct", n_boot=50, seed=0)["noise"]["1"]
+
+
+def tiny_cls_shift(**kw):
+    return TinyCls(**kw)
+
+
+def test_evaluate_shift_of_a_binary_classifier_reports_auc(
+    tiny_ct_store, tmp_path, register_models
+):
+    """The clean AUC of the suite is the plain evaluation's AUC (its per-case scores)."""
+    from umit.eval.evaluate import EvaluateConfig
+    from umit.eval.evaluate import run as evaluate
+    from umit.eval.paired import full_metric, read_per_case
+    from umit.finetune.run import FinetuneConfig
+    from umit.finetune.run import run as finetune
+
+    register_models(tiny_cls_shift)
+    cfg = FinetuneConfig.model_validate(
+        {
+            "data": tiny_ct_store, "out": tmp_path / "m", "model": "tiny_cls_shift",
+            "task": "classification", "label_key": "sex", "model_args": {},
+            "crop_size": [16, 16, 16], "val_fraction": 0, "exclude_splits": [],
+            "train": {"total_steps": 2, "batch_size": 2, "warmup_steps": 1, "progress": False},
+        }
+    )  # fmt: skip
+    finetune(cfg)
+    evaluate(
+        EvaluateConfig(
+            model=tmp_path / "m" / "best.pt", data=tiny_ct_store, out=tmp_path / "ev", n_boot=50,
+            case_figures=False, shift=["noise"], shift_strengths=[1.0], split="all",
+        )
+    )  # fmt: skip
+    rows = read_per_case(tmp_path / "ev" / "per_case.csv")
+    noise = json.loads((tmp_path / "ev" / "shift.json").read_text())["perturbations"]["noise"]
+    assert noise["0"]["auc"]["mean"] == pytest.approx(full_metric(rows, "auc"), abs=1e-9)
+    assert noise["0"]["auc"]["n"] == len(rows) and "auc" in noise["1"]
+    assert (tmp_path / "ev" / "shift.png").stat().st_size > 1000
 
 
 def tiny_seg_shift(**kw):

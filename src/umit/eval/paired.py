@@ -77,7 +77,7 @@ class CaseArrays:
     def replicates(self, idx: np.ndarray) -> np.ndarray:
         """(B,) metric on each row of case indices ``idx`` (B, n)."""
         if self.metric == "auc":
-            return _auc_rows(self.labels[idx], self.scores[idx])
+            return auc_rows(self.labels[idx], self.scores[idx])
         if self.metric == "accuracy":
             s = self.scores[idx]
             pred = (s >= 0.5).astype(int) if s.ndim == 2 else s.argmax(-1)
@@ -91,12 +91,12 @@ def _nanmean(x: np.ndarray, axis: int | None = None) -> np.ndarray:
         return np.nanmean(x, axis=axis)
 
 
-def _auc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+def auc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Binary AUC (Mann-Whitney, ties count half) per row of (B, n); macro one-vs-rest for
     (B, n, K) scores. NaN where a row lacks a class."""
     if s.ndim == 3:
         K = s.shape[-1]
-        per = np.stack([_auc_rows((y == k).astype(int), s[..., k]) for k in range(K)], axis=1)
+        per = np.stack([auc_rows((y == k).astype(int), s[..., k]) for k in range(K)], axis=1)
         return _nanmean(per, axis=1)
 
     ranks = rankdata(s, axis=1)

@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["PERTURBATIONS", "bootstrap_mean", "perturb", "site_shift", "summarize_shift"]
+__all__ = [
+    "PERTURBATIONS",
+    "auc_under_shift",
+    "bootstrap_mean",
+    "perturb",
+    "site_shift",
+    "summarize_shift",
+]
 
 
 def _foreground(image: np.ndarray, pad: float) -> np.ndarray:
@@ -148,8 +155,14 @@ def bootstrap_mean(values: Sequence[float], n_boot: int, seed: int) -> dict[str,
 def summarize_shift(
     rows: list[dict[str, Any]], metric: str, n_boot: int, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """``{kind: {strength: mean and CI of metric, and of its drop from strength 0 (paired)}}``."""
+    """``{kind: {strength: mean and CI of metric, and of its drop from strength 0 (paired)}}``.
+
+    Rows with a binary ``score`` and ``label`` (a binary classifier) also get ``auc``: the AUC
+    at that strength and its change from strength 0, each with a bootstrap CI over cases (the
+    same resampled cases at both strengths: paired).
+    """
     base = {r["case_id"]: r[metric] for r in rows if r["strength"] == 0.0}
+    clean = {r["case_id"]: r for r in rows if r["strength"] == 0.0}
     out: dict[str, dict[str, Any]] = {}
     for kind in sorted({r["kind"] for r in rows}):
         out[kind] = {}
@@ -158,8 +171,45 @@ def summarize_shift(
             entry = bootstrap_mean([r[metric] for r in sub], n_boot, seed)
             drops = [r[metric] - base[r["case_id"]] for r in sub if r["case_id"] in base]
             entry["change"] = bootstrap_mean(drops, n_boot, seed + 1)
+            if sub and all("score" in r and "label" in r for r in sub):
+                entry["auc"] = auc_under_shift(
+                    sub, [clean[r["case_id"]] for r in sub], n_boot, seed
+                )
             out[kind][f"{s:g}"] = entry
     return out
+
+
+def auc_under_shift(
+    rows: list[dict[str, Any]], clean: list[dict[str, Any]], n_boot: int, seed: int
+) -> dict[str, Any]:
+    """AUC of ``rows`` (binary ``label`` / ``score``) and its change from the same cases
+    ``clean`` (strength 0), with percentile 95% bootstrap CIs over cases (NaN-free replicates)."""
+    from umit.eval.paired import auc_rows
+
+    y = np.array([int(r["label"]) for r in rows])
+    s = np.array([float(r["score"]) for r in rows])
+    s0 = np.array([float(r["score"]) for r in clean])
+    full = np.arange(y.size)[None, :]
+    auc, auc0 = float(auc_rows(y[full], s[full])[0]), float(auc_rows(y[full], s0[full])[0])
+    idx = np.random.default_rng([seed, 2]).integers(0, y.size, (n_boot, y.size))
+    reps, reps0 = auc_rows(y[idx], s[idx]), auc_rows(y[idx], s0[idx])
+    ok = np.isfinite(reps) & np.isfinite(reps0)
+
+    def ci(v: np.ndarray) -> tuple[float | None, float | None]:
+        if v.size < 2:
+            return None, None
+        lo, hi = np.percentile(v, [2.5, 97.5])
+        return float(lo), float(hi)
+
+    lo, hi = ci(reps[ok])
+    dlo, dhi = ci(reps[ok] - reps0[ok])
+    return {
+        "mean": auc,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": int(y.size),
+        "change": {"mean": auc - auc0, "ci_low": dlo, "ci_high": dhi, "n": int(y.size)},
+    }
 
 
 def site_shift(
@@ -208,8 +258,9 @@ def site_shift(
 # ---------------------------------------------------------------------------------------------
 # the suite inside ``umit evaluate``
 # ---------------------------------------------------------------------------------------------
-def case_metric(model, spec, store, case_id: str, image: np.ndarray, labels) -> float:
-    """Mean foreground Dice (segmentation) or 1/0 correctness (classification) of one image."""
+def case_metric(model, spec, store, case_id: str, image: np.ndarray, labels) -> Any:
+    """Mean foreground Dice (segmentation) or the class probabilities (K,) (classification) of
+    one image."""
     import torch
 
     from umit.data.cases import centre_crop_or_pad
@@ -231,7 +282,7 @@ def case_metric(model, spec, store, case_id: str, image: np.ndarray, labels) -> 
     x = centre_crop_or_pad(image, tuple(spec.roi_size), list(case.pad_values))
     with torch.no_grad():
         probs = model(torch.from_numpy(x)[None].to(device)).float().softmax(1)[0]
-    return float(probs.argmax())
+    return probs.cpu().numpy()
 
 
 def run_perturbations(
@@ -244,7 +295,11 @@ def run_perturbations(
     seed: int = 0,
     targets: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per (case, kind, strength) rows of the metric; strength 0 once per case (no kind)."""
+    """Per (case, kind, strength) rows of the metric; strength 0 once per case (no kind).
+
+    Classification rows also carry the case's class index ``label`` (from ``targets``) and, for
+    a binary model, the positive-class probability ``score``, so :func:`summarize_shift` can
+    give the AUC under shift as well as the accuracy."""
     from umit.train.checkpoint import InferenceSpec
 
     spec = InferenceSpec.model_validate(ckpt["spec"])
@@ -257,16 +312,21 @@ def run_perturbations(
         pad = float(case.pad_values[0]) if case.pad_values else 0.0
         ref = np.asarray(case.read_label()) if "texture" in kinds and case.has_label else None
 
-        def score(img: np.ndarray, c: str = c) -> float:
+        def score(img: np.ndarray, c: str = c) -> dict[str, float]:
             m = case_metric(model, spec, store, c, img, labels)
-            return m if metric == "dice" else float(targets is not None and m == targets[c])
+            if metric == "dice":
+                return {"dice": m}
+            if targets is None or c not in targets:
+                return {"correct": 0.0}
+            out = {"correct": float(int(np.argmax(m)) == targets[c]), "label": targets[c]}
+            return out | ({"score": float(m[1])} if m.shape[0] == 2 else {})
 
         base = score(image)
         for kind in kinds:
-            rows.append({"case_id": c, "kind": kind, "strength": 0.0, metric: base})
+            rows.append({"case_id": c, "kind": kind, "strength": 0.0, **base})
             for s in strengths:
                 img, params = perturb(image, kind, s, seed * 100003 + i, pad, ref)
-                rows.append({"case_id": c, "kind": kind, "strength": float(s), metric: score(img)})
+                rows.append({"case_id": c, "kind": kind, "strength": float(s), **score(img)})
     return rows
 
 
