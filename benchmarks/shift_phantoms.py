@@ -5,6 +5,9 @@ scratch, ResUNet CNN) on the test split under every perturbation at graded stren
 
   PYTHONPATH=src python benchmarks/shift_phantoms.py --cells runs/phseg/evidence/cells \
       --prep runs/phseg/prep --out runs/shift --seeds 0 --cases 8 --strengths 0.5 1.0
+
+Any other models (e.g. AdrenalMNIST3D classifiers): ``--model NAME=RUN/best.pt`` (repeatable)
+instead of ``--cells``; a binary classifier's table is its AUC (``umit evaluate``'s ``auc``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cells", type=Path, required=True)
+    ap.add_argument("--cells", type=Path, help="data-efficiency cells: <arm>/<budget>_s<seed>")
+    ap.add_argument("--model", action="append", default=[], help="NAME=PATH of a best.pt")
     ap.add_argument("--prep", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("runs/shift"))
     ap.add_argument("--arms", nargs="+", default=["unetr_mae", "unetr_scratch", "resunet"])
@@ -30,20 +34,33 @@ def main() -> None:
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.model:
+        models = {n: Path(m) for n, _, m in (x.partition("=") for x in args.model)}
+    elif args.cells:
+        models = {
+            f"{arm}_s{seed}": args.cells / arm / f"{args.budget}_s{seed}" / "run" / "best.pt"
+            for seed in args.seeds
+            for arm in args.arms
+        }
+    else:
+        ap.error("give --cells or --model NAME=PATH")
     table = {}
-    for seed in args.seeds:
-        for arm in args.arms:
-            model = args.cells / arm / f"{args.budget}_s{seed}" / "run" / "best.pt"
-            out = args.out / f"{arm}_s{seed}"
-            if not (out / "shift.json").is_file():
-                t0 = time.perf_counter()
-                cmd = [sys.executable, "-m", "umit.cli.main", "evaluate", "--model", str(model),
-                       "--data", str(args.prep), f"out={out}", "shift=[all]",
-                       f"shift_strengths={json.dumps(args.strengths)}", f"shift_cases={args.cases}",
-                       "case_figures=false", "n_boot=2000", f"seed={seed}"]  # fmt: skip
-                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-                print(f"{arm} s{seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-            table[f"{arm}_s{seed}"] = json.loads((out / "shift.json").read_text())["perturbations"]
+    for name, model in models.items():
+        seed = int(name.rsplit("_s", 1)[1]) if not args.model else args.seeds[0]
+        out = args.out / name
+        if not (out / "shift.json").is_file():
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "umit.cli.main", "evaluate", "--model", str(model),
+                   "--data", str(args.prep), f"out={out}", "shift=[all]",
+                   f"shift_strengths={json.dumps(args.strengths)}", f"shift_cases={args.cases}",
+                   "case_figures=false", "n_boot=2000", f"seed={seed}"]  # fmt: skip
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        found = json.loads((out / "shift.json").read_text())["perturbations"]
+        binary = all("auc" in e for by_s in found.values() for e in by_s.values())
+        table[name] = {  # a binary classifier's rows: its AUC
+            k: {s: e["auc"] if binary else e for s, e in by_s.items()} for k, by_s in found.items()
+        }
     (args.out / "shift_table.json").write_text(json.dumps(table, indent=1))
     kinds = sorted(next(iter(table.values())))
     names = list(table)
