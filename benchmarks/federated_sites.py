@@ -57,7 +57,7 @@ from pydantic import Field
 from umit.config import UmitConfig
 
 ARMS = ("local", "fedavg", "fedprox", "central")
-SHARED = "shared"  # test_site of test cases shared by every site (sites made by class ratio)
+SHARED = "shared"  # site_test_cases' key of test cases shared by every site (class-ratio sites)
 SMALL_FILES = ("plan.json", "fingerprint.json", "config.yaml")
 
 
