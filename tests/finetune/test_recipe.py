@@ -80,6 +80,8 @@ def test_encoder_groups_keep_the_weight_decay_split(one_thread):
     for g in opt.param_groups:
         for n in g["param_names"]:
             assert g["weight_decay"] == 0.05 * plain[n], n  # as the loop's own groups
+    sgd = encoder_lr_optimizer(TrainConfig(lr=1e-3, optimizer="sgd", momentum=0.8), 0.5)(model)
+    assert isinstance(sgd, torch.optim.SGD) and {g["momentum"] for g in sgd.param_groups} == {0.8}
 
 
 def test_lp_ft_freezes_the_encoder_for_k_steps_then_trains_it(tiny_ct_store, tmp_path, one_thread):

@@ -99,6 +99,32 @@ def test_build_optimizer_sets_scaled_lr_and_wd():
         assert g["lr"] == 2.0 * g["lr_scale"] and g["weight_decay"] == 0.5 * g["wd_scale"]
 
 
+@pytest.mark.parametrize("fused", [None, True])
+def test_sgd_steps_as_a_hand_computation(fused):
+    """optimizer=sgd: w <- w - lr * (g + wd * w) on the first step (momentum buffer = gradient),
+    then v <- m v + g_t; weight decay only where param_groups decays (not the bias)."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.01, momentum=0.5)
+    opt = build_optimizer(net, cfg, fused=fused)
+    assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0.5 for g in opt.param_groups)
+    w0, b0 = net.weight.detach().clone(), net.bias.detach().clone()
+    x = torch.randn(4, 3)
+    net(x).square().sum().backward()
+    gw, gb = net.weight.grad.clone(), net.bias.grad.clone()
+    opt.step()
+    torch.testing.assert_close(net.weight.detach(), w0 - 0.1 * (gw + 0.01 * w0))
+    torch.testing.assert_close(net.bias.detach(), b0 - 0.1 * gb)
+    w1 = net.weight.detach().clone()
+    opt.zero_grad()
+    net(x).square().sum().backward()
+    v = 0.5 * (gw + 0.01 * w0) + (net.weight.grad + 0.01 * w1)
+    opt.step()
+    torch.testing.assert_close(net.weight.detach(), w1 - 0.1 * v)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lamb")
+
+
 def test_layer_decay_needs_blocks_or_function():
     with pytest.raises(ValueError, match="layer_id_fn"):
         build_optimizer(nn.Linear(2, 2), TrainConfig(layer_decay=0.7))

@@ -17,7 +17,7 @@ from torch import nn
 
 from umit.errors import InputError
 from umit.train.config import TrainConfig
-from umit.train.optim import LayerIdFn, param_groups
+from umit.train.optim import LayerIdFn, make_optimizer, param_groups
 
 ENCODER_PREFIX = "encoder."
 
@@ -62,19 +62,15 @@ def scale_encoder_groups(groups: list[dict], scale: float) -> list[dict]:
 def encoder_lr_optimizer(
     cfg: TrainConfig, scale: float, layer_id_fn: LayerIdFn | None = None
 ) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """An optimizer factory for the loop: AdamW over :func:`~umit.train.optim.param_groups`
+    """An optimizer factory for the loop: ``cfg.optimizer`` over :func:`~umit.train.optim.param_groups`
     (layer decay as ``cfg`` asks) with the encoder's groups at ``scale`` times the learning
     rate. Fused on CPU and CUDA, like the loop's own optimizer."""
 
     def make(module: nn.Module) -> torch.optim.Optimizer:
         decay = cfg.layer_decay if layer_id_fn is not None else 1.0
         groups = scale_encoder_groups(param_groups(module, layer_id_fn, decay), scale)
-        for g in groups:
-            g["lr"] = cfg.lr * g["lr_scale"]
-            g["weight_decay"] = cfg.weight_decay * g["wd_scale"]
         devices = {p.device.type for p in module.parameters()}
-        fused = devices <= {"cpu", "cuda"} or None
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+        return make_optimizer(groups, cfg, fused=devices <= {"cpu", "cuda"} or None)
 
     return make
 

@@ -40,6 +40,12 @@ class TrainConfig(UmitConfig):
     weight_decay_end: float | None = Field(default=None, ge=0)
     """Weight decay at the last step, reached by a cosine schedule (DINOv2: 0.04 -> 0.4);
     ``None`` keeps ``weight_decay`` constant."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """``adamw`` (decoupled weight decay) or ``sgd`` (with ``momentum``; weight decay as an L2
+    term of the gradient, torch's SGD). SGD is what FedProx's analysis assumes: its proximal
+    step stays proportional to ``mu``, where AdamW's per-parameter normalisation rescales it."""
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    """SGD momentum (``optimizer=sgd`` only)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas (0.9, 0.95 is common for ViT pretraining)."""
     eps: float = Field(default=1e-8, gt=0)

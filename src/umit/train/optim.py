@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,8 +100,9 @@ def build_optimizer(
     cfg: TrainConfig,
     layer_id_fn: LayerIdFn | None = None,
     fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; lr and weight decay are set per step by the loop.
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` (AdamW by default) over :func:`param_groups`; lr and weight decay are
+    set per step by the loop.
 
     If ``cfg.layer_decay < 1`` and no ``layer_id_fn`` is given, the module's ``blocks`` (a
     ``ModuleList``) define the layers via :func:`layer_id_by_blocks`.
@@ -114,9 +116,19 @@ def build_optimizer(
             )
         layer_id_fn = layer_id_by_blocks(len(blocks))
     groups = param_groups(model, layer_id_fn, cfg.layer_decay if layer_id_fn else 1.0)
+    return make_optimizer(groups, cfg, fused)
+
+
+def make_optimizer(
+    groups: list[dict[str, Any]], cfg: TrainConfig, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` (AdamW or SGD with momentum) over ``groups`` of :func:`param_groups`,
+    each at its ``lr_scale`` / ``wd_scale`` of the configured lr and weight decay."""
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
         g["weight_decay"] = cfg.weight_decay * g["wd_scale"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
