@@ -58,6 +58,8 @@ from umit.config import UmitConfig
 
 ARMS = ("local", "fedavg", "fedprox", "central")
 SHARED = "shared"  # site_test_cases' key of test cases shared by every site (class-ratio sites)
+# the classification table's paired differences besides "minus every local arm"
+SHARED_BASES = {"fedavg": ["central"], "fedprox": ["central", "fedavg"], "central": []}
 SMALL_FILES = ("plan.json", "fingerprint.json", "config.yaml")
 
 
@@ -407,10 +409,11 @@ def summarize(cfg, out: Path, folders) -> dict[str, Any]:
                 "sd": float(np.std(means, ddof=1)) if len(means) > 1 else None,
                 "seeds": len(means),
             }
-            if arm != "local" and tables("local"):
-                entry[arm]["minus_local"] = paired_difference(
-                    t, tables("local"), "dice", n_boot=cfg.get("n_boot", 2000), seed=0
-                )
+            for base in ("local", "fedavg") if arm == "fedprox" else ("local",):
+                if arm != base and tables(base):
+                    entry[arm][f"minus_{base}"] = paired_difference(
+                        t, tables(base), "dice", n_boot=cfg.get("n_boot", 2000), seed=0
+                    )
         result["sites"][site] = entry
     return result
 
@@ -433,15 +436,15 @@ def markdown(cfg, result) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| site | arm - local | Dice difference (95% CI) | CI excludes 0 | seeds |",
+        "| site | a - b | Dice difference (95% CI) | CI excludes 0 | seeds |",
         "|---|---|---|---|---|",
     ]
     for site, e in result["sites"].items():
-        for arm in ARMS[1:]:
-            d = (e.get(arm) or {}).get("minus_local")
+        for arm, base in [(a, "local") for a in ARMS[1:]] + [("fedprox", "fedavg")]:
+            d = (e.get(arm) or {}).get(f"minus_{base}")
             if d and d["diff"] is not None:
                 ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-                row = f"| {site} | {arm} | {d['diff']:+.3f} {ci} | {d['excludes_zero']} |"
+                row = f"| {site} | {arm} - {base} | {d['diff']:+.3f} {ci} | {d['excludes_zero']} |"
                 lines.append(f"{row} {d['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
@@ -450,7 +453,7 @@ def summarize_shared(cfg, out: Path) -> dict[str, Any]:
     """Classification on a shared test split: per arm (each site's local model an arm of its own,
     ``local_<site>``) the test AUC over seeds, and the paired difference (hierarchical bootstrap
     over test cases and seeds) of each of fedavg / fedprox / central minus every local arm, and
-    of fedavg / fedprox minus central."""
+    the pairs of ``SHARED_BASES`` (fedprox minus fedavg, either minus central)."""
     from umit.eval.paired import full_metric, paired_difference
 
     runs: dict[str, dict[int, list]] = {}  # arm name -> seed -> rows
@@ -479,8 +482,8 @@ def summarize_shared(cfg, out: Path) -> dict[str, Any]:
             "minus": {},
         }
         if not name.startswith("local_"):
-            bases = [n for n in order if n.startswith("local_") or n == "central"]
-            for base in (b for b in bases if b != name and b in runs):
+            bases = [n for n in order if n.startswith("local_")] + SHARED_BASES[name]
+            for base in (b for b in bases if b in runs):
                 entry["minus"][base] = paired_difference(
                     runs[name], runs[base], "auc", n_boot=cfg.get("n_boot", 2000), seed=0
                 )

@@ -123,7 +123,7 @@ def test_summary_means_and_paired_difference_by_hand(tmp_path):
     assert d["n_cases"] == 6 and d["n_seeds"] == 2
     table = markdown(cfg, result)
     assert "| a (4 / 3) | 0.300 | 0.605 ± 0.007 (2) | 0.705 ± 0.007 (2) | - | - |" in table
-    assert "| all | fedavg | +0.100 [+0.100, +0.100] | True | 2 |" in table
+    assert "| all | fedavg - local | +0.100 [+0.100, +0.100] | True | 2 |" in table
 
 
 def test_arms_train_only_the_study_cases():
