@@ -84,6 +84,19 @@ def test_instance_norm_equals_torch_instance_norm(affine):
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_instance_norm_of_one_voxel_is_refused_as_torch_refuses_it(batch):
+    """One spatial element per channel normalises to a constant; torch's layer raises (train
+    and eval), and so does ours, at every batch size (group_norm alone passes batch > 1)."""
+    x = torch.randn(batch, 6, 1, 1, 1)
+    for layer in (nn.InstanceNorm3d(6), nn.InstanceNorm3d(6).eval()):
+        with pytest.raises(ValueError, match="spatial element"):
+            layer(x)
+    for layer in (InstanceNorm3d(6), InstanceNorm3d(6).eval()):
+        with pytest.raises(ValueError, match="single voxel per channel.*too small"):
+            layer(x)
+
+
 def test_norm_factory_names_and_errors():
     assert isinstance(get_norm_layer("instance", 8), InstanceNorm3d)
     assert type(get_norm_layer("instance", 8, stock=True)) is nn.InstanceNorm3d

@@ -64,6 +64,14 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.track_running_stats or x.dim() != 5:
             return super().forward(x)
+        if x.shape[2] * x.shape[3] * x.shape[4] == 1:
+            # the stock layer refuses this too; group_norm would pass it at batch > 1 and return
+            # the bias alone: a silent constant where the network is deepest
+            raise ValueError(
+                f"instance norm of a single voxel per channel (input {tuple(x.shape)}): the "
+                "input is too small for this network's depth (e.g. a SwinUNETR with 4 stages "
+                "needs at least 64 voxels per axis, a 32-voxel input leaves a 1x1x1 bottleneck)"
+            )
         return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
 
