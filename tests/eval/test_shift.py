@@ -137,14 +137,23 @@ def test_evaluate_shift_of_a_binary_classifier_reports_auc(
     evaluate(
         EvaluateConfig(
             model=tmp_path / "m" / "best.pt", data=tiny_ct_store, out=tmp_path / "ev", n_boot=50,
-            case_figures=False, shift=["noise"], shift_strengths=[1.0], split="all",
+            case_figures=False, shift=["all"], shift_strengths=[1.0], split="all",
         )
     )  # fmt: skip
     rows = read_per_case(tmp_path / "ev" / "per_case.csv")
-    noise = json.loads((tmp_path / "ev" / "shift.json").read_text())["perturbations"]["noise"]
+    suite = json.loads((tmp_path / "ev" / "shift.json").read_text())["perturbations"]
+    assert sorted(suite) == sorted(k for k in PERTURBATIONS if k != "texture")  # no label map
+    noise = suite["noise"]
     assert noise["0"]["auc"]["mean"] == pytest.approx(full_metric(rows, "auc"), abs=1e-9)
     assert noise["0"]["auc"]["n"] == len(rows) and "auc" in noise["1"]
     assert (tmp_path / "ev" / "shift.png").stat().st_size > 1000
+    with pytest.raises(InputError, match=r"\['texture'\] needs a segmentation reference"):
+        evaluate(
+            EvaluateConfig(
+                model=tmp_path / "m" / "best.pt", data=tiny_ct_store, out=tmp_path / "e2",
+                n_boot=5, case_figures=False, shift=["texture"], split="all",
+            )
+        )  # fmt: skip
 
 
 def tiny_seg_shift(**kw):

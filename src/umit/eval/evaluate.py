@@ -44,6 +44,7 @@ from umit.eval.report import (
     write_report,
 )
 from umit.eval.shift import (
+    NEEDS_LABEL_MAP,
     PERTURBATIONS,
     run_perturbations,
     shift_figure,
@@ -438,6 +439,15 @@ def shift_suites(
         bad = [k for k in kinds if k not in PERTURBATIONS]
         if bad:
             raise InputError(None, f"unknown shift {bad}; one of all, {', '.join(PERTURBATIONS)}")
+        if task != "segmentation":  # no label map to take the structures from
+            if cfg.shift == ["all"]:
+                kinds = [k for k in kinds if k not in NEEDS_LABEL_MAP]
+            elif any(k in NEEDS_LABEL_MAP for k in kinds):
+                raise InputError(
+                    cfg.model,
+                    f"shift {[k for k in kinds if k in NEEDS_LABEL_MAP]} needs a segmentation "
+                    f"reference (label map); this model is a {task} model",
+                )
         cases = [r["case_id"] for r in rows][: cfg.shift_cases]
         targets = {r["case_id"]: r["label"] for r in rows if "label" in r}
         srows = run_perturbations(

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "NEEDS_LABEL_MAP",
     "PERTURBATIONS",
     "auc_under_shift",
     "bootstrap_mean",
@@ -111,6 +112,7 @@ PERTURBATIONS: dict[str, Callable] = {
     "resolution": _resolution,
     "texture": _texture,
 }
+NEEDS_LABEL_MAP = ("texture",)  # perturbations that read the case's reference structures
 
 
 def perturb(
