@@ -59,7 +59,11 @@ def main() -> None:
         found = json.loads((out / "shift.json").read_text())["perturbations"]
         binary = all("auc" in e for by_s in found.values() for e in by_s.values())
         table[name] = {  # a binary classifier's rows: its AUC
-            k: {s: e["auc"] if binary else e for s, e in by_s.items()} for k, by_s in found.items()
+            k: {
+                s: (e["auc"] if binary else e) | {"changed": e.get("changed", 1.0)}
+                for s, e in by_s.items()
+            }
+            for k, by_s in found.items()
         }
     (args.out / "shift_table.json").write_text(json.dumps(table, indent=1))
     kinds = sorted(next(iter(table.values())))
@@ -73,8 +77,12 @@ def main() -> None:
         for s in args.strengths:
             cells = []
             for n in names:
-                c = table[n][k][f"{s:g}"]["change"]
-                cells.append(f"{c['mean']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
+                e = table[n][k][f"{s:g}"]
+                c = e["change"]
+                if e["changed"] == 0:
+                    cells.append("n/a (no image changed)")
+                else:
+                    cells.append(f"{c['mean']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
             print(f"| {k} | {s:g} | " + " | ".join(cells) + " |")
 
 

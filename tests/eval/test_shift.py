@@ -110,6 +110,25 @@ def test_auc_under_shift_by_hand():
     assert "auc" not in summarize_shift(plain, "correct", n_boot=50, seed=0)["noise"]["1"]
 
 
+def test_perturbations_that_leave_binary_masks_unchanged_are_marked():
+    """Noise and the intensity remap scale with the foreground's spread: on a binary mask (every
+    foreground voxel 1) they change nothing, and the summary says so (changed 0) rather than
+    reporting a model that is robust to them."""
+    x = np.zeros((1, 12, 12, 12), np.float32)
+    x[0, 3:9, 3:9, 3:9] = 1.0
+    for kind in ("noise", "intensity_remap"):
+        assert np.array_equal(perturb(x, kind, 1.0, seed=0)[0], x), kind
+    assert not np.array_equal(perturb(x, "blur", 1.0, seed=0)[0], x)
+    rows = [{"case_id": "a", "kind": k, "strength": 0.0, "correct": 1.0} for k in ("noise", "blur")]
+    rows += [
+        {"case_id": "a", "kind": "noise", "strength": 1.0, "correct": 1.0, "changed": False},
+        {"case_id": "a", "kind": "blur", "strength": 1.0, "correct": 0.0, "changed": True},
+    ]
+    out = summarize_shift(rows, "correct", n_boot=20, seed=0)
+    assert out["noise"]["1"]["changed"] == 0.0 and out["blur"]["1"]["changed"] == 1.0
+    assert "changed" not in out["noise"]["0"]
+
+
 def tiny_cls_shift(**kw):
     return TinyCls(**kw)
 

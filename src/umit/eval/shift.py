@@ -157,7 +157,9 @@ def bootstrap_mean(values: Sequence[float], n_boot: int, seed: int) -> dict[str,
 def summarize_shift(
     rows: list[dict[str, Any]], metric: str, n_boot: int, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """``{kind: {strength: mean and CI of metric, and of its drop from strength 0 (paired)}}``.
+    """``{kind: {strength: mean and CI of metric, and of its drop from strength 0 (paired)}}``,
+    and at strength > 0 the fraction of images the perturbation ``changed`` (0: it does not
+    apply to these images, e.g. noise scaled by the foreground's SD on binary masks).
 
     Rows with a binary ``score`` and ``label`` (a binary classifier) also get ``auc``: the AUC
     at that strength and its change from strength 0, each with a bootstrap CI over cases (the
@@ -173,6 +175,8 @@ def summarize_shift(
             entry = bootstrap_mean([r[metric] for r in sub], n_boot, seed)
             drops = [r[metric] - base[r["case_id"]] for r in sub if r["case_id"] in base]
             entry["change"] = bootstrap_mean(drops, n_boot, seed + 1)
+            if s > 0:  # the fraction of images the perturbation changed at all
+                entry["changed"] = float(np.mean([bool(r.get("changed", True)) for r in sub]))
             if sub and all("score" in r and "label" in r for r in sub):
                 entry["auc"] = auc_under_shift(
                     sub, [clean[r["case_id"]] for r in sub], n_boot, seed
@@ -328,7 +332,9 @@ def run_perturbations(
             rows.append({"case_id": c, "kind": kind, "strength": 0.0, **base})
             for s in strengths:
                 img, params = perturb(image, kind, s, seed * 100003 + i, pad, ref)
-                rows.append({"case_id": c, "kind": kind, "strength": float(s), **score(img)})
+                changed = not np.array_equal(img, image)  # e.g. noise of a binary mask: sd 0
+                row = {"case_id": c, "kind": kind, "strength": float(s), "changed": changed}
+                rows.append(row | score(img))
     return rows
 
 
