@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from umit.eval.shift import headline_curves
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -57,13 +59,10 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
         found = json.loads((out / "shift.json").read_text())["perturbations"]
-        binary = all("auc" in e for by_s in found.values() for e in by_s.values())
-        table[name] = {  # a binary classifier's rows: its AUC
-            k: {
-                s: (e["auc"] if binary else e) | {"changed": e.get("changed", 1.0)}
-                for s, e in by_s.items()
-            }
-            for k, by_s in found.items()
+        curves, _ = headline_curves(found, "dice")  # a binary classifier's rows: its AUC
+        table[name] = {
+            k: {s: e | {"changed": found[k][s].get("changed", 1.0)} for s, e in by_s.items()}
+            for k, by_s in curves.items()
         }
     (args.out / "shift_table.json").write_text(json.dumps(table, indent=1))
     kinds = sorted(next(iter(table.values())))

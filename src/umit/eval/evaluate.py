@@ -46,6 +46,7 @@ from umit.eval.report import (
 from umit.eval.shift import (
     NEEDS_LABEL_MAP,
     PERTURBATIONS,
+    headline_curves,
     run_perturbations,
     shift_figure,
     site_shift,
@@ -455,10 +456,7 @@ def shift_suites(
         )
         atomic_write_text(out / "shift.csv", _rows_to_csv(srows))
         result["perturbations"] = summarize_shift(srows, metric, cfg.n_boot, cfg.seed)
-        curves, shown = result["perturbations"], metric
-        if all("auc" in e for by_s in curves.values() for e in by_s.values()):
-            curves = {k: {s: e["auc"] for s, e in by_s.items()} for k, by_s in curves.items()}
-            shown = "auc"  # a binary classifier: AUC, not accuracy at 0.5
+        curves, shown = headline_curves(result["perturbations"], metric)
         shift_figure(curves, shown, out / "shift.png", Path(cfg.model).parent.name)
     if cfg.loso:
         train = ((ckpt.get("cases") or {}).get("train")) or []

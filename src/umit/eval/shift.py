@@ -36,6 +36,7 @@ __all__ = [
     "NEEDS_LABEL_MAP",
     "PERTURBATIONS",
     "auc_under_shift",
+    "headline_curves",
     "bootstrap_mean",
     "perturb",
     "site_shift",
@@ -165,7 +166,6 @@ def summarize_shift(
     at that strength and its change from strength 0, each with a bootstrap CI over cases (the
     same resampled cases at both strengths: paired).
     """
-    base = {r["case_id"]: r[metric] for r in rows if r["strength"] == 0.0}
     clean = {r["case_id"]: r for r in rows if r["strength"] == 0.0}
     out: dict[str, dict[str, Any]] = {}
     for kind in sorted({r["kind"] for r in rows}):
@@ -173,7 +173,7 @@ def summarize_shift(
         for s in sorted({r["strength"] for r in rows if r["kind"] == kind}):
             sub = [r for r in rows if r["kind"] == kind and r["strength"] == s]
             entry = bootstrap_mean([r[metric] for r in sub], n_boot, seed)
-            drops = [r[metric] - base[r["case_id"]] for r in sub if r["case_id"] in base]
+            drops = [r[metric] - clean[r["case_id"]][metric] for r in sub if r["case_id"] in clean]
             entry["change"] = bootstrap_mean(drops, n_boot, seed + 1)
             if s > 0:  # the fraction of images the perturbation changed at all
                 entry["changed"] = float(np.mean([bool(r.get("changed", True)) for r in sub]))
@@ -183,6 +183,14 @@ def summarize_shift(
                 )
             out[kind][f"{s:g}"] = entry
     return out
+
+
+def headline_curves(summary: Mapping[str, Any], metric: str) -> tuple[dict[str, Any], str]:
+    """``(curves, name)`` to plot or tabulate from a :func:`summarize_shift` result: a binary
+    classifier's AUC entries (accuracy at 0.5 says little on imbalanced data), else ``metric``'s."""
+    if summary and all("auc" in e for by_s in summary.values() for e in by_s.values()):
+        return {k: {s: e["auc"] for s, e in by_s.items()} for k, by_s in summary.items()}, "auc"
+    return dict(summary), metric
 
 
 def auc_under_shift(

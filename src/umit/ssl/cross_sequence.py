@@ -301,29 +301,37 @@ def population_match(store: Any, cases: Sequence[str], target: int) -> tuple[int
     fitted on the pooled :func:`foreground` voxels of ``cases`` (training subjects); the channel
     with the smallest pooled squared error there is kept. Returns ``(s, a, b)``.
     """
+    return population_matches(store, cases, [target])[target]
+
+
+def population_matches(
+    store: Any, cases: Sequence[str], targets: Sequence[int]
+) -> dict[int, tuple[int, float, float]]:
+    """:func:`population_match` of every target in ``targets``, reading each case once."""
     if not cases:
         raise ValueError("population_match needs at least one fitting case")
-    sums: dict[int, np.ndarray] = {}  # s -> [n, Σx, Σy, Σx², Σxy, Σy²]
+    sums: dict[tuple[int, int], np.ndarray] = {}  # (t, s) -> [n, Σx, Σy, Σx², Σxy, Σy²]
     for c in cases:
         vol = np.asarray(store.case(c).read(), np.float64)
-        mask = foreground(torch.from_numpy(vol), target).numpy()
-        y = vol[target][mask]
-        for s in range(vol.shape[0]):
-            if s != target:
-                x = vol[s][mask]
-                row = np.array([x.size, x.sum(), y.sum(), x @ x, x @ y, y @ y])
-                sums[s] = sums.get(s, 0) + row
-    best: tuple[float, int, float, float] | None = None
-    for s, (n, sx, sy, sxx, sxy, syy) in sums.items():
+        for t in targets:
+            mask = foreground(torch.from_numpy(vol), t).numpy()
+            y = vol[t][mask]
+            for s in range(vol.shape[0]):
+                if s != t:
+                    x = vol[s][mask]
+                    row = np.array([x.size, x.sum(), y.sum(), x @ x, x @ y, y @ y])
+                    sums[(t, s)] = sums.get((t, s), 0) + row
+    best: dict[int, tuple[float, int, float, float]] = {}
+    for (t, s), (n, sx, sy, sxx, sxy, syy) in sums.items():
         var = sxx / n - (sx / n) ** 2
         a = (sxy / n - sx * sy / n**2) / var if var > 1e-12 else 0.0
         b = sy / n - a * sx / n
         # mean of (a x + b - y)^2 from the sums
         err = (a * a * sxx + 2 * a * b * sx + b * b * n - 2 * a * sxy - 2 * b * sy + syy) / n
-        if best is None or err < best[0]:
-            best = (err, s, float(a), float(b))
-    assert best is not None, "a target needs at least one other channel"
-    return best[1], best[2], best[3]
+        if t not in best or err < best[t][0]:
+            best[t] = (err, s, float(a), float(b))
+    assert set(best) == set(targets), "a target needs at least one other channel"
+    return {t: (s, a, b) for t, (_, s, a, b) in best.items()}
 
 
 def synthesis_scores(
@@ -350,8 +358,9 @@ def synthesis_scores(
     device = next(module.parameters()).device
     targets = [module.target_index] if module.target_index is not None else range(module.in_chans)
     out: dict[str, Any] = {"cases": list(cases), "roi": list(roi), "targets": {}}
+    fits = population_matches(store, fit_cases, list(targets)) if fit_cases else {}
     for t in targets:
-        pop = population_match(store, fit_cases, t) if fit_cases else None
+        pop = fits.get(t)
         rows = []
         for c in cases:
             case = store.case(c)
