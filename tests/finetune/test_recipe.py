@@ -186,3 +186,30 @@ def test_data_efficiency_scores_on_held_out_cases(tiny_ct_store, tmp_path, one_t
     ):
         with pytest.raises(InputError, match=msg):
             data_efficiency(DataEfficiencyConfig.model_validate({**settings, "eval_cases": bad}))
+
+
+def test_eval_split_names_the_labeled_cases_of_a_split(tiny_ct_store, tmp_path):
+    from umit.eval.data_efficiency import DataEfficiencyConfig, resolve_eval_split
+
+    store = Store(tiny_ct_store)
+    splits = {store.index[c].get("split") for c in store.case_ids} - {"test"}
+    split = sorted(splits)[0]
+    expected = sorted(
+        c for c in store.case_ids
+        if store.index[c].get("split") == split and store.index[c].get("has_label")
+    )  # fmt: skip
+    assert expected
+    base = {"data": tiny_ct_store, "out": tmp_path / "de", "arms": {}}
+    cfg = resolve_eval_split(
+        DataEfficiencyConfig.model_validate({**base, "eval_split": split}), store
+    )
+    assert cfg.eval_cases == expected
+    unchanged = DataEfficiencyConfig.model_validate(base)
+    assert resolve_eval_split(unchanged, store) is unchanged
+    for extra, msg in (
+        ({"eval_split": "test"}, "must not be 'test'"),
+        ({"eval_split": "nope"}, "eval_split 'nope' has no labeled cases"),
+        ({"eval_split": split, "eval_cases": expected}, "not both"),
+    ):
+        with pytest.raises(InputError, match=msg):
+            resolve_eval_split(DataEfficiencyConfig.model_validate({**base, **extra}), store)

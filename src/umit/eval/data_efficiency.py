@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 
 from umit.config import UmitConfig, deep_merge, save_config
+from umit.data.cases import case_label
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.eval.evaluate import EvaluateConfig, _rows_to_csv
@@ -133,6 +134,9 @@ class DataEfficiencyConfig(UmitConfig):
     """Score every cell on these training-pool case ids instead of the test split, and keep
     them out of fine-tuning (labeled subsets and validation): a fixed held-out set on which to
     choose a recipe without touching the test set. Test-split ids are refused."""
+    eval_split: str | None = None
+    """Score on every labeled case of this split instead (e.g. the official ``val``): the same
+    as listing them in ``eval_cases``. Not ``test``; not together with ``eval_cases``."""
     workers: int = Field(default=1, ge=1)
     """Cells run at once, each in its own process with one torch thread (1: one after the
     other in this process, with its threads). On a CPU, 2 single-thread cells beat 1 cell with
@@ -164,6 +168,35 @@ def held_out(cfg: DataEfficiencyConfig, settings: dict[str, Any]) -> dict[str, l
     if cfg.eval_cases is None:
         return {}
     return {"exclude_cases": sorted({*settings.get("exclude_cases", []), *cfg.eval_cases})}
+
+
+def resolve_eval_split(cfg: DataEfficiencyConfig, store: Store) -> DataEfficiencyConfig:
+    """``cfg`` with ``eval_split`` turned into the ``eval_cases`` of that split (labeled ones)."""
+    if cfg.eval_split is None:
+        return cfg
+    if cfg.eval_cases is not None:
+        raise InputError(None, "set eval_split or eval_cases, not both")
+    if cfg.eval_split == "test":
+        raise InputError(
+            None, "eval_split must not be 'test': it is the set scored once, at the end"
+        )
+    task = (cfg.finetune or {}).get("task", "segmentation")
+    key = (cfg.finetune or {}).get("label_key", "target")
+    cases = [
+        c
+        for c in store.case_ids
+        if store.index[c].get("split") == cfg.eval_split
+        and (
+            store.index[c].get("has_label")
+            if task == "segmentation"
+            else case_label(store.index[c], key) is not None
+        )
+    ]
+    if not cases:
+        raise InputError(
+            cfg.data, f"eval_split {cfg.eval_split!r} has no labeled cases in this store"
+        )
+    return cfg.model_copy(update={"eval_cases": sorted(cases)})
 
 
 def check_eval_cases(cfg: DataEfficiencyConfig, store: Store) -> None:
@@ -615,6 +648,7 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
     store = Store(cfg.data)
     if not any(store.index[c].get("split") == "test" for c in store.case_ids):
         raise InputError(cfg.data, "the store has no 'test' split to evaluate on")
+    cfg = resolve_eval_split(cfg, store)
     check_eval_cases(cfg, store)
     task = (cfg.finetune or {}).get("task", "segmentation")
     names = set(cfg.arms) | ({FLOOR_VOXELS, FLOOR_PROBE} if cfg.floors else set())
