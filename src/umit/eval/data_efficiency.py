@@ -33,7 +33,6 @@ import torch
 from pydantic import Field
 
 from umit.config import UmitConfig, deep_merge, save_config
-from umit.data.cases import case_label
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.eval.evaluate import EvaluateConfig, _rows_to_csv
@@ -41,7 +40,7 @@ from umit.eval.evaluate import run as evaluate
 from umit.eval.floors import FLOOR_PROBE, FLOOR_VOXELS, floor_rows
 from umit.eval.paired import full_metric, paired_difference, read_per_case
 from umit.eval.report import Figure, Section, Table, display_name, plot_curves, write_report
-from umit.finetune.run import FinetuneConfig, split_finetune_cases
+from umit.finetune.run import FinetuneConfig, labeled_cases, split_finetune_cases
 from umit.finetune.run import run as finetune
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
@@ -180,18 +179,11 @@ def resolve_eval_split(cfg: DataEfficiencyConfig, store: Store) -> DataEfficienc
         raise InputError(
             None, "eval_split must not be 'test': it is the set scored once, at the end"
         )
-    task = (cfg.finetune or {}).get("task", "segmentation")
-    key = (cfg.finetune or {}).get("label_key", "target")
-    cases = [
-        c
-        for c in store.case_ids
-        if store.index[c].get("split") == cfg.eval_split
-        and (
-            store.index[c].get("has_label")
-            if task == "segmentation"
-            else case_label(store.index[c], key) is not None
-        )
-    ]
+    settings = cfg.finetune or {}
+    labeled = labeled_cases(
+        store, settings.get("task", "segmentation"), settings.get("label_key", "target")
+    )
+    cases = [c for c in labeled if store.index[c].get("split") == cfg.eval_split]
     if not cases:
         raise InputError(
             cfg.data, f"eval_split {cfg.eval_split!r} has no labeled cases in this store"

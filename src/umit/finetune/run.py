@@ -182,13 +182,17 @@ class FinetuneConfig(UmitConfig):
 # ---------------------------------------------------------------------------------------------
 # cases and labels
 # ---------------------------------------------------------------------------------------------
+def labeled_cases(store: Store, task: str, label_key: str = "target") -> list[str]:
+    """Case ids the task can learn from: a label map (segmentation) or ``label_key``."""
+    if task == "segmentation":
+        return [c for c in store.case_ids if store.index[c].get("has_label")]
+    return [c for c in store.case_ids if case_label(store.index[c], label_key) is not None]
+
+
 def split_finetune_cases(store: Store, cfg: FinetuneConfig) -> dict[str, list[str]]:
     """train (labeled subset), val, unlabeled and test case ids."""
     index = store.index
-    if cfg.task == "segmentation":
-        usable = [c for c in store.case_ids if index[c].get("has_label")]
-    else:
-        usable = [c for c in store.case_ids if case_label(index[c], cfg.label_key) is not None]
+    usable = labeled_cases(store, cfg.task, cfg.label_key)
     test = [c for c in usable if index[c].get("split") in cfg.exclude_splits]
     held_out = set(cfg.exclude_cases)
     unknown = sorted(held_out - set(usable))
