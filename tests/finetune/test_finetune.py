@@ -201,6 +201,17 @@ def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
     assert resolved["train"]["lr"] == 1e-3 and resolved["train"]["total_steps"] == 2
     table_md = (tmp_path / "de/table.md").read_text()
     assert "Test dice" in table_md and "Test hd95" in table_md and "Test nsd" in table_md
+    recorded = json.loads(marker.read_text())
+    assert recorded["settings"]["train.seed"] == 0 and recorded["torch_threads"] >= 1
+
+    # logging keys do not decide a result: the finished cells are reused
+    cfg.finetune["train"]["log_every"] = 1
+    assert data_efficiency(cfg)["table"] == first["table"]
+    assert marker.stat().st_mtime_ns == stamp
+    # a changed setting does: the stale cell is refused, naming the key, not silently reused
+    cfg.arms["wider"].finetune["train"]["lr"] = 2e-3
+    with pytest.raises(InputError, match=r"other settings \(changed: train.lr\)"):
+        data_efficiency(cfg)
 
 
 # -- a task that must be learned ------------------------------------------------------------------

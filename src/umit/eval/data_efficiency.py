@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from umit.config import UmitConfig, deep_merge, save_config
+from umit.config import UmitConfig, config_to_dict, deep_merge, save_config
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.eval.evaluate import EvaluateConfig, _rows_to_csv
@@ -270,9 +270,12 @@ def run_cell(
     budget = _as_budget(budget)
     folder = cell_dir(cfg.out, arm_name, budget, seed)
     done = folder / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     ft = cell_finetune_config(cfg, arm, budget, seed, folder)
+    settings = cell_settings(cfg, ft)
+    if done.is_file():
+        result = json.loads(done.read_text())
+        check_same_settings(done, result.get("settings"), settings)
+        return result
     t0 = time.perf_counter()
     fsum = finetune(ft)
     esum = evaluate(
@@ -298,9 +301,59 @@ def run_cell(
         "test": overall,
         "best_val": fsum["best"],
         "seconds": time.perf_counter() - t0,
+        "torch_threads": torch.get_num_threads(),  # results are bit-identical at a fixed count
+        "settings": settings,
     }
     atomic_write_json(done, result)
     return result
+
+
+# Fine-tuning keys that change where a cell writes or what it logs, not what it computes.
+_NOT_RESULT_KEYS = frozenset(
+    {"out", "train.out_dir", "train.resume", "train.progress", "train.log_every",
+     "train.tensorboard", "train.keep_last", "train.ckpt_every"}
+)  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cell_settings(cfg: DataEfficiencyConfig, ft: FinetuneConfig) -> dict[str, Any]:
+    """What decides a cell's result, as flat JSON values: its resolved fine-tuning settings
+    (less output and logging keys) and how it is scored. Stored in ``result.json`` so that a
+    rerun with changed settings cannot silently reuse the old result."""
+    flat = {k: v for k, v in _flat(config_to_dict(ft)).items() if k not in _NOT_RESULT_KEYS}
+    flat["eval.cases"] = cfg.eval_cases
+    flat["eval.n_boot"] = cfg.n_boot
+    return json.loads(json.dumps(flat))  # tuples -> lists, as they read back from result.json
+
+
+def check_same_settings(
+    done: Path, recorded: dict[str, Any] | None, settings: dict[str, Any]
+) -> None:
+    """Refuses to reuse a finished cell made with other settings (it names the keys)."""
+    if recorded is None:  # written before settings were recorded: nothing to check against
+        log.warning("%s: no settings recorded; reused without a check", done)
+        return
+    missing = object()
+    changed = sorted(
+        k for k in recorded.keys() | settings.keys()
+        if recorded.get(k, missing) != settings.get(k, missing)
+    )  # fmt: skip
+    if changed:
+        raise InputError(
+            done,
+            f"this finished cell was made with other settings (changed: {', '.join(changed[:8])}"
+            f"{', ...' if len(changed) > 8 else ''}); give the study another `out`, or delete "
+            "the cell's folder to recompute it",
+        )
 
 
 def _one_thread() -> None:
