@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,32 @@ def test_classifier_argument_errors():
         ClassificationModel("vit3d_test_p16", pool="max", in_chans=1)
     with pytest.raises(ValueError, match="unknown model"):
         ClassificationModel("vit3d_nope", in_chans=1)
+    with pytest.raises(ValueError, match="head_norm must be one of"):
+        ClassificationModel("vit3d_test_p16", head_norm="layer", in_chans=1)
+
+
+def test_head_norm_standardises_nearly_identical_pooled_features():
+    """Pooled features that differ by 1e-3 across inputs reach the Linear on unit scale (the
+    reference: per-feature z-scores over the batch with the biased variance, as BatchNorm)."""
+    torch.manual_seed(0)
+    m = ClassificationModel("vit3d_test_p16", num_classes=2, in_chans=1, img_size=32,
+                            head_norm="batch")  # fmt: skip
+    pooled = 5.0 + 1e-3 * torch.randn(8, m.num_features, dtype=torch.float64)
+    seen = []
+    m.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    m.double().train()
+    tokens = pooled.unsqueeze(1).expand(-1, 4, -1)  # (B, L, C) whose mean is `pooled`
+    m.forward_head(tokens)
+    z = pooled.numpy()
+    ref = (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-6)
+    np.testing.assert_allclose(seen[0].detach().numpy(), ref, rtol=1e-6, atol=1e-6)
+    # pre_logits stays the raw pooled vector (what probes and distillation read)
+    torch.testing.assert_close(m.forward_head(tokens, pre_logits=True), pooled)
+    # the running statistics travel with the weights
+    m.eval()
+    back = create_model("classifier", **m.init_args).double().eval()
+    back.load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(back.forward_head(tokens), m.forward_head(tokens))
 
 
 def test_attention_pool_matches_reference_and_ignores_token_order():

@@ -42,6 +42,7 @@ __all__ = [
 # parameter-name parts that belong to the input stem (layer 0), as umit.train.optim
 STEM_KEYWORDS = ("patch_embed", "pos_embed", "cls_token", "mask_token", "reg_token", "register")
 POOLS = ("cls", "mean", "attn")
+HEAD_NORMS = ("none", "batch")
 
 
 # ---------------------------------------------------------------------- encoders
@@ -307,6 +308,10 @@ class ClassificationModel(nn.Module):
         img_size: nominal input size (forwarded to a named encoder).
         encoder_args: more constructor arguments of a named encoder.
         attn_heads: heads of the attention pool (default: 8, 6, 4, ... whichever divides C).
+        head_norm: ``"none"`` or ``"batch"``: a BatchNorm without affine parameters on the
+            pooled features, before the Linear (as MAE's linear probe). It puts every feature
+            on unit scale across the batch, so the head learns as fast when the pooled features
+            of different inputs are nearly the same vector (a ViT on sparse masks at init).
     """
 
     def __init__(
@@ -319,8 +324,11 @@ class ClassificationModel(nn.Module):
         img_size: int | Sequence[int] | None = None,
         encoder_args: Mapping[str, Any] | None = None,
         attn_heads: int | None = None,
+        head_norm: str = "none",
     ):
         super().__init__()
+        if head_norm not in HEAD_NORMS:
+            raise ValueError(f"head_norm must be one of {HEAD_NORMS}, got {head_norm!r}")
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes!r}")
         if pool not in POOLS:
@@ -345,6 +353,7 @@ class ClassificationModel(nn.Module):
             "img_size": img_size,
             "encoder_args": dict(encoder_args or {}),
             "attn_heads": attn_heads,
+            "head_norm": head_norm,
         }
         self.model_name: str | None = None  # set by create_model
         self.model_args: dict[str, Any] = {}
@@ -355,6 +364,9 @@ class ClassificationModel(nn.Module):
             AttentionPool(dim, attn_heads or _default_heads(dim)) if pool == "attn" else None
         )
         self.head_drop = nn.Dropout(dropout)
+        self.head_norm = (
+            nn.BatchNorm1d(dim, affine=False, eps=1e-6) if head_norm == "batch" else nn.Identity()
+        )
         self.head = nn.Linear(dim, num_classes)
         # Zero head: every seed starts from the same (uniform) prediction, so a fine-tune's
         # outcome does not hinge on which way a random head pointed in a feature space that
@@ -395,7 +407,7 @@ class ClassificationModel(nn.Module):
         else:
             x = self.pool(tokens[:, self.num_prefix_tokens :])
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(self.head_norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
