@@ -164,7 +164,7 @@ def test_bad_finetune_inputs(tiny_ct_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
+def test_data_efficiency_resumes(tiny_ct_store, tmp_path, caplog):
     from umit.eval.data_efficiency import DataEfficiencyConfig
     from umit.eval.data_efficiency import run as data_efficiency
 
@@ -212,6 +212,13 @@ def test_data_efficiency_resumes(tiny_ct_store, tmp_path):
     cfg.arms["wider"].finetune["train"]["lr"] = 2e-3
     with pytest.raises(InputError, match=r"other settings \(changed: train.lr\)"):
         data_efficiency(cfg)
+    # a result written before settings were recorded is reused, with a warning that says so
+    for legacy in (tmp_path / "de/cells/wider").glob("*/result.json"):
+        legacy.write_text(json.dumps({k: v for k, v in json.loads(legacy.read_text()).items()
+                                      if k != "settings"}))  # fmt: skip
+    with caplog.at_level("WARNING", logger="umit.eval.data_efficiency"):
+        assert data_efficiency(cfg)["table"] == first["table"]
+    assert "no settings recorded" in caplog.text
 
 
 # -- a task that must be learned ------------------------------------------------------------------
