@@ -3,7 +3,8 @@
 Two checks on the first ``--cases`` training cases of a classification store:
 1. how alike the encoder's mean-pooled features of different inputs are at initialisation
    (minimum pairwise cosine similarity; across-case sd against mean magnitude);
-2. full-batch AdamW on those cases, no augmentation: the training loss every ``--every`` steps.
+2. full-batch AdamW on those cases, no augmentation (optionally with global-norm gradient
+   clipping): the training loss every ``--every`` steps.
 
     PYTHONPATH=src python benchmarks/adrenal_vit_fit.py runs/adrenal/prep --encoder vit3d_tiny_p8
 """
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=3, default=[32, 32, 32])
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--clip-grad-norm", type=float, default=None, help="global-norm clipping")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
@@ -65,6 +67,8 @@ def main() -> None:
             print(f"step {step}: training loss {loss.item():.3f}")
         opt.zero_grad()
         loss.backward()
+        if args.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         opt.step()
 
 
