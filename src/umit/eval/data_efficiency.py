@@ -42,6 +42,7 @@ from umit.eval.paired import full_metric, paired_difference, read_per_case
 from umit.eval.report import Figure, Section, Table, display_name, plot_curves, write_report
 from umit.finetune.run import FinetuneConfig, labeled_cases, split_finetune_cases
 from umit.finetune.run import run as finetune
+from umit.train.loop import OUTPUT_KEYS
 from umit.utils.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -309,10 +310,7 @@ def run_cell(
 
 
 # Fine-tuning keys that change where a cell writes or what it logs, not what it computes.
-_NOT_RESULT_KEYS = frozenset(
-    {"out", "train.out_dir", "train.resume", "train.progress", "train.log_every",
-     "train.tensorboard", "train.keep_last", "train.ckpt_every"}
-)  # fmt: skip
+_NOT_RESULT_KEYS = frozenset({"out", *(f"train.{k}" for k in OUTPUT_KEYS)})
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -49,23 +49,12 @@ LoaderFactory = Callable[[int, int], Iterable[Any]]
 """``factory(epoch, start_batch)`` -> this rank's micro-batches of ``epoch`` from ``start_batch``
 on; must be deterministic in its arguments for resume to be exact."""
 
-# Config keys that may change between a run and its resume without a warning.
-RESUME_FREE_KEYS = frozenset(
-    {
-        "total_steps",
-        "out_dir",
-        "resume",
-        "progress",
-        "log_every",
-        "ckpt_every",
-        "eval_every",
-        "keep_last",
-        "num_workers",
-        "tensorboard",
-        "device",
-        "compile",
-    }
+# Config keys that decide where a run writes and what it logs, never the weights it trains.
+OUTPUT_KEYS = frozenset(
+    {"out_dir", "resume", "progress", "log_every", "ckpt_every", "keep_last", "tensorboard"}
 )
+# Config keys that may change between a run and its resume without a warning.
+RESUME_FREE_KEYS = OUTPUT_KEYS | {"total_steps", "eval_every", "num_workers", "device", "compile"}
 
 
 class ShardedSampler(Sampler[int]):
