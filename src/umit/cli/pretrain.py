@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
                 "genesis": "restoration",
                 "report_labels": "report-label BCE",
                 "cross_sequence": "held-out sequence",
+                "cross_phase": "cross-phase",
             }
             base = (summary.get("last_eval") or {}).get("val_baseline_loss")
             print(

@@ -21,7 +21,7 @@ from torch import nn
 
 from umit.models.heads import feature_dim, feature_map
 
-__all__ = ["Genesis3D", "bezier_map", "corrupt", "local_shuffle"]
+__all__ = ["DensePretext", "Genesis3D", "bezier_map", "corrupt", "local_shuffle"]
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,36 @@ def upsampling_decoder(encoder: nn.Module, decoder_dim: int) -> tuple[nn.Sequent
     return nn.Sequential(*layers), width
 
 
-class Genesis3D(nn.Module):
+class DensePretext(nn.Module):
+    """What the dense pretexts (restoration, cross-phase prediction) share: a whole network
+    (``self.network``, whose encoder is ``.encoder``), or an encoder behind the light
+    :func:`upsampling_decoder` and a 3³ output convolution (``self.out``)."""
+
+    network: nn.Module | None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "encoder" and self.__dict__["_modules"].get("network") is not None:
+            return self.__dict__["_modules"]["network"].encoder  # the network's own encoder
+        return super().__getattr__(name)
+
+    def no_weight_decay(self) -> set[str]:
+        if self.network is not None:
+            nwd = getattr(self.network, "no_weight_decay", lambda: set())()
+            return {f"network.{n}" for n in nwd}
+        enc = getattr(self.encoder, "no_weight_decay", lambda: set())()
+        return {f"encoder.{n}" for n in enc}
+
+    def dense_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> the network's (or decoder's) output on the input grid."""
+        if self.network is not None:
+            y = self.network(x)
+            return y[0] if isinstance(y, (list, tuple)) else y  # deep supervision: full res first
+        y = self.decoder(feature_map(self.encoder, x))
+        y = F.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)
+        return self.out(y)
+
+
+class Genesis3D(DensePretext):
     """Restoration wrapper: corrupt, encode, decode, MSE to the original.
 
     Args:
@@ -200,18 +229,6 @@ class Genesis3D(nn.Module):
             **self.corruption,
         }
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "encoder" and self.__dict__["_modules"].get("network") is not None:
-            return self.__dict__["_modules"]["network"].encoder  # the network's own encoder
-        return super().__getattr__(name)
-
-    def no_weight_decay(self) -> set[str]:
-        if self.network is not None:
-            nwd = getattr(self.network, "no_weight_decay", lambda: set())()
-            return {f"network.{n}" for n in nwd}
-        enc = getattr(self.encoder, "no_weight_decay", lambda: set())()
-        return {f"encoder.{n}" for n in enc}
-
     def corrupt_batch(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,12 +243,7 @@ class Genesis3D(nn.Module):
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Corrupted (B, C, D, H, W) -> restored, same shape."""
-        if self.network is not None:
-            y = self.network(x)
-            return y[0] if isinstance(y, (list, tuple)) else y  # deep supervision: full res first
-        y = self.decoder(feature_map(self.encoder, x))
-        y = F.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)
-        return self.out(y)
+        return self.dense_output(x)
 
     def forward(
         self, batch: Any, generator: torch.Generator | None = None

@@ -1,7 +1,8 @@
-"""``umit pretrain``: self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis) on a store.
+"""``umit pretrain``: self-supervised pretraining (MAE-3D, SimCLR-3D, Models Genesis, cross-phase
+prediction) on a store.
 
 Random 3D crops (optionally foreground-biased) with light augmentation feed the chosen method
-(``method=mae|simclr|genesis``, or ``report_labels``: weak multi-label supervision from report-derived
+(``method=mae|simclr|genesis|cross_phase``, or ``report_labels``: weak multi-label supervision from report-derived
 labels) around any registered encoder (MAE needs a ViT); the training loop (:mod:`umit.train`) does schedules, precision,
 accumulation, distribution, checkpoints and resume. A fixed validation set of crops and masks
 gives a pretext loss that is comparable across steps, logged next to its trivial baseline
@@ -32,6 +33,7 @@ from umit.data.transforms import AugmentConfig, AugmentedDataset
 from umit.errors import InputError
 from umit.labels.table import LabelsTableConfig, catalog_path, read_labels, table_targets
 from umit.models import create_model
+from umit.ssl.cross_phase import CrossPhase3D, PhaseGroupCrops, phase_groups
 from umit.ssl.cross_sequence import CrossSequence3D, synthesis_scores
 from umit.ssl.genesis import Genesis3D
 from umit.ssl.mae import MAE3D, mae_flops_per_sample
@@ -141,7 +143,23 @@ class CrossSequenceConfig(UmitConfig):
     hold-out (e.g. ``test``: subjects excluded from pretraining)."""
 
 
-METHODS = ("mae", "simclr", "genesis", "report_labels", "cross_sequence")
+class CrossPhaseConfig(UmitConfig):
+    """Settings of cross-phase CT pretraining (``method=cross_phase``, :mod:`umit.ssl.cross_phase`)."""
+
+    group_key: str = "subject_id"
+    """Store index key shared by the series of one exam."""
+    phase_key: str = "contrast"
+    """Store index key naming each series' contrast phase."""
+    phases: list[str] | None = None
+    """Phases to predict, in output order (None: every value of ``phase_key`` found, sorted)."""
+    loss: Literal["l1", "mse"] = "mse"
+    """Loss on the store's normalised intensities, over the phases the exam has. MSE: the
+    change between phases is zero at most voxels, and L1 then settles on predicting none."""
+    decoder_dim: int = Field(default=64, ge=8)
+    """Width of the light decoder (``scope=encoder``)."""
+
+
+METHODS = ("mae", "simclr", "genesis", "report_labels", "cross_sequence", "cross_phase")
 
 
 class PretrainConfig(UmitConfig):
@@ -180,14 +198,18 @@ class PretrainConfig(UmitConfig):
     """Cases held out for the validation reconstruction loss (0 = none)."""
     val_crops: int = Field(default=8, ge=1)
     """Fixed validation crops (with fixed masks) over the held-out cases."""
-    method: Literal["mae", "simclr", "genesis", "report_labels", "cross_sequence"] = "mae"
+    method: Literal[
+        "mae", "simclr", "genesis", "report_labels", "cross_sequence", "cross_phase"
+    ] = "mae"
     """Pretraining method: masked autoencoding (ViT only), contrastive views, restoration, weak
-    multi-label supervision from report-derived labels (``report_labels.labels``), or prediction
-    of a held-out MRI sequence from the others (multi-channel stores)."""
+    multi-label supervision from report-derived labels (``report_labels.labels``), prediction
+    of a held-out MRI sequence from the others (multi-channel stores), or prediction of every
+    contrast phase of a multiphase CT exam from one of them (``cross_phase``)."""
     scope: Literal["encoder", "network"] = "encoder"
     """``encoder``: pretrain ``model``, an encoder, and write ``encoder.pt``. ``network``
-    (``method=genesis`` only): ``model`` is a whole segmentation network (unetr, swin_unetr,
-    resunet3d) trained to restore its input, written to ``network.pt`` (and its encoder to
+    (``method=genesis`` or ``cross_phase``): ``model`` is a whole segmentation network (unetr,
+    swin_unetr, resunet3d) trained to restore its input (or to predict every phase), written to
+    ``network.pt`` (and its encoder to
     ``encoder.pt``); ``umit finetune pretrained=network.pt`` then starts decoder and skip
     paths from pretrained weights too, which matters most with few labels."""
     mae: MAEConfig = Field(default_factory=MAEConfig)
@@ -200,6 +222,8 @@ class PretrainConfig(UmitConfig):
     """Report-label wrapper settings (``method=report_labels``)."""
     cross_sequence: CrossSequenceConfig = Field(default_factory=CrossSequenceConfig)
     """Cross-sequence wrapper settings."""
+    cross_phase: CrossPhaseConfig = Field(default_factory=CrossPhaseConfig)
+    """Cross-phase wrapper settings."""
     monitor_label: str | None = None
     """Per-case label of the store index (e.g. ``target``) for the online kNN / probe scores
     every ``train.eval_every`` steps; None = off."""
@@ -376,6 +400,61 @@ def make_eval_fn(
     return evaluate
 
 
+def exam_groups(
+    cfg: PretrainConfig, store: Any, cases: list[str]
+) -> tuple[list[str], dict[str, list[str | None]]]:
+    """``method=cross_phase``: the phases and each exam's series per phase."""
+    xp = cfg.cross_phase
+    return phase_groups(store, cases, xp.group_key, xp.phase_key, xp.phases)
+
+
+def split_groups(
+    groups: dict[str, list[str | None]], val_groups: int, seed: int
+) -> tuple[dict[str, list[str | None]], dict[str, list[str | None]]]:
+    """Training and validation exams: a seeded hold-out of ``val_groups`` whole exams."""
+    names = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = min(val_groups, max(0, len(names) - 1))
+    val = {names[i] for i in order[:n_val]}
+    return (
+        {g: groups[g] for g in names if g not in val},
+        {g: groups[g] for g in names if g in val},
+    )
+
+
+def cross_phase_data(
+    cfg: PretrainConfig,
+    train_groups: dict[str, list[str | None]],
+    val_groups: dict[str, list[str | None]],
+) -> tuple[PhaseGroupCrops, list[dict[str, Any]]]:
+    """Training crops of multiphase exams and fixed validation items (one per batch)."""
+    dataset = PhaseGroupCrops(
+        cfg.data,
+        cfg.crop_size,
+        train_groups,
+        samples_per_group=cfg.samples_per_case,
+        seed=cfg.train.seed,
+        augment=cfg.augment,
+        chunk_cache=cfg.chunk_cache,
+    )
+    if not val_groups:
+        return dataset, []
+    held = PhaseGroupCrops(
+        cfg.data,
+        cfg.crop_size,
+        val_groups,
+        samples_per_group=max(1, -(-cfg.val_crops // len(val_groups))),
+        seed=cfg.train.seed + 1,
+        chunk_cache=cfg.chunk_cache,
+    )
+    items = [held[i] for i in range(min(cfg.val_crops, len(held)))]
+    val = [
+        {k: (v.unsqueeze(0) if torch.is_tensor(v) else torch.tensor([v])) for k, v in it.items()}
+        for it in items
+    ]
+    return dataset, val
+
+
 def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
     encoder = create_model(cfg.model, img_size=cfg.crop_size, in_chans=in_chans, **cfg.model_args)
     m = cfg.mae
@@ -392,10 +471,13 @@ def build_mae(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
     )
 
 
-def build_network(cfg: PretrainConfig, in_chans: int) -> torch.nn.Module:
-    """``cfg.model`` as a whole dense network whose output has the input's channels."""
+def build_network(
+    cfg: PretrainConfig, in_chans: int, out_channels: int | None = None
+) -> torch.nn.Module:
+    """``cfg.model`` as a whole dense network with ``out_channels`` outputs (default: the
+    input's channels)."""
     args = {"img_size": cfg.crop_size, **cfg.model_args, "in_chans": in_chans}
-    args["out_channels"] = in_chans
+    args["out_channels"] = in_chans if out_channels is None else out_channels
     try:
         return create_model(cfg.model, **args)
     except TypeError:  # a network without an img_size argument (the CNNs)
@@ -427,15 +509,25 @@ def build_method(
     in_chans: int,
     channel_names: list[str] | None = None,
     report: ReportLabelData | None = None,
+    phases: list[str] | None = None,
 ) -> torch.nn.Module:
     """The wrapper of ``cfg.method`` around a freshly built ``cfg.model`` encoder (or, with
-    ``scope=network``, a whole network); ``report``: the labels of ``method=report_labels``."""
+    ``scope=network``, a whole network); ``report``: the labels of ``method=report_labels``;
+    ``phases``: the phase names of ``method=cross_phase``."""
+    if cfg.method == "cross_phase":
+        if in_chans != 1 or not phases:
+            raise InputError(
+                cfg.data, "method=cross_phase needs a one-channel CT store of multiphase exams"
+            )
+        if cfg.scope == "network":
+            net = build_network(cfg, 1, len(phases))
+            return CrossPhase3D(net, phases, loss=cfg.cross_phase.loss, network=True)
     if cfg.scope == "network":
         if cfg.method != "genesis":
             raise InputError(
                 None,
-                f"scope=network pretrains a whole encoder-decoder by restoration: it needs "
-                f"method=genesis, got method={cfg.method}",
+                f"scope=network pretrains a whole encoder-decoder: it needs method=genesis or "
+                f"cross_phase, got method={cfg.method}",
             )
         return Genesis3D(
             build_network(cfg, in_chans),
@@ -465,6 +557,9 @@ def build_method(
         )
     if cfg.method == "genesis":
         return Genesis3D(encoder, in_chans=in_chans, **cfg.genesis.model_dump())
+    if cfg.method == "cross_phase":
+        xp = cfg.cross_phase
+        return CrossPhase3D(encoder, phases or [], loss=xp.loss, decoder_dim=xp.decoder_dim)
     if cfg.method == "report_labels":
         if report is None:
             raise ValueError("method=report_labels needs the report labels (report_label_data)")
@@ -563,6 +658,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     plan = store.plan
     in_chans = len(plan.channels)
     train_cases, val_cases = split_cases(store, cfg.exclude_splits, cfg.val_cases, cfg.train.seed)
+    phases: list[str] | None = None
+    if cfg.method == "cross_phase":  # the hold-out is whole exams, not single series
+        phases, groups = exam_groups(cfg, store, train_cases + val_cases)
+        train_groups, val_groups = split_groups(groups, cfg.val_cases, cfg.train.seed)
+        train_cases = [c for g in train_groups.values() for c in g if c is not None]
+        val_cases = [c for g in val_groups.values() for c in g if c is not None]
     report = None
     if cfg.method == "report_labels":
         report = report_label_data(cfg, train_cases + val_cases, train_cases)
@@ -571,9 +672,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)  # same config + seed -> same initial weights
     if cfg.method == "cross_sequence":
         check_sequences(cfg, list(plan.channel_names))
-    module = build_method(cfg, in_chans, list(plan.channel_names), report)
-    dataset = training_data(cfg, train_cases)
-    val = build_validation(cfg.data, val_cases, cfg)
+    module = build_method(cfg, in_chans, list(plan.channel_names), report, phases)
+    if phases is not None:
+        dataset, val = cross_phase_data(cfg, train_groups, val_groups)
+    else:
+        dataset = training_data(cfg, train_cases)
+        val = build_validation(cfg.data, val_cases, cfg)
     if report is not None:
         dataset = LabeledCrops(dataset, report.cases, report.values, report.mask)
         val = validation_batches(

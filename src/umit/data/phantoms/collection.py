@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from umit.data.phantoms.findings import (
 )
 from umit.data.phantoms.mr import MR_CHANNELS, MR_LABELS, make_mr_phantom
 from umit.data.phantoms.scanner import check_shape
-from umit.data.phantoms.sites import SubjectAttributes, sample_attributes
+from umit.data.phantoms.sites import CT_CONTRASTS, SubjectAttributes, sample_attributes
 from umit.errors import InputError
 from umit.utils.fileio import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temps
 
@@ -55,9 +56,11 @@ def _case_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, code, index]).generate_state(1, np.uint32)[0])
 
 
-def _case_attributes(case_seed: int, modality: str) -> SubjectAttributes:
-    """The attributes ``make_*_phantom(case_seed)`` will draw, without generating voxels."""
-    return sample_attributes(_streams(case_seed, modality)[0], modality)
+def _case_attributes(case_seed: int, modality: str, phase: str | None = None) -> SubjectAttributes:
+    """The attributes ``make_*_phantom(case_seed)`` will draw, without generating voxels; with
+    ``phase``, the same subject scanned in that contrast phase."""
+    attrs = sample_attributes(_streams(case_seed, modality)[0], modality)
+    return attrs if phase is None else replace(attrs, contrast=phase)
 
 
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -79,9 +82,13 @@ class _Case:
     split: str  # "train" or "test"
     images: list[str] = field(default_factory=list)  # relative to the collection root
     label: str | None = None
+    phase: str | None = None  # CT contrast phase of one series of a multiphase exam
+    subject: str | None = None  # the exam's subject (shared by its phases)
 
 
-def _plan_cases(n: int, n_test: int, modality: str, seed: int) -> list[_Case]:
+def _plan_cases(
+    n: int, n_test: int, modality: str, seed: int, phases: tuple[str, ...] | None = None
+) -> list[_Case]:
     channels = CT_CHANNELS if modality == "ct" else MR_CHANNELS
     cases = []
     for split, count, folder, stem in (
@@ -89,13 +96,18 @@ def _plan_cases(n: int, n_test: int, modality: str, seed: int) -> list[_Case]:
         ("test", n_test, "imagesTs", f"phantom_{modality}_test_"),
     ):
         for i in range(count):
-            cid = f"{stem}{i:04d}"
-            case = _Case(cid, _case_seed(seed, split, i), split)
-            case.images = [f"{folder}/{cid}_{c:04d}{_FILE_ENDING}" for c in range(len(channels))]
-            # test cases keep their reference labels apart (labelsTs/), so the fixed test
-            # split of a phantom collection can be scored; nothing trains on them
-            case.label = f"{'labelsTr' if split == 'train' else 'labelsTs'}/{cid}{_FILE_ENDING}"
-            cases.append(case)
+            subject = f"{stem}{i:04d}"
+            # a multiphase exam: one series per phase, the same anatomy on the same grid
+            for phase in phases or (None,):
+                cid = subject if phase is None else f"{subject}_{phase}"
+                case = _Case(cid, _case_seed(seed, split, i), split, phase=phase, subject=subject)
+                case.images = [
+                    f"{folder}/{cid}_{c:04d}{_FILE_ENDING}" for c in range(len(channels))
+                ]
+                # test cases keep their reference labels apart (labelsTs/), so the fixed test
+                # split of a phantom collection can be scored; nothing trains on them
+                case.label = f"{'labelsTr' if split == 'train' else 'labelsTs'}/{cid}{_FILE_ENDING}"
+                cases.append(case)
     return cases
 
 
@@ -107,6 +119,9 @@ def _write_case(args: tuple[Path, _Case, str, tuple[int, int, int], bool]) -> bo
         return False
     if findings:
         ph = make_ct_phantom(case.case_seed, shape, findings=True)
+    elif case.phase is not None:
+        attrs = _case_attributes(case.case_seed, modality, case.phase)
+        ph = make_ct_phantom(case.case_seed, shape, attributes=attrs)
     else:
         make = make_ct_phantom if modality == "ct" else make_mr_phantom
         ph = make(case.case_seed, shape)
@@ -129,6 +144,7 @@ def write_phantom_collection(
     n_test: int = 0,
     workers: int = 1,
     findings: bool = False,
+    phases: Sequence[str] | None = None,
 ) -> Path:
     """Write an nnU-Net v2-style collection of phantoms that ``umit ingest`` accepts.
 
@@ -161,6 +177,11 @@ def write_phantom_collection(
             text: one free-text report per study, with planted identifiers), ``findings.csv``
             (the truth per case) and a ``subject_id`` (an MRN) column in ``attributes.csv``.
             False: the collection is exactly what it was before findings existed.
+        phases: CT only: write each subject as a multiphase exam, one series per listed
+            contrast phase (``CT_CONTRASTS``: none, arterial, portal), with the same anatomy,
+            site and grid; case ids ``<subject>_<phase>``, and ``attributes.csv`` gains a
+            ``subject_id`` column that links the phases of one exam (``umit pretrain
+            method=cross_phase`` pairs them). None: one series per subject, phase drawn.
 
     Returns:
         ``out_dir`` as a Path.
@@ -181,14 +202,28 @@ def write_phantom_collection(
         raise InputError(root, "exists and is not a folder")
     if findings and modality != "ct":
         raise ValueError(f"findings are drawn for CT phantoms only, got modality {modality!r}")
+    if phases is not None:
+        phases = tuple(phases)
+        if modality != "ct":
+            raise ValueError(f"multiphase exams are CT only, got modality {modality!r}")
+        if findings:
+            raise ValueError("phases and findings cannot be combined (one report per study)")
+        bad = [p for p in phases if p not in CT_CONTRASTS]
+        if bad or len(set(phases)) < 2 or len(set(phases)) != len(phases):
+            raise ValueError(
+                f"phases must be at least two distinct CT contrast phases of {CT_CONTRASTS}, "
+                f"got {list(phases)}"
+            )
     settings = {"modality": modality, "seed": int(seed), "shape": list(shape)}
     if findings:  # only when on: a collection without findings keeps its old dataset.json
         settings["findings"] = True
+    if phases is not None:  # likewise
+        settings["phases"] = list(phases)
     _check_existing(root, settings)
     for sub in ("", "imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         remove_stale_temps(root / sub, recursive=False)
 
-    cases = _plan_cases(int(n), int(n_test), modality, seed)
+    cases = _plan_cases(int(n), int(n_test), modality, seed, phases)
     jobs = [(root, c, modality, shape, bool(findings)) for c in cases]
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
@@ -201,14 +236,18 @@ def write_phantom_collection(
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context(method)) as pool:
             list(pool.map(_write_case, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
-    attrs = {c.case_id: _case_attributes(c.case_seed, modality) for c in cases}
+    attrs = {c.case_id: _case_attributes(c.case_seed, modality, c.phase) for c in cases}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(ATTRIBUTE_COLUMNS + (("subject_id",) if findings else ()))
+    writer.writerow(ATTRIBUTE_COLUMNS + (("subject_id",) if findings or phases else ()))
     for c in cases:
         a = attrs[c.case_id]
         row = [c.case_id, a.sex, a.age_band, a.site, a.manufacturer, a.model, a.contrast]
-        writer.writerow(row + ([report_identifiers(c.case_seed)["mrn"]] if findings else []))
+        if findings:
+            row.append(report_identifiers(c.case_seed)["mrn"])
+        elif phases:
+            row.append(c.subject)
+        writer.writerow(row)
     atomic_write_text(root / ATTRIBUTES_CSV, buf.getvalue())
     if findings:
         _write_reports(root, cases)
@@ -280,7 +319,11 @@ def _check_existing(root: Path, settings: dict[str, Any]) -> None:
     if not isinstance(old, dict):
         raise InputError(root, "holds a dataset.json that is not a phantom collection")
     old_settings = {k: old.get(k) for k in settings}
-    if old_settings != settings or bool(old.get("findings")) != bool(settings.get("findings")):
+    if (
+        old_settings != settings
+        or bool(old.get("findings")) != bool(settings.get("findings"))
+        or old.get("phases") != settings.get("phases")
+    ):
         raise InputError(
             root,
             f"holds a phantom collection written with {old_settings}, not {settings}; "

@@ -47,6 +47,11 @@ class PhantomsConfig(UmitConfig):
     into image and labels, and write a free-text report per study (``reports.csv``) and the
     truth (``findings.csv``); see :mod:`umit.data.phantoms.findings`."""
 
+    phases: list[str] | None = None
+    """CT: write each subject as a multiphase exam, one series per listed contrast phase (e.g.
+    ``[none, arterial, portal]``), linked by a ``subject_id`` column: the unlabeled pool of
+    ``umit pretrain method=cross_phase``. None: one series per subject, its phase drawn."""
+
     @field_validator("shape")
     @classmethod
     def _valid_shape(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
@@ -67,6 +72,7 @@ def run(cfg: PhantomsConfig) -> Path:
             n_test=cfg.n_test,
             workers=cfg.workers,
             findings=cfg.findings and modality == "ct",
+            phases=cfg.phases if modality == "ct" else None,
         )
     save_config(cfg, out)
     return out

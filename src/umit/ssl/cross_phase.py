@@ -1,0 +1,285 @@
+"""Cross-phase prediction: from one contrast phase of a multiphase CT exam, predict every phase.
+
+A multiphase exam (non-contrast, arterial and portal venous series of one patient in one visit)
+shows the same anatomy with organ-specific enhancement: kidneys, spleen, liver and vessels change
+brightness between phases, fat, lung and bone do not. Predicting every phase from any one of them
+makes the network recognise each organ whatever its brightness in the phase it is shown. That is
+the invariance a segmenter fine-tuned on a few labeled series lacks when a test series comes from
+a phase none of them had (docs/evidence.md: on the phantoms, a kidney is found far less often in
+such series). The pool is unlabeled and abundant: every contrast CT exam holds several series.
+
+Groups: the store's cases with the same ``group_key`` (``subject_id``; use a study id where one
+patient has several visits), one case per ``phase_key`` value (``contrast``). The phases of a
+group must share spacing and orientation (one preprocessing plan gives that) and differ by a whole
+number of voxels in position; each crop is read at the same world position in every phase, via
+the cases' affines. A group needs at least two phases.
+
+The network predicts, per phase, the change from the input (the input is added back), so
+copying the input is free and the loss measures the enhancement map: where each enhancing organ
+is and by how much it changes. ``baseline_loss`` is the loss of copying the input into every
+phase (no change): a model below it predicts enhancement it was not shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from umit.data.dataset import StoreCropDataset
+from umit.data.store import Store
+from umit.data.transforms import AugmentConfig, draw_augment_params
+from umit.errors import InputError
+from umit.ssl.genesis import DensePretext, upsampling_decoder
+
+__all__ = ["CrossPhase3D", "PhaseGroupCrops", "phase_groups"]
+
+
+def phase_groups(
+    store: Store,
+    cases: Sequence[str],
+    group_key: str = "subject_id",
+    phase_key: str = "contrast",
+    phases: Sequence[str] | None = None,
+) -> tuple[list[str], dict[str, list[str | None]]]:
+    """The phases and, per group with at least two of them, its case of each phase (or None).
+
+    Raises:
+        InputError: naming the store when a case lacks the keys, a group holds two cases of one
+            phase, or no group has two phases.
+    """
+    index = store.index
+    found: dict[str, dict[str, str]] = {}
+    for c in cases:
+        group, phase = index[c].get(group_key), index[c].get(phase_key)
+        if group is None or phase is None:
+            raise InputError(
+                store.prep_dir,
+                f"case {c} has no {group_key!r} or {phase_key!r} in the store index; "
+                f"method=cross_phase pairs the series of one exam by them",
+            )
+        slot = found.setdefault(str(group), {})
+        if str(phase) in slot:
+            raise InputError(
+                store.prep_dir,
+                f"{group_key} {group} has two {phase_key}={phase} series ({slot[str(phase)]}, "
+                f"{c}); group by a study id if one subject has several visits",
+            )
+        slot[str(phase)] = c
+    names = list(phases) if phases is not None else sorted({p for g in found.values() for p in g})
+    groups = {
+        g: [slot.get(p) for p in names]
+        for g, slot in sorted(found.items())
+        if sum(p in slot for p in names) >= 2
+    }
+    if not groups:
+        raise InputError(
+            store.prep_dir,
+            f"no {group_key} has series of two {phase_key} phases among {names}; "
+            f"method=cross_phase needs multiphase exams (e.g. umit phantoms phases=[...])",
+        )
+    return names, groups
+
+
+def _voxel_offset(store: Store, ref: str, other: str) -> np.ndarray:
+    """Integer voxel offset of ``other``'s grid from ``ref``'s (same spacing and orientation)."""
+    a, b = store.case(ref).affine, store.case(other).affine
+    if not np.allclose(a[:3, :3], b[:3, :3], rtol=1e-4, atol=1e-4):
+        raise InputError(
+            store.prep_dir,
+            f"series {ref} and {other} of one exam differ in spacing or orientation; "
+            f"preprocess them with one plan",
+        )
+    # voxel v of ref is at world a @ v; in other's grid: b^-1 @ a @ v = v + offset
+    offset = (np.linalg.inv(b) @ a[:, 3])[:3]
+    if not np.allclose(offset, np.rint(offset), atol=1e-3):
+        raise InputError(
+            store.prep_dir,
+            f"series {ref} and {other} of one exam are shifted by {offset.round(3).tolist()} "
+            f"voxels, not a whole number; resample them onto one grid",
+        )
+    return np.rint(offset).astype(np.int64)
+
+
+class PhaseGroupCrops(torch.utils.data.Dataset):
+    """Random crops of multiphase exams: one phase as input, every phase as target.
+
+    Item: ``image`` (1, D, H, W) of the input phase (with the intensity part of ``augment``),
+    ``target`` (P, D, H, W) of every phase at the same world position (zeros where a phase is
+    missing), ``present`` (P,) bool, ``phase`` the input's index. Flips apply to both.
+    """
+
+    def __init__(
+        self,
+        prep_dir: str | Path,
+        crop_size: Sequence[int],
+        groups: Mapping[str, Sequence[str | None]],
+        samples_per_group: int = 1,
+        seed: int = 0,
+        augment: AugmentConfig | None = None,
+        chunk_cache: str | Path | None = None,
+    ):
+        self.groups = [list(v) for _, v in sorted(groups.items())]
+        if not self.groups:
+            raise ValueError("no exam groups to sample from")
+        cases = [c for g in self.groups for c in g if c is not None]
+        self.crops = StoreCropDataset(
+            prep_dir, crop_size, cases=cases, seed=seed, with_label=False, chunk_cache=chunk_cache
+        )
+        store = self.crops.store
+        if any(len(store.index[c]["shape"]) != 4 or store.index[c]["shape"][0] != 1 for c in cases):
+            raise InputError(store.prep_dir, "method=cross_phase needs a one-channel store")
+        self.refs = [next(c for c in g if c is not None) for g in self.groups]
+        self.offsets = [
+            [None if c is None else _voxel_offset(store, ref, c) for c in g]
+            for ref, g in zip(self.refs, self.groups, strict=True)
+        ]
+        self.samples_per_group = int(samples_per_group)
+        self.seed = int(seed)
+        self.augment = augment or AugmentConfig(
+            flip_prob=0.0, intensity_scale=0.0, intensity_shift=0.0
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.groups) * self.samples_per_group
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        g = index // self.samples_per_group
+        group, offsets = self.groups[g], self.offsets[g]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        shape = np.asarray(self.crops.store.index[self.refs[g]]["shape"][1:], dtype=np.int64)
+        crop = np.asarray(self.crops.crop_size, dtype=np.int64)
+        lo, hi = np.minimum(0, shape - crop), np.maximum(0, shape - crop)
+        start = rng.integers(lo, hi + 1)
+        present = [c is not None for c in group]
+        phase = int(rng.choice(np.flatnonzero(present)))
+        target = torch.zeros((len(group), *self.crops.crop_size), dtype=torch.float32)
+        for p, (case, off) in enumerate(zip(group, offsets, strict=True)):
+            if case is not None:
+                target[p] = self.crops.read_crop(case, start + off)["image"][0]
+        params = draw_augment_params(rng, self.augment, 1)
+        axes = [1 + ax for ax, f in enumerate(params["flip"]) if f]
+        if axes:
+            target = torch.flip(target, axes)
+        image = target[phase : phase + 1] * params["scale"][0] + params["shift"][0]
+        return {
+            "image": image,
+            "target": target,
+            "present": torch.tensor(present),
+            "phase": phase,
+        }
+
+
+def _zero_output_layer(net: nn.Module, channels: int) -> None:
+    """Zero the last convolution with ``channels`` outputs: training starts at "no change",
+    the copy baseline, instead of at random enhancement maps."""
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.out_channels == channels]
+    if convs:
+        nn.init.zeros_(convs[-1].weight)
+        if convs[-1].bias is not None:
+            nn.init.zeros_(convs[-1].bias)
+
+
+class CrossPhase3D(DensePretext):
+    """Predict every phase of an exam from one: a whole dense network with one output channel
+    per phase (``network=True``; its decoder is pretrained too), or an encoder behind the light
+    upsampling decoder of :mod:`umit.ssl.genesis`.
+
+    Args:
+        encoder: an encoder with ``forward_intermediates``/``feature_info``, or with
+            ``network=True`` a whole network built with ``in_chans=1`` and
+            ``out_channels=len(phases)``.
+        phases: the phase names, in target order.
+        loss: ``mse`` (default) or ``l1`` on the store's normalised intensities, over present
+            phases. The change is zero at most voxels; under L1 a network that cannot yet
+            place the organs gains nothing from predicting any change, and stays at the copy.
+        decoder_dim: width of the light decoder (unused with ``network=True``).
+        network: whether ``encoder`` is a whole encoder-decoder network.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        phases: Sequence[str],
+        loss: Literal["l1", "mse"] = "mse",
+        decoder_dim: int = 64,
+        network: bool = False,
+    ):
+        super().__init__()
+        self.phases = list(phases)
+        if len(self.phases) < 2:
+            raise ValueError(f"cross-phase prediction needs at least two phases, got {phases!r}")
+        if loss not in ("l1", "mse"):
+            raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
+        self.loss_name = loss
+        self.model_name = "cross_phase3d"
+        n = len(self.phases)
+        if network:
+            if getattr(encoder, "out_channels", None) != n:
+                raise ValueError(
+                    f"a cross-phase network must output one channel per phase ({n}); "
+                    f"{type(encoder).__name__} has out_channels={getattr(encoder, 'out_channels', None)!r}"
+                )
+            self.network = encoder
+            _zero_output_layer(encoder, n)
+            self.model_args = {
+                "network": getattr(encoder, "model_name", type(encoder).__name__),
+                "network_args": getattr(encoder, "model_args", {}),
+                "phases": self.phases,
+                "loss": loss,
+            }
+            return
+        self.network = None
+        self.encoder = encoder
+        self.decoder, width = upsampling_decoder(encoder, decoder_dim)
+        self.out = nn.Conv3d(width, n, 3, padding=1)
+        _zero_output_layer(self, n)
+        self.model_args = {
+            "encoder": getattr(encoder, "model_name", type(encoder).__name__),
+            "encoder_args": getattr(encoder, "model_args", {}),
+            "phases": self.phases,
+            "loss": loss,
+            "decoder_dim": decoder_dim,
+        }
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) one phase -> (B, P, D, H, W) every phase: the input plus the
+        predicted change of each phase. Most voxels do not enhance, so the output is that
+        change (the enhancement map), not the image again: copying the input costs nothing, and
+        what the network learns is where each organ is and how it enhances."""
+        return x + self.dense_output(x)  # (B, 1, ...) broadcast over the P phases
+
+    def _masked(
+        self, pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        err = (pred - target).abs() if self.loss_name == "l1" else (pred - target) ** 2
+        w = present.to(err.dtype).view(*present.shape, 1, 1, 1)  # (B, P, 1, 1, 1)
+        return (err * w).sum() / (w.sum() * err[0, 0].numel()).clamp_min(1.0)
+
+    def forward(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``batch``: ``image`` (B, 1, ...), ``target`` (B, P, ...), ``present`` (B, P)."""
+        x, target, present = batch["image"], batch["target"].float(), batch["present"].bool()
+        n = len(self.phases)
+        if x.ndim != 5 or x.shape[1] != 1 or target.shape[1] != n or present.shape[-1] != n:
+            raise ValueError(
+                f"expected image (B, 1, D, H, W), target (B, {n}, D, H, W) and present (B, {n}); "
+                f"got {tuple(x.shape)}, {tuple(target.shape)}, {tuple(present.shape)}"
+            )
+        pred = self.predict(x).float()
+        copy = x.float().expand_as(target)
+        return {
+            "loss": self._masked(pred, target, present),
+            "baseline_loss": self._masked(copy, target, present).detach(),
+        }

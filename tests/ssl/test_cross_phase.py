@@ -1,0 +1,249 @@
+"""Cross-phase CT pretraining: multiphase phantom exams, exam grouping and grid alignment, the
+wrapper's loss and baseline, and `umit pretrain method=cross_phase` into a fine-tuning network."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from umit.data.phantoms import write_phantom_collection
+from umit.data.store import Store
+from umit.errors import InputError
+from umit.models import create_model
+from umit.ssl.cross_phase import CrossPhase3D, PhaseGroupCrops, _voxel_offset, phase_groups
+
+PHASES = ["none", "arterial", "portal"]
+
+
+@pytest.fixture(scope="module")
+def multiphase_store(tmp_path_factory) -> Path:
+    """PREP of 4 subjects x 3 phases (one exam each) plus nothing else."""
+    from umit.ingest.run import IngestConfig
+    from umit.ingest.run import run as ingest
+    from umit.preprocess.run import PreprocessConfig
+    from umit.preprocess.run import run as preprocess
+
+    root = tmp_path_factory.mktemp("multiphase")
+    write_phantom_collection(root / "src", n=4, seed=5, shape=(40, 40, 24), phases=PHASES)
+    ingest(IngestConfig(src=root / "src", out=root / "raw"), progress=False)
+    preprocess(
+        PreprocessConfig(
+            raw=root / "raw", out=root / "prep", workers=1, target_spacing=(2.0, 2.0, 3.0)
+        )
+    )
+    return root / "prep"
+
+
+def test_multiphase_collection_is_one_anatomy_in_each_phase(tmp_path):
+    root = write_phantom_collection(tmp_path / "c", n=2, seed=5, shape=(40, 40, 24), phases=PHASES)
+    rows = list(csv.DictReader((root / "attributes.csv").open()))
+    assert [r["case_id"] for r in rows[:3]] == [f"phantom_ct_0000_{p}" for p in PHASES]
+    assert [r["contrast"] for r in rows[:3]] == PHASES
+    assert {r["subject_id"] for r in rows[:3]} == {"phantom_ct_0000"}
+    assert {r["sex"] for r in rows[:3]} == {rows[0]["sex"]} and {r["site"] for r in rows[:3]} == {
+        rows[0]["site"]
+    }
+
+    def read(name: str, sub: str = "imagesTr", suffix: str = "_0000") -> np.ndarray:
+        return np.asarray(nib.load(root / sub / f"phantom_ct_0000_{name}{suffix}.nii.gz").dataobj)
+
+    labels = [read(p, "labelsTr", "") for p in PHASES]
+    assert all(np.array_equal(labels[0], lab) for lab in labels[1:])  # the same anatomy
+    none, portal = read("none").astype(float), read("portal").astype(float)
+    kidney = np.isin(labels[0], (6, 7))
+    # portal venous phase: the kidneys enhance by ~110-150 HU (umit.data.phantoms.ct)
+    assert np.median(portal[kidney] - none[kidney]) > 80
+    assert json.loads((root / "dataset.json").read_text())["phantom"]["phases"] == PHASES
+
+
+def test_multiphase_collection_bad_arguments(tmp_path):
+    for kwargs, match in (
+        ({"phases": ["none"]}, "at least two distinct"),
+        ({"phases": ["none", "venous"]}, "at least two distinct"),
+        ({"phases": ["none", "none"]}, "at least two distinct"),
+        ({"phases": PHASES, "findings": True}, "cannot be combined"),
+        ({"phases": PHASES, "modality": "mr"}, "CT only"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            write_phantom_collection(tmp_path / "bad", n=1, shape=(40, 40, 24), **kwargs)
+    write_phantom_collection(tmp_path / "c", n=1, shape=(40, 40, 24), phases=PHASES[:2])
+    with pytest.raises(InputError, match="use another folder"):  # no mixing on resume
+        write_phantom_collection(tmp_path / "c", n=1, shape=(40, 40, 24), phases=PHASES)
+
+
+def test_phase_groups_pair_the_series_of_each_exam(multiphase_store, tiny_ct_store):
+    store = Store(multiphase_store)
+    names, groups = phase_groups(store, store.case_ids)
+    assert names == sorted(PHASES) and len(groups) == 4
+    for cases in groups.values():
+        assert [store.index[c]["contrast"] for c in cases] == names
+        assert len({store.index[c]["subject_id"] for c in cases}) == 1
+    names, groups = phase_groups(store, store.case_ids, phases=["portal", "none"])
+    assert all(c[0].endswith("_portal") and c[1].endswith("_none") for c in groups.values())
+    one = [c for c in store.case_ids if c.endswith("_none")]
+    with pytest.raises(InputError, match="no subject_id has series of two contrast phases"):
+        phase_groups(store, one)
+    single = Store(tiny_ct_store)  # one series per subject: nothing to pair
+    with pytest.raises(InputError, match="no subject_id has series of two"):
+        phase_groups(single, single.case_ids)
+    with pytest.raises(InputError, match=r"sex \w has two contrast=\w+ series"):
+        phase_groups(store, store.case_ids, group_key="sex")
+    with pytest.raises(InputError, match="has no 'study_uid'"):
+        phase_groups(store, store.case_ids, group_key="study_uid")
+
+
+def _fake_store(affines: dict[str, np.ndarray]) -> SimpleNamespace:
+    return SimpleNamespace(prep_dir="PREP", case=lambda c: SimpleNamespace(affine=affines[c]))
+
+
+def test_voxel_offset_follows_the_affines():
+    a = np.diag([2.0, 2.0, 3.0, 1.0])
+    a[:3, 3] = (-10.0, 5.0, 30.0)
+    b = a.copy()
+    b[:3, 3] += (4.0, 0.0, -3.0)  # origin 2 voxels further along x, 1 voxel back along z
+    store = _fake_store({"ref": a, "other": b, "half": a.copy(), "scaled": np.diag([2, 2, 2, 1.0])})
+    # ref voxel v sits at world a @ v = b @ (v - 2 x + 1 z)
+    assert _voxel_offset(store, "ref", "other").tolist() == [-2, 0, 1]
+    store.case("half").affine[0, 3] += 1.0  # half a voxel
+    with pytest.raises(InputError, match="not a whole number"):
+        _voxel_offset(store, "ref", "half")
+    with pytest.raises(InputError, match="spacing or orientation"):
+        _voxel_offset(store, "ref", "scaled")
+
+
+def test_crops_read_one_world_position_in_every_phase(multiphase_store):
+    store = Store(multiphase_store)
+    names, groups = phase_groups(store, store.case_ids)
+    ds = PhaseGroupCrops(multiphase_store, (16, 16, 16), groups, samples_per_group=3, seed=1)
+    assert len(ds) == 12
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (1, 16, 16, 16) and item["target"].shape == (3, 16, 16, 16)
+        assert item["present"].all()
+        torch.testing.assert_close(item["image"][0], item["target"][item["phase"]])
+        # the label maps of the phases are one anatomy: read at the offsets, they coincide
+        group = ds.groups[i // 3]
+        start = None
+        for case, off in zip(group, ds.offsets[i // 3], strict=True):
+            rng = np.random.default_rng([1, 0, i])
+            shape = np.asarray(store.index[ds.refs[i // 3]]["shape"][1:])
+            lo, hi = np.minimum(0, shape - 16), np.maximum(0, shape - 16)
+            start = rng.integers(lo, hi + 1) + off
+            ds.crops.with_label = True
+            lab = ds.crops.read_crop(case, start)["label"]
+            ds.crops.with_label = False
+            if case == group[0]:
+                first = lab
+            assert torch.equal(lab, first)
+    a, b = ds[5], ds[5]
+    assert torch.equal(a["target"], b["target"]) and a["phase"] == b["phase"]  # seeded
+
+
+@pytest.mark.parametrize(
+    ("network", "builder"),
+    [
+        (
+            True,
+            lambda: create_model(
+                "unetr",
+                encoder="vit3d_test_p8",
+                feature_size=8,
+                img_size=(16, 16, 16),
+                in_chans=1,
+                out_channels=2,
+            ),
+        ),  # fmt: skip
+        (False, lambda: create_model("vit3d_test_p8", img_size=(16, 16, 16), in_chans=1)),
+    ],
+)
+def test_cross_phase_starts_at_the_copy_baseline_and_learns_enhancement(network, builder):
+    torch.manual_seed(0)
+    model = CrossPhase3D(builder(), ["none", "portal"], network=network, decoder_dim=16)
+    # tissue at 0.5 that does not change, an organ darker than it in the first phase and
+    # brighter in the second (not a global scaling, which instance norms would erase); the
+    # input is either phase
+    x = torch.zeros(4, 1, 16, 16, 16)
+    x[:, :, 2:14, 2:14, 2:14] = 0.5
+    organ = torch.zeros_like(x, dtype=torch.bool)
+    organ[:, :, 5:11, 5:11, 5:11] = True
+    target = torch.cat([torch.where(organ, 0.3, x), torch.where(organ, 1.5, x)], dim=1)
+    inputs = torch.cat([target[:2, :1], target[2:, 1:]])
+    batch = {"image": inputs, "target": target, "present": torch.ones(4, 2, dtype=torch.bool)}
+    first = model(batch)
+    torch.testing.assert_close(first["loss"], first["baseline_loss"])  # zero output layer
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(model(batch)["loss"]) < 0.5 * float(first["baseline_loss"])
+    # the first two inputs are phase 0; with phase 1 missing, only copying phase 0 is scored
+    missing = {k: v[:2] for k, v in batch.items()} | {"present": torch.tensor([[True, False]] * 2)}
+    with torch.no_grad():
+        assert float(model(missing)["baseline_loss"]) == 0.0
+
+
+def test_cross_phase_bad_arguments():
+    net = create_model("resunet3d", in_chans=1, out_channels=1, features=[8, 16])
+    with pytest.raises(ValueError, match="one channel per phase"):
+        CrossPhase3D(net, PHASES, network=True)
+    with pytest.raises(ValueError, match="at least two phases"):
+        CrossPhase3D(net, ["none"], network=True)
+    model = CrossPhase3D(
+        create_model("resunet3d", in_chans=1, out_channels=2, features=[8, 16]),
+        ["none", "portal"],
+        network=True,
+    )
+    with pytest.raises(ValueError, match="expected image"):
+        model({"image": torch.zeros(1, 1, 8, 8, 8), "target": torch.zeros(1, 3, 8, 8, 8),
+               "present": torch.ones(1, 3, dtype=torch.bool)})  # fmt: skip
+
+
+def test_pretrain_cross_phase_network_loads_into_a_segmenter(
+    multiphase_store, tiny_ct_store, tmp_path
+):
+    from umit.config import build_config
+    from umit.ssl.pretrain import PretrainConfig, run
+    from umit.train.checkpoint import load_network_weights
+
+    args = [
+        "method=cross_phase",
+        "scope=network",
+        "model=unetr",
+        "model_args={encoder: vit3d_test_p8, feature_size: 8}",
+        "crop_size=[16,16,16]",
+        "train.total_steps=4",
+        "train.warmup_steps=1",
+        "train.batch_size=2",
+        "train.eval_every=2",
+        "train.log_every=2",
+        "train.progress=false",
+        "val_cases=1",
+        "val_crops=2",
+    ]
+    cfg = build_config(PretrainConfig, None, args, data=multiphase_store, out=tmp_path / "xp")
+    summary = run(cfg)
+    assert summary["method"] == "cross_phase"
+    # the hold-out is one whole exam: its three series, none of them trained on
+    assert summary["val_cases"] == 3 and summary["train_cases"] == 9
+    evals = [json.loads(x) for x in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    evals = [d for d in evals if d["split"] == "eval"]
+    assert evals and all(d["val_baseline_loss"] > 0 for d in evals)
+    seg = create_model("unetr", encoder="vit3d_test_p8", feature_size=8, img_size=(16, 16, 16),
+                       in_chans=1, out_channels=10)  # fmt: skip
+    report = load_network_weights(seg, cfg.out / "network.pt")
+    assert report["skipped_head"] and not report["missing"] and not report["unexpected"]
+    with pytest.raises(InputError, match="no subject_id has series of two"):
+        run(build_config(PretrainConfig, None, args, data=tiny_ct_store, out=tmp_path / "bad"))
+    with pytest.raises(InputError, match="method=genesis or cross_phase"):
+        run(build_config(PretrainConfig, None, [*args, "method=mae"], data=multiphase_store,
+                         out=tmp_path / "bad2"))  # fmt: skip
