@@ -12,6 +12,7 @@ from umit.cli.main import main as cli_main
 
 TINY = [
     "n_train=6",
+    "n_pool=3",
     "n_test=2",
     "shape=[32,32,24]",
     "target_spacing=[3.2,3.2,4.0]",
@@ -20,7 +21,7 @@ TINY = [
     "feature_size=4",
     "pretrain_steps=2",
     "finetune_steps=2",
-    "labeled=[2,all]",  # the "all" budget path (the default is [2, 20])
+    "labeled=[2,all]",  # the "all" budget path (the default is [1, 20])
     "workers=2",
 ]
 
@@ -33,7 +34,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "UMIT demo finished" in printed and "2 labeled: Dice" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["catalog"]["cases"] == 8
-    assert summary["pretrain"]["train_cases"] >= 4  # every non-test phantom, unlabeled
+    # the multiphase pool, unlabeled: 3 exams x 3 phases, one whole exam held out
+    assert (
+        summary["pretrain"]["train_cases"] == 6 and summary["pretrain"]["method"] == "cross_phase"
+    )
     table = summary["table"]
     assert set(table) == {"UNETR pretrained", "UNETR scratch", "ResUNet (CNN)"}
     for cells in table.values():
