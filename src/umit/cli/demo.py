@@ -31,7 +31,11 @@ def main(args: argparse.Namespace) -> int:
     p = s["pretrain"]
     first, last = p.get("initial_val_loss"), p.get("last_val_loss")
     if first is not None and last is not None:
-        print(f"  pretrain  MAE val reconstruction loss {first:.4f} -> {last:.4f}")
+        base = (p.get("last_eval") or {}).get("val_baseline_loss")
+        print(
+            f"  pretrain  cross-phase val loss {first:.4f} -> {last:.4f}"
+            + ("" if base is None else f" (copying the input: {base:.4f})")
+        )
     for arm, cells in s["table"].items():
         parts = ", ".join(f"{v['n_labeled']} labeled: Dice {v['mean']:.3f}" for v in cells.values())
         print(f"  {arm:<18} {parts}")
