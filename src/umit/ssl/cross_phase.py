@@ -34,7 +34,7 @@ from umit.data.dataset import StoreCropDataset
 from umit.data.store import Store
 from umit.data.transforms import AugmentConfig, draw_augment_params
 from umit.errors import InputError
-from umit.ssl.genesis import DensePretext, upsampling_decoder
+from umit.ssl.genesis import DensePretext
 
 __all__ = ["CrossPhase3D", "PhaseGroupCrops", "phase_groups"]
 
@@ -224,33 +224,14 @@ class CrossPhase3D(DensePretext):
         self.loss_name = loss
         self.model_name = "cross_phase3d"
         n = len(self.phases)
-        if network:
-            if getattr(encoder, "out_channels", None) != n:
-                raise ValueError(
-                    f"a cross-phase network must output one channel per phase ({n}); "
-                    f"{type(encoder).__name__} has out_channels={getattr(encoder, 'out_channels', None)!r}"
-                )
-            self.network = encoder
-            _zero_output_layer(encoder, n)
-            self.model_args = {
-                "network": getattr(encoder, "model_name", type(encoder).__name__),
-                "network_args": getattr(encoder, "model_args", {}),
-                "phases": self.phases,
-                "loss": loss,
-            }
-            return
-        self.network = None
-        self.encoder = encoder
-        self.decoder, width = upsampling_decoder(encoder, decoder_dim)
-        self.out = nn.Conv3d(width, n, 3, padding=1)
-        _zero_output_layer(self, n)
-        self.model_args = {
-            "encoder": getattr(encoder, "model_name", type(encoder).__name__),
-            "encoder_args": getattr(encoder, "model_args", {}),
-            "phases": self.phases,
-            "loss": loss,
-            "decoder_dim": decoder_dim,
-        }
+        if network and getattr(encoder, "out_channels", None) != n:
+            raise ValueError(
+                f"a cross-phase network must output one channel per phase ({n}); "
+                f"{type(encoder).__name__} has out_channels="
+                f"{getattr(encoder, 'out_channels', None)!r}"
+            )
+        self._attach(encoder, network, n, decoder_dim, {"phases": self.phases, "loss": loss})
+        _zero_output_layer(encoder if network else self, n)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) one phase -> (B, P, D, H, W) every phase: the input plus the

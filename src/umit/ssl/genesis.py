@@ -133,6 +133,35 @@ class DensePretext(nn.Module):
 
     network: nn.Module | None
 
+    def _attach(
+        self,
+        encoder: nn.Module,
+        network: bool,
+        out_channels: int,
+        decoder_dim: int,
+        args: dict[str, Any],
+    ) -> None:
+        """Hold ``encoder`` as the whole network, or build the light decoder and the output
+        convolution (``out_channels``) behind it; ``model_args`` records either with ``args``."""
+        if network:
+            self.network = encoder
+            self.model_args = {
+                "network": getattr(encoder, "model_name", type(encoder).__name__),
+                "network_args": getattr(encoder, "model_args", {}),
+                **args,
+            }
+            return
+        self.network = None
+        self.encoder = encoder
+        self.decoder, width = upsampling_decoder(encoder, decoder_dim)
+        self.out = nn.Conv3d(width, out_channels, 3, padding=1)
+        self.model_args = {
+            "encoder": getattr(encoder, "model_name", type(encoder).__name__),
+            "encoder_args": getattr(encoder, "model_args", {}),
+            **args,
+            "decoder_dim": decoder_dim,
+        }
+
     def __getattr__(self, name: str) -> Any:
         if name == "encoder" and self.__dict__["_modules"].get("network") is not None:
             return self.__dict__["_modules"]["network"].encoder  # the network's own encoder
@@ -202,32 +231,15 @@ class Genesis3D(DensePretext):
             "inpaint_rate": inpaint_rate,
         }
         self.model_name = "genesis3d"
-        if network:
-            out = getattr(encoder, "out_channels", None)
-            if out != in_chans:
-                raise ValueError(
-                    f"a restoration network must output the input's {in_chans} channel(s); "
-                    f"{type(encoder).__name__} has out_channels={out!r}"
-                )
-            self.network = encoder
-            self.model_args = {
-                "network": getattr(encoder, "model_name", type(encoder).__name__),
-                "network_args": getattr(encoder, "model_args", {}),
-                "in_chans": in_chans,
-                **self.corruption,
-            }
-            return
-        self.network = None
-        self.encoder = encoder
-        self.decoder, width = upsampling_decoder(encoder, decoder_dim)
-        self.out = nn.Conv3d(width, in_chans, 3, padding=1)
-        self.model_args = {
-            "encoder": getattr(encoder, "model_name", type(encoder).__name__),
-            "encoder_args": getattr(encoder, "model_args", {}),
-            "in_chans": in_chans,
-            "decoder_dim": decoder_dim,
-            **self.corruption,
-        }
+        if network and getattr(encoder, "out_channels", None) != in_chans:
+            raise ValueError(
+                f"a restoration network must output the input's {in_chans} channel(s); "
+                f"{type(encoder).__name__} has out_channels="
+                f"{getattr(encoder, 'out_channels', None)!r}"
+            )
+        self._attach(
+            encoder, network, in_chans, decoder_dim, {"in_chans": in_chans, **self.corruption}
+        )
 
     def corrupt_batch(
         self, x: torch.Tensor, generator: torch.Generator | None = None
