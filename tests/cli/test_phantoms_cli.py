@@ -40,10 +40,21 @@ def test_both_modalities_via_the_front_door(tmp_path, capsys):
         "n_test": 1,
         "workers": 1,
         "findings": False,
+        "phases": None,
     }
     # The saved config reproduces the run (and resumes without regenerating anything).
     again = build_config(PhantomsConfig, out / "config.yaml")
     assert run(again) == out
+
+
+def test_multiphase_exams_via_the_front_door(tmp_path):
+    out = tmp_path / "ph"
+    argv = ["phantoms", "--out", str(out), "--n", "2", "--modality", "both", "shape=[32,32,32]"]
+    assert main([*argv, "phases=[none,portal]"]) == 0
+    rows = (out / "ct" / "attributes.csv").read_text().splitlines()
+    assert rows[0].endswith(",subject_id") and len(rows) == 1 + 2 * 2  # 2 subjects x 2 phases
+    assert "phantom_ct_0000_portal" in rows[2] and rows[2].endswith(",phantom_ct_0000")
+    assert (out / "mr" / "attributes.csv").read_text().count("\n") == 3  # MR: one series each
 
 
 def test_config_file_and_overrides(tmp_path):
