@@ -212,7 +212,7 @@ def test_pretrain_cross_phase_network_loads_into_a_segmenter(
     multiphase_store, tiny_ct_store, tmp_path
 ):
     from umit.config import build_config
-    from umit.ssl.pretrain import PretrainConfig, run
+    from umit.ssl.pretrain import PretrainConfig, build_method, run
     from umit.train.checkpoint import load_network_weights
 
     args = [
@@ -244,6 +244,8 @@ def test_pretrain_cross_phase_network_loads_into_a_segmenter(
     assert report["skipped_head"] and not report["missing"] and not report["unexpected"]
     with pytest.raises(InputError, match="no subject_id has series of two"):
         run(build_config(PretrainConfig, None, args, data=tiny_ct_store, out=tmp_path / "bad"))
+    with pytest.raises(InputError, match="needs a one-channel CT store"):  # e.g. MRI sequences
+        build_method(cfg, 3, ["T1", "T2", "FLAIR"], phases=PHASES)
     with pytest.raises(InputError, match="method=genesis or cross_phase"):
         run(build_config(PretrainConfig, None, [*args, "method=mae"], data=multiphase_store,
                          out=tmp_path / "bad2"))  # fmt: skip
