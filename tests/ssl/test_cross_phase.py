@@ -82,6 +82,8 @@ def test_phase_groups_pair_the_series_of_each_exam(multiphase_store, tiny_ct_sto
     store = Store(multiphase_store)
     names, groups = phase_groups(store, store.case_ids)
     assert names == sorted(PHASES) and len(groups) == 4
+    # in the order of the exams' case ids, not of their subject_id (a hash keyed per catalog)
+    assert [g[0] for g in groups.values()] == [f"phantom_ct_{i:04d}_arterial" for i in range(4)]
     for cases in groups.values():
         assert [store.index[c]["contrast"] for c in cases] == names
         assert len({store.index[c]["subject_id"] for c in cases}) == 1

@@ -48,6 +48,10 @@ def phase_groups(
 ) -> tuple[list[str], dict[str, list[str | None]]]:
     """The phases and, per group with at least two of them, its case of each phase (or None).
 
+    Groups come in the order of their first case id. Not in the order of their keys: a
+    ``subject_id`` is a keyed hash whose key is drawn per catalog, so its order would change the
+    validation hold-out and the data order from one ingest of the same exams to the next.
+
     Raises:
         InputError: naming the store when a case lacks the keys, a group holds two cases of one
             phase, or no group has two phases.
@@ -73,7 +77,7 @@ def phase_groups(
     names = list(phases) if phases is not None else sorted({p for g in found.values() for p in g})
     groups = {
         g: [slot.get(p) for p in names]
-        for g, slot in sorted(found.items())
+        for g, slot in sorted(found.items(), key=lambda kv: min(kv[1].values()))
         if sum(p in slot for p in names) >= 2
     }
     if not groups:
@@ -123,7 +127,7 @@ class PhaseGroupCrops(torch.utils.data.Dataset):
         augment: AugmentConfig | None = None,
         chunk_cache: str | Path | None = None,
     ):
-        self.groups = [list(v) for _, v in sorted(groups.items())]
+        self.groups = [list(v) for v in groups.values()]  # in the order given
         if not self.groups:
             raise ValueError("no exam groups to sample from")
         cases = [c for g in self.groups for c in g if c is not None]

@@ -411,8 +411,9 @@ def exam_groups(
 def split_groups(
     groups: dict[str, list[str | None]], val_groups: int, seed: int
 ) -> tuple[dict[str, list[str | None]], dict[str, list[str | None]]]:
-    """Training and validation exams: a seeded hold-out of ``val_groups`` whole exams."""
-    names = sorted(groups)
+    """Training and validation exams: a seeded hold-out of ``val_groups`` whole exams (drawn
+    in the order given, :func:`umit.ssl.cross_phase.phase_groups`'s)."""
+    names = list(groups)
     order = np.random.default_rng(seed).permutation(len(names))
     n_val = min(val_groups, max(0, len(names) - 1))
     val = {names[i] for i in order[:n_val]}
