@@ -251,3 +251,49 @@ def test_pretrain_cross_phase_network_loads_into_a_segmenter(
     with pytest.raises(InputError, match="method=genesis or cross_phase"):
         run(build_config(PretrainConfig, None, [*args, "method=mae"], data=multiphase_store,
                          out=tmp_path / "bad2"))  # fmt: skip
+
+
+def test_two_ingests_of_the_same_exams_pretrain_bit_identically(multiphase_store, tmp_path):
+    """Each ingest draws its own key for the subject_id hash; the hold-out, the data order and
+    so the weights must not depend on it."""
+    from umit.config import build_config
+    from umit.ingest.run import IngestConfig
+    from umit.ingest.run import run as ingest
+    from umit.preprocess.run import PreprocessConfig
+    from umit.preprocess.run import run as preprocess
+    from umit.ssl.pretrain import PretrainConfig, run
+
+    src = multiphase_store.parent / "src"
+    ingest(IngestConfig(src=src, out=tmp_path / "raw"), progress=False)
+    preprocess(
+        PreprocessConfig(
+            raw=tmp_path / "raw",
+            out=tmp_path / "prep",
+            workers=1,
+            plan_file=multiphase_store / "plan.json",
+        )
+    )
+    a, b = Store(multiphase_store), Store(tmp_path / "prep")
+    case = "phantom_ct_0000_none"
+    assert a.index[case]["subject_id"] != b.index[case]["subject_id"]  # another key
+    assert list(phase_groups(a, a.case_ids)[1].values()) == list(
+        phase_groups(b, b.case_ids)[1].values()
+    )
+    args = [
+        "method=cross_phase",
+        "model=vit3d_test_p8",
+        "cross_phase.decoder_dim=8",
+        "crop_size=[16,16,16]",
+        "train.total_steps=2",
+        "train.warmup_steps=1",
+        "train.batch_size=2",
+        "train.progress=false",
+        "val_cases=1",
+        "val_crops=1",
+    ]
+    weights = []
+    for store, out in ((multiphase_store, tmp_path / "a"), (tmp_path / "prep", tmp_path / "b")):
+        summary = run(build_config(PretrainConfig, None, args, data=store, out=out))
+        weights.append(torch.load(out / "encoder.pt", weights_only=True)["state_dict"])
+    assert summary["val_cases"] == 3
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
