@@ -7,9 +7,9 @@ from scratch vs a residual U-Net CNN) -> evaluation on the held-out test phantom
 subgroup (site, sex) -> one HTML report with the comparison, the label-budget curve, subgroup
 tables and the best, median and worst test case in three views.
 
-The recipe is the one measured in docs/evidence.md (phantom segmentation, 5 paired seeds at one
-labeled phantom: cross-phase pretraining +0.021 [+0.006, +0.040] Dice over scratch); the demo
-runs one seed of it, with a shorter pretraining. Pretraining and the fine-tuning cells run in ``workers`` single-thread processes
+The recipe is the one measured in docs/evidence.md (phantom segmentation, one labeled phantom,
+5 paired seeds, two pretraining runs: +0.021 [+0.006, +0.040] and +0.031 [-0.013, +0.074] Dice
+over scratch); the demo runs one seed of it, with a shorter pretraining. Pretraining and the fine-tuning cells run in ``workers`` single-thread processes
 (the pretrained cells start when pretraining is done). Every stage is resumable, so a second run
 reuses what the first one finished.
 """
