@@ -29,6 +29,15 @@ def _triple(size: int | Sequence[int], name: str) -> tuple[int, int, int]:
     return t
 
 
+def crop_start_range(
+    shape: Sequence[int], crop_size: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest start voxel of a crop in a volume of ``shape``: a crop larger than
+    the volume may start before it (and is padded), never more than it sticks out."""
+    diff = np.asarray(shape, dtype=np.int64) - np.asarray(crop_size, dtype=np.int64)
+    return np.minimum(0, diff), np.maximum(0, diff)
+
+
 class StoreCropDataset(Dataset):
     """Random (optionally foreground-weighted) crops of the cases of a preprocessed store.
 
@@ -102,9 +111,8 @@ class StoreCropDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         case_id = self.case_ids[index // self.samples_per_case]
         entry = self.store.index[case_id]
-        shape = np.asarray(entry["shape"][1:], dtype=np.int64)
+        lo, hi = crop_start_range(entry["shape"][1:], self.crop_size)
         crop = np.asarray(self.crop_size, dtype=np.int64)
-        lo, hi = np.minimum(0, shape - crop), np.maximum(0, shape - crop)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         classes = sorted(int(c) for c, n in entry.get("class_locations", {}).items() if n > 0)
         fg_class = None

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from umit.data.dataset import StoreCropDataset
+from umit.data.dataset import StoreCropDataset, crop_start_range
 from umit.data.store import Store
-from umit.data.transforms import AugmentConfig, draw_augment_params
+from umit.data.transforms import AugmentConfig, apply_augment, draw_augment_params
 from umit.errors import InputError
 from umit.ssl.genesis import DensePretext
 
@@ -112,7 +112,7 @@ def _voxel_offset(store: Store, ref: str, other: str) -> np.ndarray:
 class PhaseGroupCrops(torch.utils.data.Dataset):
     """Random crops of multiphase exams: one phase as input, every phase as target.
 
-    Item: ``image`` (1, D, H, W) of the input phase (with the intensity part of ``augment``),
+    Item: ``image`` (1, D, H, W) of the input phase (with the intensity and noise of ``augment``),
     ``target`` (P, D, H, W) of every phase at the same world position (zeros where a phase is
     missing), ``present`` (P,) bool, ``phase`` the input's index. Flips apply to both.
     """
@@ -161,9 +161,9 @@ class PhaseGroupCrops(torch.utils.data.Dataset):
         g = index // self.samples_per_group
         group, offsets = self.groups[g], self.offsets[g]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        shape = np.asarray(self.crops.store.index[self.refs[g]]["shape"][1:], dtype=np.int64)
-        crop = np.asarray(self.crops.crop_size, dtype=np.int64)
-        lo, hi = np.minimum(0, shape - crop), np.maximum(0, shape - crop)
+        lo, hi = crop_start_range(
+            self.crops.store.index[self.refs[g]]["shape"][1:], self.crops.crop_size
+        )
         start = rng.integers(lo, hi + 1)
         present = [c is not None for c in group]
         phase = int(rng.choice(np.flatnonzero(present)))
@@ -171,14 +171,12 @@ class PhaseGroupCrops(torch.utils.data.Dataset):
         for p, (case, off) in enumerate(zip(group, offsets, strict=True)):
             if case is not None:
                 target[p] = self.crops.read_crop(case, start + off)["image"][0]
+        # flips move the targets with the input; intensity and noise change the input only
         params = draw_augment_params(rng, self.augment, 1)
-        axes = [1 + ax for ax, f in enumerate(params["flip"]) if f]
-        if axes:
-            target = torch.flip(target, axes)
-        image = target[phase : phase + 1] * params["scale"][0] + params["shift"][0]
+        out = apply_augment({"image": target[phase : phase + 1], "label": target}, params)
         return {
-            "image": image,
-            "target": target,
+            "image": out["image"],
+            "target": out["label"],
             "present": torch.tensor(present),
             "phase": phase,
         }
