@@ -234,3 +234,30 @@ def test_cells_in_two_worker_processes_give_the_same_results(tiny_ct_store, tmp_
         return {(c["arm"], c["budget"], c["seed"]): c["test"] for c in res["cells"]}
 
     assert len(cells("one")) == 8 and cells("one") == cells("two")
+
+
+def test_pretrained_by_seed_gives_each_seed_its_replicate(tiny_ct_store, tmp_path):
+    """Each seed's cell starts from its own pretraining replicate, so resampling seeds in the
+    paired bootstrap resamples pretraining runs too; a seed without one fails before any cell."""
+    from pydantic import ValidationError
+
+    from umit.errors import InputError
+    from umit.eval.data_efficiency import ArmConfig, Budget, cell_finetune_config
+
+    reps = {0: tmp_path / "r0.pt", 1: tmp_path / "r1.pt"}
+    arm = ArmConfig(model="tiny_feat_cls_for_tests", pretrained_by_seed=reps)
+    cfg = _cfg(tiny_ct_store, tmp_path / "de", arms={"pre": arm}, counts=[2])
+    budget = Budget("n2", "n2", count=2, size=2)
+    for seed, path in reps.items():
+        ft = cell_finetune_config(cfg, arm, budget, seed, tmp_path / f"c{seed}")
+        assert ft.pretrained == path
+    assert ArmConfig(model="m", pretrained=reps[0]).checkpoint(7) == reps[0]
+    assert ArmConfig(model="m").checkpoint(7) is None
+    with pytest.raises(ValidationError, match="not both"):
+        ArmConfig(model="m", pretrained=reps[0], pretrained_by_seed=reps)
+    with pytest.raises(ValidationError, match=r"no checkpoint for seeds \[2\]"):
+        ArmConfig(model="m", pretrained_by_seed=reps, seeds=[1, 2])
+    short = _cfg(tiny_ct_store, tmp_path / "de2", counts=[2], seeds=[0, 1, 2], arms={"pre": arm})
+    with pytest.raises(InputError, match="no checkpoint for seed 2"):
+        data_efficiency(short)
+    assert not (tmp_path / "de2" / "cells").exists()  # refused before any cell ran

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from umit.config import UmitConfig, config_to_dict, deep_merge, save_config
 from umit.data.store import Store
@@ -57,11 +57,38 @@ class ArmConfig(UmitConfig):
     """Model keyword arguments."""
     pretrained: Path | None = None
     """Encoder checkpoint to start from (None: from scratch)."""
+    pretrained_by_seed: dict[int, Path] | None = None
+    """One pretraining replicate per seed, instead of ``pretrained``: seed k's cell starts from
+    ``pretrained_by_seed[k]`` (e.g. the output of ``umit pretrain ... train.seed=k``). The paired
+    bootstrap resamples seeds, so its CI then covers the pretraining draw as well as the
+    fine-tuning one; with a single checkpoint it covers fine-tuning only."""
     finetune: dict[str, Any] = Field(default_factory=dict)
     """Arm-specific fine-tuning overrides (e.g. a different learning rate)."""
     seeds: list[int] | None = None
     """A subset of the experiment's seeds for this arm (a costly arm on fewer seeds); paired
     comparisons use the seeds both arms have."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ArmConfig:
+        if self.pretrained is not None and self.pretrained_by_seed is not None:
+            raise ValueError("give pretrained or pretrained_by_seed, not both")
+        if self.pretrained_by_seed is not None and self.seeds is not None:
+            missing = sorted(set(self.seeds) - set(self.pretrained_by_seed))
+            if missing:
+                raise ValueError(f"pretrained_by_seed has no checkpoint for seeds {missing}")
+        return self
+
+    def checkpoint(self, seed: int) -> Path | None:
+        """The checkpoint seed ``seed``'s cell starts from (None: from scratch)."""
+        if self.pretrained_by_seed is None:
+            return self.pretrained
+        if seed not in self.pretrained_by_seed:
+            raise InputError(
+                None,
+                f"pretrained_by_seed has no checkpoint for seed {seed} "
+                f"(it has seeds {sorted(self.pretrained_by_seed)})",
+            )
+        return self.pretrained_by_seed[seed]
 
 
 class ComparisonConfig(UmitConfig):
@@ -249,7 +276,7 @@ def cell_finetune_config(
             "out": folder / "run",
             "model": arm.model,
             "model_args": arm.model_args,
-            "pretrained": arm.pretrained,
+            "pretrained": arm.checkpoint(seed),
             "label_fraction": budget.fraction,
             "label_count": budget.count,
             "label_seed": seed,
@@ -402,7 +429,7 @@ def run_floor_cells(
     arm_name = cfg.floor_encoder_arm or next(iter(cfg.arms))
     if arm_name not in cfg.arms:
         raise InputError(None, f"floor_encoder_arm {arm_name!r} is not an arm")
-    arm = cfg.arms[arm_name].model_copy(update={"pretrained": None})
+    arm = cfg.arms[arm_name].model_copy(update={"pretrained": None, "pretrained_by_seed": None})
     ft = cell_finetune_config(cfg, arm, budget, seed, folders[FLOOR_PROBE])
     t0 = time.perf_counter()
     rows = floor_rows(ft, seed, C=C)
@@ -716,6 +743,8 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
         for a, arm in cfg.arms.items()
         if (arm.seeds is None or s in arm.seeds) and (cfg.only_arms is None or a in cfg.only_arms)
     ]
+    for a, _, s in cells:
+        cfg.arms[a].checkpoint(s)  # a seed without its pretraining replicate fails now, not later
     if cfg.tabulate_only:
         cells = [c for c in cells if (cell_dir(cfg.out, *c) / "result.json").is_file()]
     results.extend(run_cells(cfg, cells))
