@@ -261,3 +261,19 @@ def test_pretrained_by_seed_gives_each_seed_its_replicate(tiny_ct_store, tmp_pat
     with pytest.raises(InputError, match="no checkpoint for seed 2"):
         data_efficiency(short)
     assert not (tmp_path / "de2" / "cells").exists()  # refused before any cell ran
+
+
+def test_twice_the_budget_is_found_when_no_budget_is_all(tiny_ct_store, tmp_path):
+    """With budgets 2 and 4 only, 'a at 2 vs b at 4' is a comparison; the largest budget is not
+    all labels, so 4 has no partner (it used to be taken for 'all' and the row was dropped)."""
+    from umit.eval.data_efficiency import compare
+
+    cfg = _cfg(
+        tiny_ct_store, tmp_path / "de", counts=[2, 4],
+        comparisons=[{"a": "pre", "b": "scratch", "b_budget_factor": 2}],
+    )  # fmt: skip
+    budgets = make_budgets(cfg, pool_size(cfg, Store(tiny_ct_store)))
+    assert [b.key for b in budgets] == ["n2", "n4"]
+    _fake_cells(cfg, budgets, shift=0.5)
+    rows = compare(cfg, budgets, "auc")
+    assert [(r["a_budget"], r["b_budget"]) for r in rows] == [("n2", "n4")]

@@ -466,17 +466,14 @@ def compare(cfg: DataEfficiencyConfig, budgets: list[Budget], metric: str) -> li
                 bb: Budget | None = ba
             elif ba.key == "all" and comp.b_budget_factor > 1:
                 continue  # no larger budget than all labels
-            else:
-                pool = max(b.size for b in budgets)
-                want = "all" if target >= pool else None
-                bb = next(
-                    (
-                        b
-                        for b in budgets
-                        if (b.key == want) or (want is None and b.size == round(target))
-                    ),
-                    None,
-                )
+            else:  # the budget of that size; "all" only when the target reaches the pool
+                everything = next((b for b in budgets if b.key == "all"), None)
+                if everything is not None and target >= everything.size:
+                    bb = everything
+                else:
+                    bb = next(
+                        (b for b in budgets if b.key != "all" and b.size == round(target)), None
+                    )
             if bb is None:
                 continue
             tables = {}
