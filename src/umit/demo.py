@@ -8,8 +8,9 @@ subgroup (site, sex) -> one HTML report with the comparison, the label-budget cu
 tables and the best, median and worst test case in three views.
 
 The recipe is the one measured in docs/evidence.md (phantom segmentation, one labeled phantom,
-5 paired seeds, two pretraining runs: +0.021 [+0.006, +0.040] and +0.031 [-0.013, +0.074] Dice
-over scratch); the demo runs one seed of it, with a shorter pretraining. Pretraining and the fine-tuning cells run in ``workers`` single-thread processes
+5 paired seeds: +0.021 and +0.031 Dice over scratch from two single pretraining runs, -0.008
+[-0.043, +0.023] with one pretraining run per seed); the demo runs one seed of it, with a shorter
+pretraining. Pretraining and the fine-tuning cells run in ``workers`` single-thread processes
 (the pretrained cells start when pretraining is done). Every stage is resumable, so a second run
 reuses what the first one finished.
 """
