@@ -226,13 +226,10 @@ class CrossPhase3D(DensePretext):
         self.loss_name = loss
         self.model_name = "cross_phase3d"
         n = len(self.phases)
-        if network and getattr(encoder, "out_channels", None) != n:
-            raise ValueError(
-                f"a cross-phase network must output one channel per phase ({n}); "
-                f"{type(encoder).__name__} has out_channels="
-                f"{getattr(encoder, 'out_channels', None)!r}"
-            )
-        self._attach(encoder, network, n, decoder_dim, {"phases": self.phases, "loss": loss})
+        self._attach(
+            encoder, network, n, decoder_dim, {"phases": self.phases, "loss": loss},
+            "a cross-phase network must output one channel per phase",
+        )  # fmt: skip
         _zero_output_layer(encoder if network else self, n)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -140,10 +140,22 @@ class DensePretext(nn.Module):
         out_channels: int,
         decoder_dim: int,
         args: dict[str, Any],
+        requirement: str,
     ) -> None:
         """Hold ``encoder`` as the whole network, or build the light decoder and the output
-        convolution (``out_channels``) behind it; ``model_args`` records either with ``args``."""
+        convolution (``out_channels``) behind it; ``model_args`` records either with ``args``.
+
+        Raises:
+            ValueError: a whole network whose ``out_channels`` is not ``out_channels``, with
+                ``requirement`` saying why it must be.
+        """
         if network:
+            have = getattr(encoder, "out_channels", None)
+            if have != out_channels:
+                raise ValueError(
+                    f"{requirement} ({out_channels}); {type(encoder).__name__} has "
+                    f"out_channels={have!r}"
+                )
             self.network = encoder
             self.model_args = {
                 "network": getattr(encoder, "model_name", type(encoder).__name__),
@@ -231,15 +243,10 @@ class Genesis3D(DensePretext):
             "inpaint_rate": inpaint_rate,
         }
         self.model_name = "genesis3d"
-        if network and getattr(encoder, "out_channels", None) != in_chans:
-            raise ValueError(
-                f"a restoration network must output the input's {in_chans} channel(s); "
-                f"{type(encoder).__name__} has out_channels="
-                f"{getattr(encoder, 'out_channels', None)!r}"
-            )
         self._attach(
-            encoder, network, in_chans, decoder_dim, {"in_chans": in_chans, **self.corruption}
-        )
+            encoder, network, in_chans, decoder_dim, {"in_chans": in_chans, **self.corruption},
+            "a restoration network must output the input's channels",
+        )  # fmt: skip
 
     def corrupt_batch(
         self, x: torch.Tensor, generator: torch.Generator | None = None
