@@ -85,7 +85,9 @@ def crossed_tables(
     return out
 
 
-def bootstrap_seed_mean(diffs: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+def bootstrap_seed_mean(
+    diffs: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> tuple[float, float]:
     """95% percentile interval of the mean of per-seed differences, seeds resampled."""
     idx = rng.integers(0, len(diffs), size=(n_boot, len(diffs)))
     boots = diffs[idx].mean(axis=1)
@@ -116,7 +118,9 @@ def main() -> None:
         comp = two_way_components(table)
         print(f"\n## {prefix} at {budget}: test {args.metric}, seeds {seeds} x runs {runs}")
         for s, row in zip(seeds, table, strict=True):
-            print(f"  seed {s}: " + "  ".join(f"{v:.3f}" for v in row) + f"   mean {row.mean():.3f}")
+            print(
+                f"  seed {s}: " + "  ".join(f"{v:.3f}" for v in row) + f"   mean {row.mean():.3f}"
+            )
         print(
             f"  mean {comp['mean']:.3f}; sd: seed {np.sqrt(comp['var_seed']):.3f}, "
             f"run {np.sqrt(comp['var_run']):.3f}, residual {np.sqrt(comp['var_res']):.3f}; "
@@ -131,7 +135,10 @@ def main() -> None:
                 print(f"  (no {ref_arm} at {ref_budget} for every seed)")
                 continue
             diffs = table.mean(axis=1) - np.array(ref)
-            diag = np.array([table[i, i] for i in range(min(table.shape))]) - np.array(ref)[: min(table.shape)]
+            diag = (
+                np.array([table[i, i] for i in range(min(table.shape))])
+                - np.array(ref)[: min(table.shape)]
+            )
             lo, hi = bootstrap_seed_mean(diffs, args.n_boot, rng)
             print(
                 f"  mean over runs - {ref_arm} at {ref_budget}: {diffs.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "
