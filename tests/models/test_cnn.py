@@ -99,3 +99,14 @@ def test_cnn_argument_errors():
         ResUNet3D(features=(4, 8, 16), blocks=(1, 2))
     with pytest.raises(ValueError, match="at least 2 stages"):
         ResUNet3D(features=(4,))
+
+
+def test_resunet_encoder_is_a_named_model_that_rebuilds_from_its_identity():
+    """A pretrained ResUNet's encoder is saved alone (encoder.pt): it needs a registered name."""
+    net = create_model("resunet3d", in_chans=1, out_channels=2, features=(4, 8), blocks=1)
+    enc = net.encoder
+    assert enc.model_name == "resunet3d_encoder"
+    rebuilt = create_model(enc.model_name, **enc.model_args)
+    rebuilt.load_state_dict(enc.state_dict())  # the same structure, key for key
+    x = torch.randn(1, 1, 8, 8, 8)
+    torch.testing.assert_close(rebuilt(x), enc(x))

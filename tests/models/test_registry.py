@@ -90,6 +90,7 @@ TASK_MODEL_ARGS: dict[str, dict] = {
     "swin_unetr": {"encoder": "swin3d_test", "out_channels": 3, "feature_size": 12},
     "classifier": {"encoder": "vit3d_test_p16", "num_classes": 3},
     "resunet3d": {"out_channels": 3, "features": (4, 8, 16, 16), "deep_supervision": True},
+    "resunet3d_encoder": {"features": (4, 8, 16, 3)},  # a feature map, 3 channels at 1/8
     "resnet3d_*": {"num_classes": 3, **SMALL_RESNET},
     "absent_channels": {
         "model": "unetr",
@@ -133,7 +134,10 @@ def test_every_model_runs_forward_and_backward(name):
     outs = (
         list(outs) if isinstance(outs, list | tuple) else [outs]
     )  # deep supervision: finest first
-    want = (1, 3, *shape) if "out_channels" in args else (1, 3)
+    if name.endswith("_encoder"):  # the deepest feature map
+        want = (1, 3, *(n // m.feature_info[-1]["reduction"][0] for n in shape))
+    else:
+        want = (1, 3, *shape) if "out_channels" in args else (1, 3)
     assert tuple(outs[0].shape) == want and all(torch.isfinite(o).all() for o in outs)
     sum(o.square().mean() for o in outs).backward()
     grads = [p.grad for p in m.parameters() if p.requires_grad]

@@ -253,6 +253,32 @@ def test_pretrain_cross_phase_network_loads_into_a_segmenter(
                          out=tmp_path / "bad2"))  # fmt: skip
 
 
+def test_pretrain_cross_phase_of_a_whole_resunet_saves_network_and_encoder(
+    multiphase_store, tmp_path
+):
+    """The CNN arm of the phantom study: scope=network with a ResUNet writes both artifacts
+    (its encoder alone used to have no model name, and the stage failed after training)."""
+    from umit.config import build_config
+    from umit.ssl.pretrain import PretrainConfig, run
+    from umit.train.checkpoint import load_artifact, load_network_weights
+
+    args = ["method=cross_phase", "scope=network", "model=resunet3d",
+            "model_args={features: [4, 8], blocks: 1}", "crop_size=[16,16,16]",
+            "train.total_steps=2", "train.warmup_steps=1", "train.batch_size=2",
+            "train.eval_every=2", "train.log_every=1", "train.progress=false",
+            "val_cases=1", "val_crops=2"]  # fmt: skip
+    cfg = build_config(PretrainConfig, None, args, data=multiphase_store, out=tmp_path / "xp")
+    summary = run(cfg)
+    seg = create_model("resunet3d", features=[4, 8], blocks=1, in_chans=1, out_channels=10)
+    report = load_network_weights(seg, summary["network"])
+    assert report["skipped_head"] and not report["missing"] and not report["unexpected"]
+    enc = load_artifact(summary["encoder"])
+    assert enc["kind"] == "encoder" and enc["model_name"] == "resunet3d_encoder"
+    rebuilt = create_model(enc["model_name"], **enc["model_args"])
+    rebuilt.load_state_dict(enc["state_dict"])
+    torch.testing.assert_close(rebuilt.state_dict(), seg.encoder.state_dict())
+
+
 def test_two_ingests_of_the_same_exams_pretrain_bit_identically(multiphase_store, tmp_path):
     """Each ingest draws its own key for the subject_id hash; the hold-out, the data order and
     so the weights must not depend on it."""

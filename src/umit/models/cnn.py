@@ -27,7 +27,7 @@ from torch import nn
 
 from umit.models.blocks import Conv3d, ConvNormAct, NormSpec, ResBlock, UpConv, get_norm_layer
 from umit.models.heads import load_encoder_state_dict
-from umit.models.registry import register_model
+from umit.models.registry import create_model, register_model
 from umit.models.vit3d import intermediates_plan
 
 __all__ = ["ResEncoder3D", "ResNet3D", "ResUNet3D"]
@@ -187,7 +187,16 @@ class ResUNet3D(nn.Module):
         }
         self.model_name: str | None = None  # set by create_model
         self.model_args: dict[str, Any] = {}
-        self.encoder = ResEncoder3D(in_chans, features, blocks, strides, norm)
+        # built by name, so that the encoder alone can be saved (``encoder.pt`` of a pretrained
+        # ResUNet) and rebuilt from its artifact
+        self.encoder = create_model(
+            "resunet3d_encoder",
+            in_chans=in_chans,
+            features=tuple(int(f) for f in features),
+            blocks=self.init_args["blocks"],
+            strides=self.init_args["strides"],
+            norm=norm,
+        )
         self.deep_supervision = deep_supervision
         self.out_channels = out_channels
         info = self.encoder.feature_info
@@ -228,6 +237,12 @@ class ResUNet3D(nn.Module):
             if ds or j == n - 1:
                 outputs.append(self.seg_layers[j](y))
         return outputs[::-1] if ds else outputs[-1]
+
+
+@register_model
+def resunet3d_encoder(img_size: Any = None, **kwargs: Any) -> ResEncoder3D:
+    """The residual encoder of :func:`resunet3d` alone (feature maps; ``img_size`` is ignored)."""
+    return ResEncoder3D(**kwargs)
 
 
 @register_model
