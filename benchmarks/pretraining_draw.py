@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from umit.eval.shift import bootstrap_mean
+
 
 def two_way_components(scores: np.ndarray) -> dict[str, float]:
     """Random-effects variance components of a seeds x runs table, one observation per cell.
@@ -85,15 +87,6 @@ def crossed_tables(
     return out
 
 
-def bootstrap_seed_mean(
-    diffs: np.ndarray, n_boot: int, rng: np.random.Generator
-) -> tuple[float, float]:
-    """95% percentile interval of the mean of per-seed differences, seeds resampled."""
-    idx = rng.integers(0, len(diffs), size=(n_boot, len(diffs)))
-    boots = diffs[idx].mean(axis=1)
-    return float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", type=Path)
@@ -110,10 +103,11 @@ def main() -> None:
         raise SystemExit(f"{args.results}: no arms named <prefix>_run<k>")
     ref_scores: dict[tuple[str, str, int], float] = {}
     if args.reference:
-        ref_path, ref_arm, factor = args.reference.rsplit(":", 2)
-        ref_results = json.loads(Path(ref_path).read_text())
-        ref_scores = cell_scores(ref_results, args.metric)
-    rng = np.random.default_rng(args.seed)
+        parts = args.reference.rsplit(":", 2)
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise SystemExit(f"--reference {args.reference!r}: expected RESULTS.json:ARM:FACTOR")
+        ref_path, ref_arm, factor = parts
+        ref_scores = cell_scores(json.loads(Path(ref_path).read_text()), args.metric)
     for (prefix, budget), (seeds, runs, table) in sorted(tables.items()):
         comp = two_way_components(table)
         print(f"\n## {prefix} at {budget}: test {args.metric}, seeds {seeds} x runs {runs}")
@@ -139,7 +133,8 @@ def main() -> None:
                 np.array([table[i, i] for i in range(min(table.shape))])
                 - np.array(ref)[: min(table.shape)]
             )
-            lo, hi = bootstrap_seed_mean(diffs, args.n_boot, rng)
+            ci = bootstrap_mean(list(diffs), args.n_boot, args.seed)
+            lo, hi = ci["ci_low"], ci["ci_high"]
             print(
                 f"  mean over runs - {ref_arm} at {ref_budget}: {diffs.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "
                 f"(seeds resampled); diagonal (seed i from run i): {diag.mean():+.3f}"
