@@ -56,3 +56,21 @@ def test_arms_named_run_k_become_one_crossed_table_per_prefix_and_budget():
     seeds, runs, table = tables[("probe", "n24")]
     assert (seeds, runs) == ([5, 6], [0, 1])
     np.testing.assert_array_equal(table, [[0.7, 0.8], [0.6, 0.5]])
+
+
+def test_a_malformed_reference_or_a_study_without_run_arms_is_refused(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import pretraining_draw
+
+    results = tmp_path / "results.json"
+    cells = [{"arm": f"probe_run{r}", "budget": "n24", "seed": s, "test": {"auc": 0.7 + s / 100}}
+             for s in (5, 6) for r in (0, 1)]  # fmt: skip
+    results.write_text(json.dumps({"cells": cells}))
+    monkeypatch.setattr(sys, "argv", ["x", str(results), "--reference", "scratch_only"])
+    with pytest.raises(SystemExit, match="expected RESULTS.json:ARM:FACTOR"):
+        pretraining_draw.main()
+    results.write_text(json.dumps({"cells": [{**cells[0], "arm": "cnn_scratch"}]}))
+    monkeypatch.setattr(sys, "argv", ["x", str(results)])
+    with pytest.raises(SystemExit, match="no arms named"):
+        pretraining_draw.main()
