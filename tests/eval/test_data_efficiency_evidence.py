@@ -277,3 +277,37 @@ def test_twice_the_budget_is_found_when_no_budget_is_all(tiny_ct_store, tmp_path
     _fake_cells(cfg, budgets, shift=0.5)
     rows = compare(cfg, budgets, "auc")
     assert [(r["a_budget"], r["b_budget"]) for r in rows] == [("n2", "n4")]
+
+
+def test_seeds_sharing_a_pretraining_run_are_resampled_by_run(tiny_ct_store, tmp_path):
+    """Four seeds from two pretraining runs: the comparison resamples the two runs (and says so
+    in the table); with cluster_by_pretraining off, or one run per seed, it resamples seeds."""
+    from umit.eval.data_efficiency import compare, comparisons_markdown, pretraining_clusters
+
+    shared = {
+        0: tmp_path / "r0.pt",
+        1: tmp_path / "r1.pt",
+        2: tmp_path / "r0.pt",
+        3: tmp_path / "r1.pt",
+    }
+    arms = {
+        "pre": {"model": "tiny_feat_cls_for_tests", "pretrained_by_seed": shared},
+        "scratch": {"model": "tiny_feat_cls_for_tests"},
+    }
+    comps = [{"a": "pre", "b": "scratch"}, {"a": "scratch", "b": "floor_voxel_count"}]
+    cfg = _cfg(tiny_ct_store, tmp_path / "de", seeds=[0, 1, 2, 3], counts=[2], arms=arms,
+               comparisons=comps)  # fmt: skip
+    clusters = pretraining_clusters(cfg, cfg.comparisons[0], {0, 1, 2, 3})
+    assert clusters[0] == clusters[2] != clusters[1] == clusters[3]
+    assert clusters[0] == (str(tmp_path / "r0.pt"), "")
+    # a floor is not an arm: no checkpoint, so every seed is alike (resampled one by one)
+    assert set(pretraining_clusters(cfg, cfg.comparisons[1], {0, 1}).values()) == {("", "")}
+    budgets = make_budgets(cfg, pool_size(cfg, Store(tiny_ct_store)))
+    _fake_cells(cfg, budgets, shift=0.5)
+    (row,) = [r for r in compare(cfg, budgets, "auc") if r["b"] == "scratch"]
+    assert row["n_seeds"] == 4 and row["n_clusters"] == 2
+    assert "| 4 (2 runs) |" in comparisons_markdown([row], "auc")
+    off = cfg.model_copy(update={"cluster_by_pretraining": False})
+    (plain,) = [r for r in compare(off, budgets, "auc") if r["b"] == "scratch"]
+    assert plain["n_clusters"] is None and plain["diff"] == row["diff"]
+    assert (plain["ci_low"], plain["ci_high"]) != (row["ci_low"], row["ci_high"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from umit.eval.paired import full_metric, paired_difference, read_per_case
@@ -88,3 +89,60 @@ def test_count_subsets_are_nested_and_stratified():
         assert subsets[0] <= subsets[1] <= subsets[2]
         assert [len(s) for s in subsets] == [24, 48, 96]
         assert sum(strata[int(c[1:])] == "1" for c in subsets[0]) == 6
+
+
+def _dice_arms(rng, diffs, n=20):
+    """Per-case Dice rows of two arms; arm a is b plus the seed's difference (tiny case noise)."""
+    a, b = {}, {}
+    for s, d in enumerate(diffs):
+        base = rng.random(n)
+        b[s] = [{"case_id": f"c{i}", "dice_mean": v} for i, v in enumerate(base)]
+        a[s] = [
+            {"case_id": f"c{i}", "dice_mean": v + d + rng.normal(0, 0.01)}
+            for i, v in enumerate(base)
+        ]
+    return a, b
+
+
+def test_seed_groups_resample_seeds_one_by_one_unless_some_are_shared():
+    from umit.eval.paired import seed_groups
+
+    seeds = [5, 6, 7, 8]
+    assert seed_groups(seeds, None) is None
+    assert seed_groups(seeds, {5: "r0", 6: "r1", 7: "r2", 8: "r3"}) is None  # one run per seed
+    assert seed_groups(seeds, {s: "r0" for s in seeds}) is None  # one shared run: conditional
+    assert seed_groups(seeds, {5: "r0", 6: "r1", 7: "r0", 8: "r1"}) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match=r"no group for seeds \[8\]"):
+        seed_groups(seeds, {5: "r0", 6: "r1", 7: "r0"})
+
+
+def test_clusters_of_one_seed_each_give_the_plain_bootstrap_draw_for_draw():
+    rng = np.random.default_rng(4)
+    a, b = _dice_arms(rng, rng.normal(0.02, 0.05, 6))
+    plain = paired_difference(a, b, "dice", n_boot=300)
+    own = paired_difference(a, b, "dice", n_boot=300, clusters={s: f"run{s}" for s in a})
+    shared = paired_difference(a, b, "dice", n_boot=300, clusters={s: "run0" for s in a})
+    assert plain == own == shared and plain["n_clusters"] is None
+
+
+def test_resampling_shared_runs_restores_coverage_that_seed_resampling_loses():
+    """5 pretraining runs x 3 seeds each, true mean difference 0, a run effect (sd 1) much larger
+    than the seed noise (sd 0.1): the seeds of a run are near copies, so resampling them one by one
+    treats 15 draws as independent and the CI covers 0 far less often than resampling runs does.
+    (With 5 clusters the percentile bootstrap still under-covers somewhat: ~0.8, not 0.95.)"""
+    rng = np.random.default_rng(0)
+    runs, per_run, trials = 5, 3, 200
+    covered = {"seeds": 0, "runs": 0}
+    for _ in range(trials):
+        effect = rng.normal(0, 1, runs)
+        diffs = [effect[s // per_run] + rng.normal(0, 0.1) for s in range(runs * per_run)]
+        a, b = _dice_arms(rng, diffs)
+        clusters = {s: s // per_run for s in a}
+        for name, c in (("seeds", None), ("runs", clusters)):
+            res = paired_difference(a, b, "dice", n_boot=400, clusters=c)
+            covered[name] += res["ci_low"] <= 0 <= res["ci_high"]
+            if c is not None:
+                assert res["n_clusters"] == runs and res["n_seeds"] == runs * per_run
+    rate = {k: v / trials for k, v in covered.items()}
+    assert rate["runs"] >= 0.72 and rate["seeds"] <= 0.70
+    assert rate["runs"] - rate["seeds"] >= 0.12

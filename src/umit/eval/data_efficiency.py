@@ -157,6 +157,11 @@ class DataEfficiencyConfig(UmitConfig):
     """Arm whose architecture the random-init probe uses (default: the first arm)."""
     n_boot_paired: int = Field(default=2000, ge=10)
     """Bootstrap replicates of each paired comparison."""
+    cluster_by_pretraining: bool = True
+    """Where ``pretrained_by_seed`` gives several seeds one checkpoint (fewer pretraining runs
+    than seeds), resample the pretraining runs, each with its seeds, instead of the seeds one by
+    one: the seeds of one run are not independent draws, and treating them so narrows the CI.
+    No effect with one run per seed, or one shared run (:func:`umit.eval.paired.seed_groups`)."""
     eval_cases: list[str] | None = None
     """Score every cell on these training-pool case ids instead of the test split, and keep
     them out of fine-tuning (labeled subsets and validation): a fixed held-out set on which to
@@ -486,16 +491,44 @@ def compare(cfg: DataEfficiencyConfig, budgets: list[Budget], metric: str) -> li
             if not tables["a"] or not tables["b"]:
                 continue
             res = paired_difference(
-                tables["a"], tables["b"], metric, n_boot=cfg.n_boot_paired, seed=0
+                tables["a"],
+                tables["b"],
+                metric,
+                n_boot=cfg.n_boot_paired,
+                seed=0,
+                clusters=pretraining_clusters(cfg, comp, tables["a"].keys() & tables["b"].keys()),
             )
             out.append({"a": comp.a, "b": comp.b, "a_budget": ba.key, "b_budget": bb.key, **res})
     return out
 
 
+def pretraining_clusters(
+    cfg: DataEfficiencyConfig, comp: ComparisonConfig, seeds: set[int]
+) -> dict[int, tuple[str, str]] | None:
+    """Each seed's pair of checkpoints (arm a's, arm b's; "" for scratch or a floor), the groups
+    the paired bootstrap resamples together; None when ``cluster_by_pretraining`` is off."""
+    if not cfg.cluster_by_pretraining:
+        return None
+
+    def ckpt(arm: str, seed: int) -> str:
+        spec = cfg.arms.get(arm)  # floors are not arms
+        path = spec.checkpoint(seed) if spec is not None else None
+        return "" if path is None else str(path)
+
+    return {s: (ckpt(comp.a, s), ckpt(comp.b, s)) for s in seeds}
+
+
+def seeds_label(row: dict[str, Any]) -> str:
+    """``10`` for seeds resampled one by one, ``10 (5 runs)`` for seeds resampled by run."""
+    k = row.get("n_clusters")
+    return f"{row['n_seeds']}" if k is None else f"{row['n_seeds']} ({k} runs)"
+
+
 def comparisons_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     lines = [
         f"Paired differences a - b of test {metric} (mean over paired seeds; 95% CI: "
-        "hierarchical bootstrap over test cases and seeds)",
+        "hierarchical bootstrap over test cases and seeds, or over pretraining runs with their "
+        "seeds where runs are shared: seeds (runs))",
         "",
         "| a | budget a | b | budget b | a | b | a - b (95% CI) | CI excludes 0 | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -510,7 +543,7 @@ def comparisons_markdown(rows: list[dict[str, Any]], metric: str) -> str:
         lines.append(
             f"| {r['a']} | {r['a_budget']} | {r['b']} | {r['b_budget']} | {f(r.get('a_mean'))} "
             f"| {f(r.get('b_mean'))} | {diff} {ci} | {'yes' if r['excludes_zero'] else 'no'} "
-            f"| {r['n_seeds']} |"
+            f"| {seeds_label(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -594,7 +627,8 @@ def comparisons_section(rows: list[dict[str, Any]], metric: str) -> Section:
     return Section(
         title="Paired comparisons",
         text=f"Paired differences a - b of test {display_name(metric)} (mean over paired seeds; "
-        "95% CI: hierarchical bootstrap over test cases and seeds).",
+        "95% CI: hierarchical bootstrap over test cases and seeds, or over pretraining runs with "
+        "their seeds where runs are shared: seeds (runs)).",
         tables=[
             Table(
                 ["a", "budget a", "b", "budget b", "a", "b", "a - b [95% CI]", "CI excludes 0",
@@ -604,7 +638,7 @@ def comparisons_section(rows: list[dict[str, Any]], metric: str) -> Section:
                      f(r.get("b_mean")),
                      "-" if r["diff"] is None else f"{f(r['diff'], '+')} [{f(r['ci_low'], '+')}, "
                      f"{f(r['ci_high'], '+')}]",
-                     "yes" if r["excludes_zero"] else "no", r["n_seeds"]]
+                     "yes" if r["excludes_zero"] else "no", seeds_label(r)]
                     for r in rows
                 ],
             )

@@ -13,6 +13,14 @@ seeds) gets a two-level (hierarchical) percentile-bootstrap CI; every replicate
 
 So the CI carries both sources of noise: which test cases, and which label subset / training run.
 Inputs are per-case rows as written to ``per_case.csv`` by ``umit evaluate``.
+
+When seeds share something drawn at random that is not resampled per seed (two seeds fine-tuned
+from one pretraining run), their results are not independent, and resampling them one by one
+makes the CI too narrow. ``clusters`` names each seed's group (e.g. its pretraining checkpoint);
+step 2 then resamples groups, each drawn group bringing all its seeds (the cluster bootstrap of
+Davison & Hinkley 1997, sec. 3.8, resampling clusters only). With every seed in its own group, or
+one group for all seeds (a study conditional on one pretraining run), this is step 2 as above,
+draw for draw.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import csv
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +125,14 @@ def paired_difference(
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
+    clusters: Mapping[int, Hashable] | None = None,
 ) -> dict[str, Any]:
     """Mean over paired seeds of metric(a) - metric(b), with a hierarchical bootstrap CI.
 
     ``a`` and ``b`` map a seed to its per-case rows. Only seeds present in both arms count, and
-    only test cases present in every (arm, seed) table.
+    only test cases present in every (arm, seed) table. ``clusters`` maps a seed to its group
+    (seeds of one group are resampled together; module docstring); ``n_clusters`` in the result
+    is the number of groups resampled, or None when seeds were resampled one by one.
     """
     seeds = sorted(set(a) & set(b))
     ids = None
@@ -138,7 +149,9 @@ def paired_difference(
             "excludes_zero": False,
             "n_seeds": len(seeds),
             "n_cases": n,
+            "n_clusters": None,
         }
+    groups = seed_groups(seeds, clusters)
     arr_a = [CaseArrays(a[s], case_ids, metric) for s in seeds]
     arr_b = [CaseArrays(b[s], case_ids, metric) for s in seeds]
     full = np.arange(n)[None, :]
@@ -146,11 +159,19 @@ def paired_difference(
     per_b = np.array([x.replicates(full)[0] for x in arr_b])
     rng = np.random.default_rng([int(seed), 7919])
     case_idx = rng.integers(0, n, size=(n_boot, n))
-    seed_idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
+    if groups is None:  # seeds one by one
+        seed_idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
+        weights = _counts(seed_idx, len(seeds))  # (B, S) times each seed was drawn
+    else:  # whole groups: a seed is drawn as often as its group
+        group_idx = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+        membership = np.zeros((len(groups), len(seeds)))  # (G, S)
+        for g, members in enumerate(groups):
+            membership[g, members] = 1.0
+        weights = _counts(group_idx, len(groups)) @ membership  # (B, S)
     ma = np.stack([x.replicates(case_idx) for x in arr_a], axis=1)  # (B, S)
     mb = np.stack([x.replicates(case_idx) for x in arr_b], axis=1)
-    rows = np.arange(n_boot)[:, None]
-    reps = np.mean(ma[rows, seed_idx] - mb[rows, seed_idx], axis=1)
+    drawn = np.where(weights > 0, weights * (ma - mb), 0.0)  # a NaN counts only when drawn
+    reps = drawn.sum(axis=1) / weights.sum(axis=1)
     diff = float(_nanmean(per_a - per_b))
     mean_a, mean_b = float(_nanmean(per_a)), float(_nanmean(per_b))
     ok = reps[np.isfinite(reps)]
@@ -170,9 +191,36 @@ def paired_difference(
         "b_mean": clean(mean_b),
         "n_seeds": len(seeds),
         "n_cases": n,
+        "n_clusters": None if groups is None else len(groups),
         "n_valid_boot": int(ok.size),
         "ci": ci,
     }
+
+
+def seed_groups(
+    seeds: Sequence[int], clusters: Mapping[int, Hashable] | None
+) -> list[list[int]] | None:
+    """Indices into ``seeds`` grouped by cluster, or None when the bootstrap should resample seeds
+    one by one: no clusters, every seed its own cluster, or one cluster for all (the study is
+    then conditional on what they share). Raises when a paired seed has no cluster."""
+    if clusters is None:
+        return None
+    missing = [s for s in seeds if s not in clusters]
+    if missing:
+        raise ValueError(f"clusters has no group for seeds {missing}")
+    by_group: dict[Hashable, list[int]] = {}
+    for i, s in enumerate(seeds):
+        by_group.setdefault(clusters[s], []).append(i)
+    if len(by_group) in (1, len(seeds)):
+        return None
+    return list(by_group.values())
+
+
+def _counts(idx: np.ndarray, k: int) -> np.ndarray:
+    """(B, k) how often each of k units appears in each row of draws ``idx`` (B, m)."""
+    out = np.zeros((idx.shape[0], k))
+    np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
+    return out
 
 
 def full_metric(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
