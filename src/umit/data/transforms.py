@@ -30,6 +30,12 @@ class AugmentConfig(UmitConfig):
     """Add U(-s, s) to intensities (per channel, in normalized units)."""
     noise_std: float = Field(default=0.0, ge=0)
     """Standard deviation of additive Gaussian noise (0 = off)."""
+    label_intensity_shift: float = Field(default=0.0, ge=0)
+    """Add U(-s, s) to the voxels of each labeled structure (one draw per class and crop, the
+    same for every channel; background, class 0, unchanged), in normalized units. It changes the
+    contrast between structures the way contrast phases or scanners do, from the label map alone
+    (SynthSeg's idea, in its mildest form). Segmentation fine-tuning only: it needs a label.
+    0 = off."""
 
 
 def draw_augment_params(
@@ -42,7 +48,19 @@ def draw_augment_params(
         "shift": rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, channels).tolist(),
         "noise_seed": int(rng.integers(2**31)) if cfg.noise_std > 0 else None,
         "noise_std": cfg.noise_std,
+        # drawn last and only when on, so every other setting keeps its random stream
+        "label_shift_seed": int(rng.integers(2**31)) if cfg.label_intensity_shift > 0 else None,
+        "label_shift": cfg.label_intensity_shift,
     }
+
+
+def label_shifts(seed: int, max_shift: float, num_classes: int) -> torch.Tensor:
+    """The per-class intensity offsets of :func:`apply_augment`: U(-s, s) for classes
+    1..num_classes-1 and 0 for the background, from ``seed`` alone."""
+    gen = torch.Generator().manual_seed(seed)
+    shifts = (torch.rand(num_classes, generator=gen, dtype=torch.float64) * 2 - 1) * max_shift
+    shifts[0] = 0.0
+    return shifts
 
 
 def flip_affine(affine: torch.Tensor, shape: Sequence[int], axes: Sequence[int]) -> torch.Tensor:
@@ -69,6 +87,19 @@ def apply_augment(sample: dict[str, Any], params: dict[str, Any]) -> dict[str, A
     scale = torch.tensor(params["scale"], dtype=image.dtype).view(-1, 1, 1, 1)
     shift = torch.tensor(params["shift"], dtype=image.dtype).view(-1, 1, 1, 1)
     image = image * scale + shift
+    if params.get("label_shift_seed") is not None:
+        if "label" not in out:
+            raise ValueError(
+                "label_intensity_shift needs a label map in every sample; this sample has none "
+                "(use it for segmentation fine-tuning, not for pretraining or classification)"
+            )
+        label = out["label"].long()  # (1, d, h, w), after any flip: aligned with image
+        if label.min() < 0:
+            raise ValueError(f"label_intensity_shift: negative label value {int(label.min())}")
+        shifts = label_shifts(
+            params["label_shift_seed"], params["label_shift"], int(label.max()) + 1
+        ).to(image.dtype)
+        image = image + shifts[label]  # (1, d, h, w) broadcasts over the channels
     if params.get("noise_seed") is not None:
         gen = torch.Generator().manual_seed(params["noise_seed"])
         image = image + params["noise_std"] * torch.randn(

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from umit.config import UmitConfig
 from umit.data.cases import CentredCases, balanced_cases, case_label
@@ -178,10 +178,22 @@ class FinetuneConfig(UmitConfig):
     dro_eta: float = Field(default=0.01, gt=0)
     """Group DRO step size of the group distribution."""
 
+    @model_validator(mode="after")
+    def _label_augment_needs_segmentation(self) -> FinetuneConfig:
+        """A label-driven augmentation needs label maps: segmentation only."""
+        if self.augment.label_intensity_shift > 0 and self.task != "segmentation":
+            raise ValueError(
+                f"augment.label_intensity_shift needs label maps; task={self.task!r} has none "
+                "(segmentation only)"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # cases and labels
 # ---------------------------------------------------------------------------------------------
+
+
 def labeled_cases(store: Store, task: str, label_key: str = "target") -> list[str]:
     """Case ids the task can learn from: a label map (segmentation) or ``label_key``."""
     if task == "segmentation":

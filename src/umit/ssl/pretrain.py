@@ -233,6 +233,17 @@ class PretrainConfig(UmitConfig):
     """Neighbours of the monitor's kNN classifier."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     """Augmentation of the training crops."""
+
+    @field_validator("augment")
+    @classmethod
+    def _no_label_augment(cls, value: AugmentConfig) -> AugmentConfig:
+        """Pretraining reads no labels, so a label-driven augmentation cannot apply."""
+        if value.label_intensity_shift > 0:
+            raise ValueError(
+                "augment.label_intensity_shift needs label maps; pretraining reads none (set 0)"
+            )
+        return value
+
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             total_steps=1000,
