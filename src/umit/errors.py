@@ -21,6 +21,12 @@ class InputError(UmitError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self) -> tuple:
+        """Pickle by the constructor's arguments, so the error crosses process boundaries (a
+        worker pool re-raises it in the parent) instead of failing to unpickle and hiding the
+        message. Subclasses with more arguments override this."""
+        return (type(self), (self.path, self.problem), self.__dict__)
+
 
 class GeometryError(InputError):
     """Voxel geometry is inconsistent (non-uniform slices, missing slices, mismatched label)."""

@@ -65,6 +65,9 @@ class ImplausibleResult(InputError):
         super().__init__(path, problem)
         self.result = result
 
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.path, self.problem, self.result))
+
 
 def check_contrast(array: np.ndarray, modality: str, source: str) -> None:
     """Refuse intensities the CT or MR rules cannot read.
