@@ -311,3 +311,20 @@ def test_seeds_sharing_a_pretraining_run_are_resampled_by_run(tiny_ct_store, tmp
     (plain,) = [r for r in compare(off, budgets, "auc") if r["b"] == "scratch"]
     assert plain["n_clusters"] is None and plain["diff"] == row["diff"]
     assert (plain["ci_low"], plain["ci_high"]) != (row["ci_low"], row["ci_high"])
+
+
+def test_a_setting_added_after_a_cell_ran_blocks_reuse_only_off_its_default(tmp_path):
+    from umit.errors import InputError
+    from umit.eval.data_efficiency import check_same_settings
+
+    done = tmp_path / "result.json"
+    recorded = {"train.lr": 3e-3, "augment.flip_prob": 0.0}  # written before the new option
+    defaults = {"train.lr": 1e-4, "augment.flip_prob": 0.5, "augment.label_intensity_shift": 0.0}
+    now = {**recorded, "augment.label_intensity_shift": 0.0}
+    check_same_settings(done, recorded, now, defaults)  # new option at its default: the same run
+    with pytest.raises(InputError, match=r"changed: augment.label_intensity_shift\)"):
+        check_same_settings(done, recorded, {**now, "augment.label_intensity_shift": 0.5}, defaults)
+    with pytest.raises(InputError, match=r"changed: augment.label_intensity_shift\)"):
+        check_same_settings(done, recorded, now)  # without the defaults nothing is assumed
+    with pytest.raises(InputError, match=r"changed: augment.flip_prob\)"):  # an option removed
+        check_same_settings(done, recorded, {"train.lr": 3e-3}, defaults)

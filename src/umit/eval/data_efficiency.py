@@ -307,7 +307,8 @@ def run_cell(
     settings = cell_settings(cfg, ft)
     if done.is_file():
         result = json.loads(done.read_text())
-        check_same_settings(done, result.get("settings"), settings)
+        defaults = cell_settings(cfg, FinetuneConfig(data=ft.data, task=ft.task))
+        check_same_settings(done, result.get("settings"), settings, defaults)
         return result
     t0 = time.perf_counter()
     fsum = finetune(ft)
@@ -366,16 +367,27 @@ def cell_settings(cfg: DataEfficiencyConfig, ft: FinetuneConfig) -> dict[str, An
 
 
 def check_same_settings(
-    done: Path, recorded: dict[str, Any] | None, settings: dict[str, Any]
+    done: Path,
+    recorded: dict[str, Any] | None,
+    settings: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
 ) -> None:
-    """Refuses to reuse a finished cell made with other settings (it names the keys)."""
+    """Refuses to reuse a finished cell made with other settings (it names the keys).
+
+    A key the recorded settings lack is a setting added to UMIT after the cell ran. It is not a
+    change when its value now is its default (``defaults``: the settings of a default
+    :class:`FinetuneConfig`), since a new option's default keeps the behaviour that was there
+    before it; at any other value it is one.
+    """
     if recorded is None:  # written before settings were recorded: nothing to check against
         log.warning("%s: no settings recorded; reused without a check", done)
         return
     missing = object()
+    defaults = defaults or {}
     changed = sorted(
         k for k in recorded.keys() | settings.keys()
         if recorded.get(k, missing) != settings.get(k, missing)
+        and not (k not in recorded and k in defaults and settings.get(k) == defaults[k])
     )  # fmt: skip
     if changed:
         raise InputError(
