@@ -87,12 +87,17 @@ def _labelled_sample() -> dict:
     return {"image": image, "label": label}
 
 
-def test_label_intensity_shift_adds_one_offset_per_structure_and_none_to_background():
+def _label_shifted(flip_prob: float, max_shift: float, seed: int) -> tuple[dict, dict, dict]:
+    """A labelled sample, its label-shift parameters (nothing else random) and the result."""
     sample = _labelled_sample()
-    cfg = AugmentConfig(flip_prob=0.0, intensity_scale=0.0, intensity_shift=0.0,
-                        label_intensity_shift=0.4)  # fmt: skip
-    params = draw_augment_params(np.random.default_rng(3), cfg, 2)
-    out = apply_augment(sample, params)
+    cfg = AugmentConfig(flip_prob=flip_prob, intensity_scale=0.0, intensity_shift=0.0,
+                        label_intensity_shift=max_shift)  # fmt: skip
+    params = draw_augment_params(np.random.default_rng(seed), cfg, 2)
+    return sample, params, apply_augment(sample, params)
+
+
+def test_label_intensity_shift_adds_one_offset_per_structure_and_none_to_background():
+    sample, params, out = _label_shifted(flip_prob=0.0, max_shift=0.4, seed=3)
     delta = (out["image"] - sample["image"]).numpy()  # (2, d, h, w)
     label = sample["label"][0].numpy()
     offsets = {}
@@ -109,11 +114,7 @@ def test_label_intensity_shift_adds_one_offset_per_structure_and_none_to_backgro
 
 
 def test_label_intensity_shift_follows_the_flipped_label():
-    sample = _labelled_sample()
-    cfg = AugmentConfig(flip_prob=1.0, intensity_scale=0.0, intensity_shift=0.0,
-                        label_intensity_shift=0.5)  # fmt: skip
-    params = draw_augment_params(np.random.default_rng(0), cfg, 2)
-    out = apply_augment(sample, params)
+    sample, _, out = _label_shifted(flip_prob=1.0, max_shift=0.5, seed=0)
     flipped = torch.flip(sample["image"], [1, 2, 3])
     delta = (out["image"] - flipped)[0]
     assert torch.equal(out["label"], torch.flip(sample["label"], [1, 2, 3]))
