@@ -141,6 +141,9 @@ def test_label_intensity_shift_without_a_label_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="needs a label map"):
         apply_augment({"image": torch.zeros(1, 2, 2, 2)}, params)
+    bad = {"image": torch.zeros(1, 2, 2, 2), "label": torch.full((1, 2, 2, 2), -1)}
+    with pytest.raises(ValueError, match="negative label value -1"):
+        apply_augment(bad, params)
 
 
 def test_label_intensity_shift_is_refused_where_there_are_no_label_maps(tmp_path):
