@@ -17,6 +17,7 @@ from umit.data.phantoms import write_phantom_collection
 from umit.data.store import Store
 from umit.errors import InputError
 from umit.models import create_model
+from umit.models.heads import feature_map
 from umit.ssl.cross_phase import CrossPhase3D, PhaseGroupCrops, _voxel_offset, phase_groups
 
 PHASES = ["none", "arterial", "portal"]
@@ -323,3 +324,191 @@ def test_two_ingests_of_the_same_exams_pretrain_bit_identically(multiphase_store
         weights.append(torch.load(out / "encoder.pt", weights_only=True)["state_dict"])
     assert summary["val_cases"] == 3
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _two_phase_blobs(n: int = 4, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Exams of random blobs (positions tell apart) whose 'organs' change brightness between two
+    phases; the input of exam i is phase i % 2."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.rand(n, 1, size, size, size, generator=g) > 0.7).float()
+    base = torch.nn.functional.avg_pool3d(base, 3, 1, 1)  # smooth blobs
+    organ = base > 0.4
+    target = torch.cat([torch.where(organ, 0.2, base), torch.where(organ, 1.4, base)], dim=1)
+    phase = torch.arange(n) % 2
+    image = target[torch.arange(n), phase].unsqueeze(1)
+    return {"image": image, "target": target, "present": torch.ones(n, 2, dtype=torch.bool),
+            "phase": phase}  # fmt: skip
+
+
+def test_dense_contrast_equals_a_hand_computed_infonce():
+    """The symmetric InfoNCE over shifted sub-crops against loops over positions with NumPy."""
+    torch.manual_seed(0)
+    model = CrossPhase3D(
+        create_model("vit3d_test_p8", img_size=(24, 24, 24), in_chans=1), ["none", "portal"],
+        decoder_dim=16, contrast=1.0, temperature=0.3,
+    )  # fmt: skip
+    a, b = torch.randn(3, 1, 24, 24, 24), torch.randn(3, 1, 24, 24, 24)
+    with torch.no_grad():
+        info, chance = model.dense_contrast(a, b, torch.Generator().manual_seed(7))
+    shift = torch.randint(0, 2, (3, 2, 3), generator=torch.Generator().manual_seed(7)).numpy()
+    # by hand: each view cut to 16^3 at offset 0 or 8 per axis; features on a 2^3 grid
+    za, zb, world_a, world_b = [], [], [], []
+    for i in range(3):
+        oa, ob = shift[i, 0] * 8, shift[i, 1] * 8
+        ca = a[i : i + 1, :, oa[0] : oa[0] + 16, oa[1] : oa[1] + 16, oa[2] : oa[2] + 16]
+        cb = b[i : i + 1, :, ob[0] : ob[0] + 16, ob[1] : ob[1] + 16, ob[2] : ob[2] + 16]
+        with torch.no_grad():
+            fa = feature_map(model.encoder, ca)[0]  # (C, 2, 2, 2)
+            fb = feature_map(model.encoder, cb)[0]
+            fa = model.projector(fa.permute(1, 2, 3, 0)).permute(3, 0, 1, 2).numpy()
+            fb = model.projector(fb.permute(1, 2, 3, 0)).permute(3, 0, 1, 2).numpy()
+        for p in np.ndindex(2, 2, 2):
+            za.append(fa[(slice(None), *p)])
+            zb.append(fb[(slice(None), *p)])
+            world_a.append((i, *(np.array(p) + shift[i, 0])))
+            world_b.append((i, *(np.array(p) + shift[i, 1])))
+    za = np.array(za, dtype=np.float64)
+    zb = np.array(zb, dtype=np.float64)
+    za /= np.linalg.norm(za, axis=1, keepdims=True)
+    zb /= np.linalg.norm(zb, axis=1, keepdims=True)
+    s = za @ zb.T / 0.3
+    pairs = [(i, world_b.index(w)) for i, w in enumerate(world_a) if w in world_b]
+    assert 3 <= len(pairs) <= 24  # one position at least per exam overlaps
+
+    def nll(m: np.ndarray, rows: list[int], cols: list[int]) -> float:
+        return float(
+            np.mean([np.log(np.exp(m[r]).sum()) - m[r, c] for r, c in zip(rows, cols, strict=True)])
+        )
+
+    rows, cols = [p[0] for p in pairs], [p[1] for p in pairs]
+    np.testing.assert_allclose(float(info), 0.5 * (nll(s, rows, cols) + nll(s.T, cols, rows)),
+                               rtol=1e-5)  # fmt: skip
+    assert float(chance) == pytest.approx(np.log(24))
+    with pytest.raises(ValueError, match="two whole feature strides"):
+        model.dense_contrast(a[..., :8, :8, :8], b[..., :8, :8, :8])
+
+
+def test_other_phase_is_present_and_not_the_input():
+    present = torch.tensor([[True, True, True], [True, False, True], [False, True, True]] * 50)
+    phase = torch.tensor([0, 2, 1] * 50)
+    g = torch.Generator().manual_seed(0)
+    other = CrossPhase3D.other_phase(present, phase, g)
+    assert bool((other != phase).all())
+    assert bool(present[torch.arange(len(other)), other].all())
+    assert set(other[0::3].tolist()) == {1, 2}  # both choices drawn for the full exam
+    assert set(other[1::3].tolist()) == {0} and set(other[2::3].tolist()) == {2}
+    again = CrossPhase3D.other_phase(present, phase, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(other, again)
+    with pytest.raises(ValueError, match="second phase"):
+        CrossPhase3D.other_phase(torch.tensor([[True, False]]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("network", [True, False])
+def test_cross_phase_contrast_learns_to_find_positions_across_phases(network, multiphase_store):
+    """On crops of multiphase phantom exams, a position in one phase is found in another."""
+    phases, groups = phase_groups(Store(multiphase_store), sorted(Store(multiphase_store).index))
+    crops = PhaseGroupCrops(multiphase_store, (24, 24, 24), groups, samples_per_group=1)
+    items = [crops[i] for i in range(4)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+    torch.manual_seed(0)
+    enc = (
+        create_model(
+            "unetr",
+            encoder="vit3d_test_p8",
+            feature_size=8,
+            img_size=(24, 24, 24),
+            in_chans=1,
+            out_channels=3,
+        )  # fmt: skip
+        if network
+        else create_model("vit3d_test_p8", img_size=(24, 24, 24), in_chans=1)
+    )
+    model = CrossPhase3D(enc, phases, network=network, decoder_dim=16, contrast=0.5)
+
+    def scored() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return model(batch, generator=torch.Generator().manual_seed(99))
+
+    first = scored()
+    assert set(first) >= {"prediction_loss", "contrast_loss", "contrast_chance"}
+    torch.testing.assert_close(
+        first["loss"], first["prediction_loss"] + 0.5 * first["contrast_loss"]
+    )
+    torch.testing.assert_close(first["prediction_loss"], first["baseline_loss"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i in range(40):
+        out = model(batch, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    last = scored()
+    # 4 exams x 2^3 positions: chance log(32) = 3.47. Untrained features already tell some
+    # positions apart by content (1.9-2.1); 40 steps cut that to 0.6-0.9
+    assert float(first["contrast_loss"]) < float(first["contrast_chance"])
+    assert float(last["contrast_loss"]) < 0.6 * float(first["contrast_loss"])
+    # the projector is pretraining-only: not part of what the network artifact saves
+    if network:
+        assert not any(k.startswith("projector") for k in model.network.state_dict())
+
+
+def test_cross_phase_contrast_off_builds_and_draws_nothing():
+    torch.manual_seed(0)
+    model = CrossPhase3D(
+        create_model("vit3d_test_p8", img_size=(16, 16, 16), in_chans=1), ["none", "portal"],
+        decoder_dim=16,
+    )  # fmt: skip
+    assert model.projector is None and "contrast" not in model.model_args
+    state = torch.random.get_rng_state()
+    out = model(_two_phase_blobs())
+    assert set(out) == {"loss", "baseline_loss"}
+    torch.testing.assert_close(torch.random.get_rng_state(), state)
+
+
+def test_cross_phase_contrast_bad_arguments():
+    def build(**kw):
+        return CrossPhase3D(
+            create_model("vit3d_test_p8", img_size=(16, 16, 16), in_chans=1),
+            ["none", "portal"], decoder_dim=16, **kw,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="contrast must be a weight"):
+        build(contrast=-0.1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        build(contrast=1.0, temperature=0.0)
+    batch = {k: v for k, v in _two_phase_blobs().items() if k != "phase"}
+    with pytest.raises(ValueError, match="needs the batch's input 'phase'"):
+        build(contrast=1.0)(batch)
+
+
+def test_pretrain_cross_phase_with_contrast_logs_it_and_keeps_the_network_loadable(
+    multiphase_store, tmp_path
+):
+    from umit.config import build_config
+    from umit.ssl.pretrain import PretrainConfig, run
+    from umit.train.checkpoint import load_network_weights
+
+    args = ["method=cross_phase", "scope=network", "model=unetr",
+            "model_args={encoder: vit3d_test_p8, feature_size: 8}", "crop_size=[24,24,24]",
+            "cross_phase.contrast=0.1", "train.total_steps=4", "train.warmup_steps=1",
+            "train.batch_size=2", "train.eval_every=2", "train.log_every=2",
+            "train.progress=false", "val_cases=1", "val_crops=2"]  # fmt: skip
+    cfg = build_config(PretrainConfig, None, args, data=multiphase_store, out=tmp_path / "xp")
+    summary = run(cfg)
+    records = [json.loads(x) for x in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    train = [d for d in records if d["split"] == "train"]
+    evals = [d for d in records if d["split"] == "eval"]
+    assert train and all("contrast_loss" in d and "prediction_loss" in d for d in train)
+    # validation scores one crop at a time: chance is log(2^3 positions). It compares the
+    # prediction alone (not prediction + 0.1 x contrast) with the copy baseline
+    assert evals and all(
+        d["val_contrast_chance"] == pytest.approx(np.log(8))
+        and d["val_loss"] < 0.1 * d["val_contrast_loss"]
+        for d in evals
+    )
+    seg = create_model("unetr", encoder="vit3d_test_p8", feature_size=8, img_size=(24, 24, 24),
+                       in_chans=1, out_channels=10)  # fmt: skip
+    report = load_network_weights(seg, summary["network"])
+    assert report["skipped_head"] and not report["missing"] and not report["unexpected"]
+    with pytest.raises(Exception, match="contrast"):
+        build_config(PretrainConfig, None, [*args, "cross_phase.contrast=-1"],
+                     data=multiphase_store, out=tmp_path / "bad")  # fmt: skip

@@ -18,6 +18,13 @@ The network predicts, per phase, the change from the input (the input is added b
 copying the input is free and the loss measures the enhancement map: where each enhancing organ
 is and by how much it changes. ``baseline_loss`` is the loss of copying the input into every
 phase (no change): a model below it predicts enhancement it was not shown.
+
+Predicting the other phases does not by itself make the encoder see an organ the same way in
+every phase: its features may still carry the phase. ``contrast > 0`` adds a dense cross-phase
+contrast (InfoNCE over the deepest encoder map, as DenseCL and PixPro do across augmented views):
+the feature at one position in one phase must pick out the same position in another phase of
+the exam among every position of the batch. The two series are voxel-aligned, so the positives
+are exact; the phase is the only thing that differs between them.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from umit.data.dataset import StoreCropDataset, crop_start_range
 from umit.data.store import Store
 from umit.data.transforms import AugmentConfig, apply_augment, draw_augment_params
 from umit.errors import InputError
+from umit.models.heads import feature_dim, feature_map
 from umit.ssl.genesis import DensePretext
 
 __all__ = ["CrossPhase3D", "PhaseGroupCrops", "phase_groups"]
@@ -207,6 +216,12 @@ class CrossPhase3D(DensePretext):
             place the organs gains nothing from predicting any change, and stays at the copy.
         decoder_dim: width of the light decoder (unused with ``network=True``).
         network: whether ``encoder`` is a whole encoder-decoder network.
+        contrast: weight of the dense cross-phase contrast (0: off, nothing extra is built or
+            drawn). The loss is ``prediction + contrast * InfoNCE``.
+        temperature: of the contrast's softmax.
+        proj_dim: width of the contrast's projection (LayerNorm and a two-layer MLP on each
+            position of the deepest encoder map; used only in pretraining, not saved with the
+            network or encoder).
     """
 
     def __init__(
@@ -216,6 +231,9 @@ class CrossPhase3D(DensePretext):
         loss: Literal["l1", "mse"] = "mse",
         decoder_dim: int = 64,
         network: bool = False,
+        contrast: float = 0.0,
+        temperature: float = 0.2,
+        proj_dim: int = 64,
     ):
         super().__init__()
         self.phases = list(phases)
@@ -223,6 +241,12 @@ class CrossPhase3D(DensePretext):
             raise ValueError(f"cross-phase prediction needs at least two phases, got {phases!r}")
         if loss not in ("l1", "mse"):
             raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
+        if not contrast >= 0:
+            raise ValueError(f"contrast must be a weight >= 0, got {contrast!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.contrast = float(contrast)
+        self.temperature = float(temperature)
         self.loss_name = loss
         self.model_name = "cross_phase3d"
         n = len(self.phases)
@@ -231,6 +255,18 @@ class CrossPhase3D(DensePretext):
             "a cross-phase network must output one channel per phase",
         )  # fmt: skip
         _zero_output_layer(encoder if network else self, n)
+        self.projector: nn.Module | None = None
+        if self.contrast > 0:
+            width = feature_dim(self.encoder)
+            # per position: LayerNorm (the residual stream's scale and constant part would
+            # otherwise decide the similarities), then an MLP
+            self.projector = nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, width),
+                nn.GELU(),
+                nn.Linear(width, int(proj_dim)),
+            )
+            self.model_args.update(contrast=self.contrast, temperature=self.temperature)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) one phase -> (B, P, D, H, W) every phase: the input plus the
@@ -259,7 +295,102 @@ class CrossPhase3D(DensePretext):
             )
         pred = self.predict(x).float()
         copy = x.float().expand_as(target)
-        return {
-            "loss": self._masked(pred, target, present),
+        prediction = self._masked(pred, target, present)
+        out = {
+            "loss": prediction,
             "baseline_loss": self._masked(copy, target, present).detach(),
         }
+        if self.projector is not None:
+            phase = batch.get("phase")
+            if phase is None:
+                raise ValueError("contrast > 0 needs the batch's input 'phase' (B,)")
+            other = self.other_phase(present, torch.as_tensor(phase).to(present.device), generator)
+            view = target[torch.arange(len(x), device=x.device), other].unsqueeze(1).to(x.dtype)
+            info, chance = self.dense_contrast(x, view, generator)
+            out.update(
+                loss=prediction + self.contrast * info,
+                prediction_loss=prediction.detach(),
+                contrast_loss=info.detach(),
+                contrast_chance=chance,
+            )
+        return out
+
+    @staticmethod
+    def other_phase(
+        present: torch.Tensor, phase: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per exam, a present phase other than its input ``phase``, uniformly: (B,) indices.
+
+        Raises:
+            ValueError: an exam with no second phase.
+        """
+        others = present.clone()
+        others[torch.arange(len(phase), device=phase.device), phase.long()] = False
+        if not bool(others.any(dim=1).all()):
+            raise ValueError("every exam of a cross-phase batch needs a second phase present")
+        u = torch.rand(others.shape, generator=generator, device="cpu").to(others.device)
+        return torch.where(others, u, torch.full_like(u, -1.0)).argmax(dim=1)
+
+    def dense_contrast(
+        self, a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric InfoNCE between the projected deepest maps of two voxel-aligned phases.
+
+        ``a``, ``b``: (B, 1, D, H, W). Each is cut to a sub-crop one feature stride smaller per
+        axis, at offset 0 or one stride drawn per exam, axis and view; so a position's two
+        features usually sit at different places of their grids, and a position embedding (or
+        padding) cannot give the match away. Each position seen in both views is an anchor whose
+        one positive is the same position in the other view; the negatives are every other
+        position of the batch. Returns the loss and its chance level, log(positions of a view).
+
+        Raises:
+            ValueError: a crop less than two feature strides wide on some axis.
+        """
+        assert self.projector is not None
+        size = a.shape[2:]
+        with torch.no_grad():
+            grid = feature_map(self.encoder, a[:1]).shape[2:]
+        stride = [s // g for s, g in zip(size, grid, strict=True)]
+        if any(g < 2 or s % g for s, g in zip(size, grid, strict=True)):
+            raise ValueError(
+                f"the dense contrast needs crops of at least two whole feature strides per axis; "
+                f"crop {tuple(size)} gives a {tuple(grid)} feature map"
+            )
+        n = a.shape[0]
+        # (B, 2 views, 3 axes) offsets of 0 or 1 stride
+        shift = torch.randint(0, 2, (n, 2, 3), generator=generator, device="cpu")
+        sub = [s - st for s, st in zip(size, stride, strict=True)]
+
+        def cut(x: torch.Tensor, view: int) -> torch.Tensor:
+            out = []
+            for i in range(n):
+                o = [int(shift[i, view, k]) * stride[k] for k in range(3)]
+                out.append(
+                    x[i, :, o[0] : o[0] + sub[0], o[1] : o[1] + sub[1], o[2] : o[2] + sub[2]]
+                )
+            return torch.stack(out)
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:
+            f = feature_map(self.encoder, x)  # (B, C, d, h, w)
+            f = f.flatten(2).transpose(1, 2).flatten(0, 1)  # (B*L, C), in flatten order
+            return F.normalize(self.projector(f).float(), dim=-1)  # (B*L, P)
+
+        za, zb = tokens(cut(a, 0)), tokens(cut(b, 1))
+        g = [s - 1 for s in grid]  # the sub-crop's grid: one position fewer per axis
+        idx = torch.stack(
+            torch.meshgrid(*[torch.arange(k) for k in g], indexing="ij"), dim=-1
+        ).reshape(-1, 3)  # (L, 3) grid positions, in the order of flatten
+        anchors_a, anchors_b = [], []
+        for i in range(n):
+            world = idx + shift[i, 0]  # a's positions in the full crop's grid
+            pos_b = world - shift[i, 1]  # the same positions in b's grid
+            ok = ((pos_b >= 0) & (pos_b < torch.tensor(g))).all(dim=1)
+            flat_b = (pos_b[:, 0] * g[1] + pos_b[:, 1]) * g[2] + pos_b[:, 2]
+            anchors_a.append(i * len(idx) + torch.nonzero(ok).squeeze(1))
+            anchors_b.append(i * len(idx) + flat_b[ok])
+        ia = torch.cat(anchors_a).to(za.device)
+        ib = torch.cat(anchors_b).to(za.device)
+        logits = za @ zb.T / self.temperature  # (B*L, B*L)
+        info = 0.5 * (F.cross_entropy(logits[ia], ib) + F.cross_entropy(logits.T[ib], ia))
+        chance = torch.tensor(float(np.log(len(zb))))
+        return info, chance

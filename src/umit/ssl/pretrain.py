@@ -157,6 +157,15 @@ class CrossPhaseConfig(UmitConfig):
     change between phases is zero at most voxels, and L1 then settles on predicting none."""
     decoder_dim: int = Field(default=64, ge=8)
     """Width of the light decoder (``scope=encoder``)."""
+    contrast: float = Field(default=0.0, ge=0)
+    """Weight of the dense cross-phase contrast (0: off): the deepest encoder feature at one
+    position in one phase must pick out the same position in another phase of the exam,
+    among every position of the batch (InfoNCE). Asks the encoder for phase-invariant features,
+    which prediction alone does not."""
+    temperature: float = Field(default=0.2, gt=0)
+    """Softmax temperature of the contrast."""
+    proj_dim: int = Field(default=64, ge=8)
+    """Width of the contrast's projection (pretraining only; not saved)."""
 
 
 METHODS = ("mae", "simclr", "genesis", "report_labels", "cross_sequence", "cross_phase")
@@ -378,6 +387,8 @@ def make_eval_fn(
         was_training = module.training
         module.eval()
         losses, baselines = [], []
+        contrasts: list[float] = []
+        chances: list[float] = []
         with torch.no_grad():
             if isinstance(module, MAE3D):
                 for i, x in enumerate(val):
@@ -398,12 +409,20 @@ def make_eval_fn(
                     else:
                         x = x.to(device_of())
                     res = module(x, generator=g)
-                    losses.append(float(res["loss"]))
+                    # the pretext's own loss, comparable with its baseline; an added term
+                    # (cross-phase contrast) is logged beside it
+                    losses.append(float(res.get("prediction_loss", res["loss"])))
                     baselines.append(float(res["baseline_loss"]))
+                    if "contrast_loss" in res:
+                        contrasts.append(float(res["contrast_loss"]))
+                        chances.append(float(res["contrast_chance"]))
         module.train(was_training)
         if losses:
             out["val_loss"] = sum(losses) / len(losses)
             out["val_baseline_loss"] = sum(baselines) / len(baselines)
+        if contrasts:
+            out["val_contrast_loss"] = sum(contrasts) / len(contrasts)
+            out["val_contrast_chance"] = sum(chances) / len(chances)
         if monitor is not None:
             out.update(monitor(step))
         return out
@@ -533,7 +552,11 @@ def build_method(
             )
         if cfg.scope == "network":
             net = build_network(cfg, 1, len(phases))
-            return CrossPhase3D(net, phases, loss=cfg.cross_phase.loss, network=True)
+            xp = cfg.cross_phase
+            return CrossPhase3D(
+                net, phases, loss=xp.loss, network=True,
+                contrast=xp.contrast, temperature=xp.temperature, proj_dim=xp.proj_dim,
+            )  # fmt: skip
     if cfg.scope == "network":
         if cfg.method != "genesis":
             raise InputError(
@@ -571,7 +594,10 @@ def build_method(
         return Genesis3D(encoder, in_chans=in_chans, **cfg.genesis.model_dump())
     if cfg.method == "cross_phase":
         xp = cfg.cross_phase
-        return CrossPhase3D(encoder, phases or [], loss=xp.loss, decoder_dim=xp.decoder_dim)
+        return CrossPhase3D(
+            encoder, phases or [], loss=xp.loss, decoder_dim=xp.decoder_dim,
+            contrast=xp.contrast, temperature=xp.temperature, proj_dim=xp.proj_dim,
+        )  # fmt: skip
     if cfg.method == "report_labels":
         if report is None:
             raise ValueError("method=report_labels needs the report labels (report_label_data)")
