@@ -47,16 +47,25 @@ MODEL_ARGS: dict[str, Any] = {"encoder": "vit3d_tiny_p8", "feature_size": 16}
 
 
 def patch_features(
-    net: torch.nn.Module, crops: StoreCropDataset, cases: list[str], patch: int
+    net: torch.nn.Module,
+    crops: StoreCropDataset,
+    cases: list[str],
+    patch: int,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per case, the centre crop's deepest features (L, C) and the patches' majority labels (L,)."""
+    """Per case, the centre crop's features (L, C) (the deepest map, or the output of encoder
+    block ``block``) and the patches' majority labels (L,)."""
     feats, labels = [], []
     size = np.asarray(crops.crop_size)
     for case in cases:
         shape = np.asarray(crops.store.case(case).spatial_shape)
         item = crops.read_crop(case, (shape - size) // 2)
         with torch.no_grad():
-            f = feature_map(net.encoder, item["image"][None])[0]  # (C, d, h, w)
+            x = item["image"][None]
+            if block is None:
+                f = feature_map(net.encoder, x)[0]  # (C, d, h, w)
+            else:
+                f = net.encoder.forward_intermediates(x, indices=[block])[0][0]
         feats.append(f.flatten(1).T.numpy())  # (L, C), in flatten order
         lab = item["label"][0].numpy()  # (D, H, W) -> (d, p, h, p, w, p) -> majority per patch
         d, h, w = (s // patch for s in lab.shape)
@@ -91,14 +100,18 @@ def organ_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> 
     }
 
 
-def measure(store_dir: Path, networks: list[str], crop: int = 32) -> dict[str, Any]:
+def measure(
+    store_dir: Path, networks: list[str], crop: int = 32, block: int | None = None
+) -> dict[str, Any]:
     store = Store(store_dir)
     phases, groups = phase_groups(store, sorted(store.index))
     exams = [g for g in groups.values() if all(c is not None for c in g)]
     if len(exams) < 4:
         raise SystemExit(f"{store_dir}: need at least 4 exams with every phase, found {len(exams)}")
     crops = StoreCropDataset(store_dir, (crop,) * 3, cases=[c for g in exams for c in g])
-    out: dict[str, Any] = {"store": str(store_dir), "exams": len(exams), "phases": phases}
+    out: dict[str, Any] = {
+        "store": str(store_dir), "exams": len(exams), "phases": phases, "block": block,
+    }  # fmt: skip
     for name in networks:
         torch.manual_seed(0)
         net = create_model(MODEL, img_size=(crop,) * 3, in_chans=1, out_channels=10, **MODEL_ARGS)
@@ -108,7 +121,7 @@ def measure(store_dir: Path, networks: list[str], crop: int = 32) -> dict[str, A
         patch = crop // feature_map(net.encoder, torch.zeros(1, 1, crop, crop, crop)).shape[-1]
         feats, labels = {}, {}
         for i, p in enumerate(phases):
-            feats[p], labels[p] = patch_features(net, crops, [g[i] for g in exams], patch)
+            feats[p], labels[p] = patch_features(net, crops, [g[i] for g in exams], patch, block)
         out[name] = organ_probe(feats, labels)
         print(name, json.dumps({k: v for k, v in out[name].items() if k != "by_pair"}), flush=True)
     return out
@@ -118,9 +131,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("store", type=Path, help="a preprocessed store of labeled multiphase exams")
     ap.add_argument("networks", nargs="+", help="network.pt files, or 'scratch'")
+    ap.add_argument("--block", type=int, help="an encoder block's output instead of the deepest")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = measure(args.store, args.networks)
+    result = measure(args.store, args.networks, block=args.block)
     if args.out:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2))
