@@ -478,6 +478,8 @@ def test_cross_phase_contrast_bad_arguments():
     batch = {k: v for k, v in _two_phase_blobs().items() if k != "phase"}
     with pytest.raises(ValueError, match="needs the batch's input 'phase'"):
         build(contrast=1.0)(batch)
+    with pytest.raises(ValueError, match="built with contrast > 0"):
+        build().dense_contrast(batch["image"], batch["image"])
 
 
 def test_pretrain_cross_phase_with_contrast_logs_it_and_keeps_the_network_loadable(

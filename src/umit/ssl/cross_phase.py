@@ -331,6 +331,19 @@ class CrossPhase3D(DensePretext):
         u = torch.rand(others.shape, generator=generator, device="cpu").to(others.device)
         return torch.where(others, u, torch.full_like(u, -1.0)).argmax(dim=1)
 
+    def _grid(self, size: tuple[int, ...]) -> tuple[int, ...]:
+        """The deepest map's grid for an input of ``size``: probed once per size, in eval mode
+        (no dropout draw, no batch-norm statistics) and without gradients."""
+        cache: dict[tuple[int, ...], tuple[int, ...]] = self.__dict__.setdefault("_grids", {})
+        if size not in cache:
+            was = self.encoder.training
+            self.encoder.eval()
+            with torch.no_grad():
+                probe = torch.zeros((1, 1, *size), device=next(self.parameters()).device)
+                cache[size] = tuple(feature_map(self.encoder, probe).shape[2:])
+            self.encoder.train(was)
+        return cache[size]
+
     def dense_contrast(
         self, a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,10 +359,11 @@ class CrossPhase3D(DensePretext):
         Raises:
             ValueError: a crop less than two feature strides wide on some axis.
         """
-        assert self.projector is not None
-        size = a.shape[2:]
-        with torch.no_grad():
-            grid = feature_map(self.encoder, a[:1]).shape[2:]
+        if self.projector is None:
+            raise ValueError("dense_contrast needs a model built with contrast > 0")
+        projector = self.projector
+        size = tuple(a.shape[2:])
+        grid = self._grid(size)
         stride = [s // g for s, g in zip(size, grid, strict=True)]
         if any(g < 2 or s % g for s, g in zip(size, grid, strict=True)):
             raise ValueError(
@@ -373,7 +387,7 @@ class CrossPhase3D(DensePretext):
         def tokens(x: torch.Tensor) -> torch.Tensor:
             f = feature_map(self.encoder, x)  # (B, C, d, h, w)
             f = f.flatten(2).transpose(1, 2).flatten(0, 1)  # (B*L, C), in flatten order
-            return F.normalize(self.projector(f).float(), dim=-1)  # (B*L, P)
+            return F.normalize(projector(f).float(), dim=-1)  # (B*L, P)
 
         za, zb = tokens(cut(a, 0)), tokens(cut(b, 1))
         g = [s - 1 for s in grid]  # the sub-crop's grid: one position fewer per axis
