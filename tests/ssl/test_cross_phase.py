@@ -23,6 +23,12 @@ from umit.ssl.cross_phase import CrossPhase3D, PhaseGroupCrops, _voxel_offset, p
 PHASES = ["none", "arterial", "portal"]
 
 
+def _tiny_unetr(size: int, out_channels: int) -> torch.nn.Module:
+    """A UNETR on the test ViT (patch 8) for ``size``³ one-channel crops."""
+    return create_model("unetr", encoder="vit3d_test_p8", feature_size=8,
+                        img_size=(size,) * 3, in_chans=1, out_channels=out_channels)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def multiphase_store(tmp_path_factory) -> Path:
     """PREP of 4 subjects x 3 phases (one exam each) plus nothing else."""
@@ -154,14 +160,7 @@ def test_crops_read_one_world_position_in_every_phase(multiphase_store):
     [
         (
             True,
-            lambda: create_model(
-                "unetr",
-                encoder="vit3d_test_p8",
-                feature_size=8,
-                img_size=(16, 16, 16),
-                in_chans=1,
-                out_channels=2,
-            ),
+            lambda: _tiny_unetr(16, out_channels=2),
         ),  # fmt: skip
         (False, lambda: create_model("vit3d_test_p8", img_size=(16, 16, 16), in_chans=1)),
     ],
@@ -241,8 +240,7 @@ def test_pretrain_cross_phase_network_loads_into_a_segmenter(
     evals = [json.loads(x) for x in (cfg.out / "metrics.jsonl").read_text().splitlines()]
     evals = [d for d in evals if d["split"] == "eval"]
     assert evals and all(d["val_baseline_loss"] > 0 for d in evals)
-    seg = create_model("unetr", encoder="vit3d_test_p8", feature_size=8, img_size=(16, 16, 16),
-                       in_chans=1, out_channels=10)  # fmt: skip
+    seg = _tiny_unetr(16, out_channels=10)
     report = load_network_weights(seg, cfg.out / "network.pt")
     assert report["skipped_head"] and not report["missing"] and not report["unexpected"]
     with pytest.raises(InputError, match="no subject_id has series of two"):
@@ -412,14 +410,7 @@ def test_cross_phase_contrast_learns_to_find_positions_across_phases(network, mu
     batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
     torch.manual_seed(0)
     enc = (
-        create_model(
-            "unetr",
-            encoder="vit3d_test_p8",
-            feature_size=8,
-            img_size=(24, 24, 24),
-            in_chans=1,
-            out_channels=3,
-        )  # fmt: skip
+        _tiny_unetr(24, out_channels=3)
         if network
         else create_model("vit3d_test_p8", img_size=(24, 24, 24), in_chans=1)
     )
@@ -507,10 +498,11 @@ def test_pretrain_cross_phase_with_contrast_logs_it_and_keeps_the_network_loadab
         and d["val_loss"] < 0.1 * d["val_contrast_loss"]
         for d in evals
     )
-    seg = create_model("unetr", encoder="vit3d_test_p8", feature_size=8, img_size=(24, 24, 24),
-                       in_chans=1, out_channels=10)  # fmt: skip
+    seg = _tiny_unetr(24, out_channels=10)
     report = load_network_weights(seg, summary["network"])
     assert report["skipped_head"] and not report["missing"] and not report["unexpected"]
-    with pytest.raises(Exception, match="contrast"):
+    with pytest.raises(
+        InputError, match="cross_phase.contrast: Input should be greater than or equal to 0"
+    ):
         build_config(PretrainConfig, None, [*args, "cross_phase.contrast=-1"],
                      data=multiphase_store, out=tmp_path / "bad")  # fmt: skip
