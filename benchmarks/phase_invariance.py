@@ -46,39 +46,52 @@ MODEL = "unetr"
 MODEL_ARGS: dict[str, Any] = {"encoder": "vit3d_tiny_p8", "feature_size": 16}
 
 
-def patch_features(
-    net: torch.nn.Module,
-    crops: StoreCropDataset,
-    cases: list[str],
-    patch: int,
-    block: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per case, the centre crop's features (L, C) (the deepest map, or the output of encoder
-    block ``block``) and the patches' majority labels (L,)."""
-    feats, labels = [], []
+def require_exams(n: int, where: str) -> None:
+    """The probe fits on half the exams and scores the other half: it needs two of each."""
+    if n < 4:
+        raise ValueError(
+            f"{where}: the organ probe needs at least 4 exams with every phase, got {n}"
+        )
+
+
+def centre_crops(crops: StoreCropDataset, cases: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """The centre crop of each case: images (E, 1, c, c, c) and label maps (E, c, c, c)."""
     size = np.asarray(crops.crop_size)
-    for case in cases:
-        shape = np.asarray(crops.store.case(case).spatial_shape)
-        item = crops.read_crop(case, (shape - size) // 2)
-        with torch.no_grad():
-            x = item["image"][None]
-            if block is None:
-                f = feature_map(net.encoder, x)[0]  # (C, d, h, w)
-            else:
-                f = net.encoder.forward_intermediates(x, indices=[block])[0][0]
-        feats.append(f.flatten(1).T.numpy())  # (L, C), in flatten order
-        lab = item["label"][0].numpy()  # (D, H, W) -> (d, p, h, p, w, p) -> majority per patch
-        d, h, w = (s // patch for s in lab.shape)
-        blocks = lab.reshape(d, patch, h, patch, w, patch).transpose(0, 2, 4, 1, 3, 5)
-        blocks = blocks.reshape(d * h * w, -1)
-        labels.append(np.array([np.bincount(b).argmax() for b in blocks]))
-    return np.stack(feats), np.stack(labels)  # (E, L, C), (E, L)
+    items = [
+        crops.read_crop(c, (np.asarray(crops.store.case(c).spatial_shape) - size) // 2)
+        for c in cases
+    ]
+    return torch.stack([it["image"] for it in items]), np.stack(
+        [it["label"][0].numpy() for it in items]
+    )
+
+
+def patch_majority(labels: np.ndarray, patch: int) -> np.ndarray:
+    """(E, D, H, W) label maps -> (E, L) majority label of each patch, in flatten order."""
+    e, d, h, w = labels.shape[0], *(s // patch for s in labels.shape[1:])
+    # (E, d, p, h, p, w, p) -> (E, d, h, w, p, p, p) -> (E * L, p^3)
+    blocks = labels.reshape(e, d, patch, h, patch, w, patch).transpose(0, 1, 3, 5, 2, 4, 6)
+    blocks = blocks.reshape(e * d * h * w, -1)
+    return np.array([np.bincount(b).argmax() for b in blocks]).reshape(e, d * h * w)
+
+
+def encoder_features(
+    net: torch.nn.Module, images: torch.Tensor, block: int | None = None
+) -> np.ndarray:
+    """(E, 1, ...) -> (E, L, C): the deepest map, or the output of encoder block ``block``."""
+    with torch.no_grad():
+        if block is None:
+            f = feature_map(net.encoder, images)  # (E, C, d, h, w)
+        else:
+            f = net.encoder.forward_intermediates(images, indices=[block])[0]
+    return f.flatten(2).transpose(1, 2).numpy()
 
 
 def organ_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, Any]:
     """Fit on the first half of the exams in one phase; score the second half in every phase."""
     phases = list(feats)
     n = next(iter(feats.values())).shape[0]
+    require_exams(n, "organ_probe")
     fit, held = slice(0, n // 2), slice(n // 2, n)
     scores: dict[str, float] = {}
     for p in phases:
@@ -106,9 +119,12 @@ def measure(
     store = Store(store_dir)
     phases, groups = phase_groups(store, sorted(store.index))
     exams = [g for g in groups.values() if all(c is not None for c in g)]
-    if len(exams) < 4:
-        raise SystemExit(f"{store_dir}: need at least 4 exams with every phase, found {len(exams)}")
+    require_exams(len(exams), str(store_dir))
     crops = StoreCropDataset(store_dir, (crop,) * 3, cases=[c for g in exams for c in g])
+    # read once: every network sees the same crops
+    images, maps = {}, {}
+    for i, p in enumerate(phases):
+        images[p], maps[p] = centre_crops(crops, [g[i] for g in exams])
     out: dict[str, Any] = {
         "store": str(store_dir), "exams": len(exams), "phases": phases, "block": block,
     }  # fmt: skip
@@ -118,10 +134,9 @@ def measure(
         if name != "scratch":
             load_network_weights(net, name)
         net.eval()
-        patch = crop // feature_map(net.encoder, torch.zeros(1, 1, crop, crop, crop)).shape[-1]
-        feats, labels = {}, {}
-        for i, p in enumerate(phases):
-            feats[p], labels[p] = patch_features(net, crops, [g[i] for g in exams], patch, block)
+        feats = {p: encoder_features(net, images[p], block) for p in phases}
+        side = round(next(iter(feats.values())).shape[1] ** (1 / 3))  # the map's side (cubic crop)
+        labels = {p: patch_majority(maps[p], crop // side) for p in phases}
         out[name] = organ_probe(feats, labels)
         print(name, json.dumps({k: v for k, v in out[name].items() if k != "by_pair"}), flush=True)
     return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.phase_invariance import organ_probe  # noqa: E402
+from benchmarks.phase_invariance import organ_probe, patch_majority  # noqa: E402
 
 
 def _features(phase_weight: float, seed: int = 0) -> tuple[dict, dict]:
@@ -40,3 +40,19 @@ def test_features_that_carry_the_phase_lose_accuracy_in_other_phases():
     out = organ_probe(*_features(2.0))
     assert out["same_phase"] > 0.9
     assert out["other_phase"] < out["same_phase"] - 0.2
+
+
+def test_fewer_than_four_exams_is_a_clear_error():
+    feats, labs = _features(0.0)
+    with pytest.raises(ValueError, match="needs at least 4 exams with every phase, got 3"):
+        organ_probe({p: f[:3] for p, f in feats.items()}, {p: v[:3] for p, v in labs.items()})
+
+
+def test_patch_majority_against_a_loop():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=(2, 8, 8, 8))
+    got = patch_majority(labels, 4)  # (2, 8): a 2x2x2 grid per exam
+    for e in range(2):
+        for i, (z, y, x) in enumerate(np.ndindex(2, 2, 2)):
+            block = labels[e, 4 * z : 4 * z + 4, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4]
+            assert got[e, i] == np.bincount(block.ravel()).argmax()

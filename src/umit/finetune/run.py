@@ -192,8 +192,6 @@ class FinetuneConfig(UmitConfig):
 # ---------------------------------------------------------------------------------------------
 # cases and labels
 # ---------------------------------------------------------------------------------------------
-
-
 def labeled_cases(store: Store, task: str, label_key: str = "target") -> list[str]:
     """Case ids the task can learn from: a label map (segmentation) or ``label_key``."""
     if task == "segmentation":

@@ -256,6 +256,7 @@ class CrossPhase3D(DensePretext):
         )  # fmt: skip
         _zero_output_layer(encoder if network else self, n)
         self.projector: nn.Module | None = None
+        self._grids: dict[tuple[int, ...], tuple[int, ...]] = {}  # input size -> feature grid
         if self.contrast > 0:
             width = feature_dim(self.encoder)
             # per position: LayerNorm (the residual stream's scale and constant part would
@@ -334,7 +335,7 @@ class CrossPhase3D(DensePretext):
     def _grid(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """The deepest map's grid for an input of ``size``: probed once per size, in eval mode
         (no dropout draw, no batch-norm statistics) and without gradients."""
-        cache: dict[tuple[int, ...], tuple[int, ...]] = self.__dict__.setdefault("_grids", {})
+        cache = self._grids
         if size not in cache:
             was = self.encoder.training
             self.encoder.eval()

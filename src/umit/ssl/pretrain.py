@@ -535,6 +535,11 @@ def check_sequences(cfg: PretrainConfig, channel_names: list[str]) -> None:
         )
 
 
+def cross_phase_args(cfg: PretrainConfig) -> dict[str, Any]:
+    """The :class:`CrossPhase3D` settings of ``cfg.cross_phase`` shared by both scopes."""
+    return cfg.cross_phase.model_dump(include={"loss", "contrast", "temperature", "proj_dim"})
+
+
 def build_method(
     cfg: PretrainConfig,
     in_chans: int,
@@ -552,11 +557,7 @@ def build_method(
             )
         if cfg.scope == "network":
             net = build_network(cfg, 1, len(phases))
-            xp = cfg.cross_phase
-            return CrossPhase3D(
-                net, phases, loss=xp.loss, network=True,
-                contrast=xp.contrast, temperature=xp.temperature, proj_dim=xp.proj_dim,
-            )  # fmt: skip
+            return CrossPhase3D(net, phases, network=True, **cross_phase_args(cfg))
     if cfg.scope == "network":
         if cfg.method != "genesis":
             raise InputError(
@@ -593,11 +594,9 @@ def build_method(
     if cfg.method == "genesis":
         return Genesis3D(encoder, in_chans=in_chans, **cfg.genesis.model_dump())
     if cfg.method == "cross_phase":
-        xp = cfg.cross_phase
         return CrossPhase3D(
-            encoder, phases or [], loss=xp.loss, decoder_dim=xp.decoder_dim,
-            contrast=xp.contrast, temperature=xp.temperature, proj_dim=xp.proj_dim,
-        )  # fmt: skip
+            encoder, phases or [], decoder_dim=cfg.cross_phase.decoder_dim, **cross_phase_args(cfg)
+        )
     if cfg.method == "report_labels":
         if report is None:
             raise ValueError("method=report_labels needs the report labels (report_label_data)")
