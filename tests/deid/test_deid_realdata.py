@@ -4,6 +4,7 @@ de-identified files pass --check (the originals do not), and voxels and geometry
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def test_real_series_placeholders_do_not_survive(tmp_path, parts, n, options):
     outputs = sorted((tmp_path / "out").rglob("*.dcm"))
     assert len(outputs) == len(originals)
     blob = b"".join(p.read_bytes() for p in outputs)
+    # the new 2.25.<int> UIDs are HMACs under a per-run secret, not copies; a short numeric
+    # identifier (DeviceSerialNumber 45152) turns up inside their ~39 random digits in about one
+    # run in fifty, so they are left out of the search
+    blob = re.sub(rb"2\.25\.\d+", b"", blob)
     for value in placeholders:
         assert value.encode() not in blob, f"placeholder {value!r} survived"
     # audit records and report: no value either (some placeholders are keywords, e.g.
