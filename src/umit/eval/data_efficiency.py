@@ -62,6 +62,10 @@ class ArmConfig(UmitConfig):
     ``pretrained_by_seed[k]`` (e.g. the output of ``umit pretrain ... train.seed=k``). The paired
     bootstrap resamples seeds, so its CI then covers the pretraining draw as well as the
     fine-tuning one; with a single checkpoint it covers fine-tuning only."""
+    harmonise_by_seed: dict[int, Path] | None = None
+    """One cross-phase network per seed put frozen in front of the model (fine-tuning's
+    ``harmonise``; one for every seed: ``finetune.harmonise``). Like ``pretrained_by_seed``, it
+    is the arm's pretraining run for ``cluster_by_pretraining``."""
     finetune: dict[str, Any] = Field(default_factory=dict)
     """Arm-specific fine-tuning overrides (e.g. a different learning rate)."""
     seeds: list[int] | None = None
@@ -72,23 +76,44 @@ class ArmConfig(UmitConfig):
     def _one_source(self) -> ArmConfig:
         if self.pretrained is not None and self.pretrained_by_seed is not None:
             raise ValueError("give pretrained or pretrained_by_seed, not both")
-        if self.pretrained_by_seed is not None and self.seeds is not None:
-            missing = sorted(set(self.seeds) - set(self.pretrained_by_seed))
-            if missing:
-                raise ValueError(f"pretrained_by_seed has no checkpoint for seeds {missing}")
+        if self.harmonise_by_seed is not None and "harmonise" in self.finetune:
+            raise ValueError("give finetune.harmonise or harmonise_by_seed, not both")
+        for name in ("pretrained_by_seed", "harmonise_by_seed"):
+            by_seed = getattr(self, name)
+            if by_seed is not None and self.seeds is not None:
+                missing = sorted(set(self.seeds) - set(by_seed))
+                if missing:
+                    raise ValueError(f"{name} has no checkpoint for seeds {missing}")
         return self
+
+    @staticmethod
+    def _for_seed(by_seed: dict[int, Path], seed: int, name: str) -> Path:
+        if seed not in by_seed:
+            raise InputError(
+                None,
+                f"{name} has no checkpoint for seed {seed} (it has seeds {sorted(by_seed)})",
+            )
+        return by_seed[seed]
 
     def checkpoint(self, seed: int) -> Path | None:
         """The checkpoint seed ``seed``'s cell starts from (None: from scratch)."""
         if self.pretrained_by_seed is None:
             return self.pretrained
-        if seed not in self.pretrained_by_seed:
-            raise InputError(
-                None,
-                f"pretrained_by_seed has no checkpoint for seed {seed} "
-                f"(it has seeds {sorted(self.pretrained_by_seed)})",
-            )
-        return self.pretrained_by_seed[seed]
+        return self._for_seed(self.pretrained_by_seed, seed, "pretrained_by_seed")
+
+    def harmoniser(self, seed: int) -> Path | None:
+        """The cross-phase network in front of seed ``seed``'s model (None: none, or the one
+        of ``finetune.harmonise``)."""
+        if self.harmonise_by_seed is None:
+            return None
+        return self._for_seed(self.harmonise_by_seed, seed, "harmonise_by_seed")
+
+    def pretraining_run(self, seed: int) -> str:
+        """What seed ``seed``'s cell owes to pretraining ("" for nothing): its checkpoint and
+        its harmonising network, the pretraining runs a paired bootstrap clusters by."""
+        front = self.harmoniser(seed) or self.finetune.get("harmonise")
+        parts = [str(p) for p in (self.checkpoint(seed), front) if p is not None]
+        return "+".join(parts)
 
 
 class ComparisonConfig(UmitConfig):
@@ -282,6 +307,7 @@ def cell_finetune_config(
             "model": arm.model,
             "model_args": arm.model_args,
             "pretrained": arm.checkpoint(seed),
+            **({"harmonise": arm.harmoniser(seed)} if arm.harmonise_by_seed else {}),
             "label_fraction": budget.fraction,
             "label_count": budget.count,
             "label_seed": seed,
@@ -524,8 +550,7 @@ def pretraining_clusters(
 
     def ckpt(arm: str, seed: int) -> str:
         spec = cfg.arms.get(arm)  # floors are not arms
-        path = spec.checkpoint(seed) if spec is not None else None
-        return "" if path is None else str(path)
+        return spec.pretraining_run(seed) if spec is not None else ""
 
     return {s: (ckpt(comp.a, s), ckpt(comp.b, s)) for s in seeds}
 
@@ -786,8 +811,9 @@ def run(cfg: DataEfficiencyConfig) -> dict[str, Any]:
         for a, arm in cfg.arms.items()
         if (arm.seeds is None or s in arm.seeds) and (cfg.only_arms is None or a in cfg.only_arms)
     ]
-    for a, _, s in cells:
-        cfg.arms[a].checkpoint(s)  # a seed without its pretraining replicate fails now, not later
+    for a, _, s in cells:  # a seed without its pretraining replicate fails now, not later
+        cfg.arms[a].checkpoint(s)
+        cfg.arms[a].harmoniser(s)
     if cfg.tabulate_only:
         cells = [c for c in cells if (cell_dir(cfg.out, *c) / "result.json").is_file()]
     results.extend(run_cells(cfg, cells))

@@ -87,6 +87,11 @@ class FinetuneConfig(UmitConfig):
     """Checkpoint to start from (None: from scratch): an ``encoder.pt`` (into the model's
     encoder) or a ``network.pt`` of ``umit pretrain scope=network`` (the whole encoder-decoder;
     only the output layer starts fresh)."""
+    harmonise: Path | None = None
+    """A ``network.pt`` of ``umit pretrain method=cross_phase scope=network``, put frozen in front
+    of the model: each input becomes every contrast phase as that network predicts them, and the
+    model (built with that many input channels) learns from those
+    (:mod:`umit.models.harmonised`). None: the model sees the store's channels."""
     freeze: Literal["none", "encoder", "partial"] = "none"
     """``encoder``: frozen encoder (linear probe); ``partial``: only the last ``trainable_blocks`` train."""
     trainable_blocks: int = Field(default=0, ge=0)
@@ -179,6 +184,13 @@ class FinetuneConfig(UmitConfig):
     """Group DRO step size of the group distribution."""
 
     @model_validator(mode="after")
+    def _harmonise_alone(self) -> FinetuneConfig:
+        """The harmonising front and the absent-channel wrapper both take the input."""
+        if self.harmonise is not None and self.channel_dropout > 0:
+            raise ValueError("harmonise and channel_dropout cannot be combined")
+        return self
+
+    @model_validator(mode="after")
     def _label_augment_needs_segmentation(self) -> FinetuneConfig:
         """A label-driven augmentation needs label maps: segmentation only."""
         if self.augment.label_intensity_shift > 0 and self.task != "segmentation":
@@ -251,7 +263,8 @@ def class_names(store: Store, cases: list[str], key: str) -> list[str]:
 def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.nn.Module:
     """The registered model with input/output sizes filled in, pretrained encoder loaded, frozen as asked."""
     args = dict(cfg.model_args)
-    args.setdefault("in_chans", in_chans)
+    front = harmonising_front(cfg.harmonise, in_chans) if cfg.harmonise is not None else None
+    args.setdefault("in_chans", in_chans if front is None else front["model_args"]["out_channels"])
     args.setdefault("img_size", tuple(cfg.crop_size))
     key = "out_channels" if cfg.task == "segmentation" else "num_classes"
     args.setdefault(key, num_outputs)
@@ -269,18 +282,52 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.n
                 model_args=args,
                 drop_prob=cfg.channel_dropout,
             )
+        elif front is not None:  # a frozen cross-phase network, then the task model
+            model = create_model(
+                "phase_harmonised",
+                model=cfg.model,
+                model_args=args,
+                front_model=front["model_name"],
+                front_args=front["model_args"],
+            )
         else:
             model = create_model(cfg.model, **args)
     except TypeError as exc:
         raise InputError(
             None, f"model {cfg.model!r} does not take these arguments {sorted(args)}: {exc}"
         ) from exc
+    if front is not None:
+        model.front.load_state_dict(front["state_dict"])
     net = model.net if cfg.channel_dropout > 0 else model
     if cfg.pretrained is not None:
         load_pretrained(net, cfg.pretrained, partial=cfg.partial_load)
     if cfg.freeze != "none":
         freeze_encoder(net, trainable_blocks=cfg.trainable_blocks if cfg.freeze == "partial" else 0)
     return model
+
+
+def harmonising_front(path: Path, in_chans: int) -> dict[str, Any]:
+    """The artifact of a cross-phase ``network.pt`` to put in front of a task model.
+
+    Raises:
+        InputError: naming the file when it is not a cross-phase network, or takes another
+            number of channels than the store has.
+    """
+    art = load_artifact(path, expect="network")
+    if art.get("method") != "cross_phase":
+        raise InputError(
+            path,
+            f"harmonise needs a network of umit pretrain method=cross_phase; this one is of "
+            f"method={art.get('method')!r}",
+        )
+    args = dict(art.get("model_args") or {})
+    if int(args.get("in_chans", 1)) != in_chans:
+        raise InputError(
+            path,
+            f"the cross-phase network takes {args.get('in_chans', 1)} channel(s); the store has "
+            f"{in_chans}",
+        )
+    return {"model_name": art["model_name"], "model_args": args, "state_dict": art["state_dict"]}
 
 
 def load_pretrained(model: torch.nn.Module, path: Path, partial: bool = False) -> None:

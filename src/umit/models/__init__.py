@@ -4,7 +4,7 @@
 >>> enc = create_model("vit3d_base_p16", img_size=96, in_chans=1)
 """
 
-from umit.models import absent, blocks, layers
+from umit.models import absent, blocks, harmonised, layers
 from umit.models.cnn import ResEncoder3D, ResNet3D, ResUNet3D
 from umit.models.heads import ClassificationModel, freeze_encoder, layer_id_fn
 from umit.models.monai_compat import (
@@ -30,6 +30,7 @@ __all__ = [
     "ViT3D",
     "blocks",
     "freeze_encoder",
+    "harmonised",
     "layer_id_fn",
     "convert_monai_swin_state_dict",
     "convert_monai_vit_state_dict",
