@@ -98,6 +98,13 @@ TASK_MODEL_ARGS: dict[str, dict] = {
         "out_channels": 3,
         "drop_prob": 0.3,
     },
+    "phase_harmonised": {  # one CT channel in (not the sweep's 2), 3 predicted phases
+        "model": "unetr",
+        "model_args": {"encoder": "vit3d_test_p16", "feature_size": 8},
+        "front_model": "resunet3d",
+        "front_args": {"features": (4, 8), "in_chans": 1, "out_channels": 3},
+        "out_channels": 3,
+    },
 }
 
 
@@ -128,8 +135,9 @@ def test_every_model_runs_forward_and_backward(name):
     assert args is not None, f"registered model {name!r} has no small size in TASK_MODEL_ARGS"
     torch.manual_seed(0)
     shape = (64, 64, 64) if name == "swin_unetr" else (32, 32, 32)  # Swin's bottleneck > 1 voxel
-    m = create_model(name, img_size=shape, in_chans=2, **args)
-    x = torch.randn(1, 2, *shape)
+    chans = 1 if name == "phase_harmonised" else 2  # a cross-phase front takes one CT channel
+    m = create_model(name, img_size=shape, in_chans=chans, **args)
+    x = torch.randn(1, chans, *shape)
     outs = m(x)
     outs = (
         list(outs) if isinstance(outs, list | tuple) else [outs]

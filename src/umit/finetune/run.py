@@ -264,7 +264,8 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.n
     """The registered model with input/output sizes filled in, pretrained encoder loaded, frozen as asked."""
     args = dict(cfg.model_args)
     front = harmonising_front(cfg.harmonise, in_chans) if cfg.harmonise is not None else None
-    args.setdefault("in_chans", in_chans if front is None else front["model_args"]["out_channels"])
+    if front is None:
+        args.setdefault("in_chans", in_chans)
     args.setdefault("img_size", tuple(cfg.crop_size))
     key = "out_channels" if cfg.task == "segmentation" else "num_classes"
     args.setdefault(key, num_outputs)
@@ -289,6 +290,7 @@ def build_model(cfg: FinetuneConfig, in_chans: int, num_outputs: int) -> torch.n
                 model_args=args,
                 front_model=front["model_name"],
                 front_args=front["model_args"],
+                in_chans=in_chans,
             )
         else:
             model = create_model(cfg.model, **args)

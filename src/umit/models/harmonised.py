@@ -92,15 +92,18 @@ def phase_harmonised(
     front_model: str,
     front_args: dict[str, Any],
     model_args: dict[str, Any] | None = None,
+    in_chans: int | None = None,
     **kwargs: Any,
 ) -> PhaseHarmonisedModel:
     """``create_model("phase_harmonised", model="unetr", model_args={...}, front_model="unetr",
-    front_args={..., "in_chans": 1, "out_channels": 3})``: the task model gets
-    ``in_chans=front_args["out_channels"]``.
+    front_args={..., "in_chans": 1, "out_channels": 3})``.
+
+    ``in_chans`` is the input's: one CT channel, which the front takes. The task model is built
+    with one input channel per phase the front predicts. Other keyword arguments go to it.
 
     Raises:
-        ValueError: the front's arguments lack ``out_channels``, or the task model's
-            ``in_chans`` is set to something else.
+        ValueError: the front's arguments lack ``out_channels``, the input or the front has more
+            than one channel, or the task model's ``in_chans`` is not the number of phases.
     """
     front_args = dict(front_args)
     phases = front_args.get("out_channels")
@@ -108,10 +111,16 @@ def phase_harmonised(
         raise ValueError(
             f"a harmonising front needs out_channels >= 2 (one per phase), got {phases!r}"
         )
+    takes = int(front_args.get("in_chans", 1))
+    if takes != 1 or (in_chans is not None and int(in_chans) != 1):
+        raise ValueError(
+            f"a cross-phase front predicts each phase from one CT channel; it takes {takes} "
+            f"and in_chans={in_chans} was given"
+        )
     args = {**(model_args or {}), **kwargs}
     if args.setdefault("in_chans", phases) != phases:
         raise ValueError(
-            f"the task model sees the front's {phases} phases; in_chans={args['in_chans']} given"
+            f"the task model sees the front's {phases} phases; its in_chans={args['in_chans']}"
         )
     net = create_model(model, **args)  # first: the same random draws as the model alone
     front = create_model(front_model, **front_args)
