@@ -253,3 +253,31 @@ def test_swin_classifier_maps_on_the_input_grid(tmp_path):
     assert mean.shape == (16, 16, 16) and heads.shape[:3] == (16, 16, 16)
     # the first block's row of the query token lies in the query's window: near voxel (13, 1, 2)
     assert mean[13, 1, 2] > 0 and (tmp_path / "o" / "case_overlay.png").is_file()
+
+
+def test_a_harmonising_front_is_not_explained(tmp_path):
+    """Behind a cross-phase front (itself a UNETR), the maps are the task model's: its encoder's
+    attention layers only, or Grad-CAM for a CNN, not the front's attention."""
+    torch.manual_seed(0)
+    src = write_case(tmp_path / "case.nii.gz", affines()["ras"])
+    unetr = {"encoder": "vit3d_test_p8", "feature_size": 8, "img_size": (16, 16, 16)}
+    front = {"model_name": "unetr", "args": {**unetr, "in_chans": 1, "out_channels": 3}}
+    layers = {}
+    for name, net, args in [
+        ("plain", "unetr", {**unetr, "in_chans": 1}),
+        ("behind", "unetr", unetr),
+        ("cnn", "resunet3d", {"features": (4, 8), "img_size": 16}),
+    ]:
+        if name == "plain":
+            model = create_model(net, out_channels=2, **args)
+        else:
+            model = create_model("phase_harmonised", model=net, model_args=args, out_channels=2,
+                                 front_model=front["model_name"], front_args=front["args"])  # fmt: skip
+        path = save_model(model, tmp_path / f"{name}.pt", task="segmentation")
+        out = tmp_path / name
+        assert cli_main(["explain", str(src), "--model", str(path), "--out", str(out)]) == 0
+        summary = json.loads((out / "explain.json").read_text())
+        layers[name] = (summary["method"], summary["outputs"][0].get("layers"))
+    assert layers["plain"][0] == "attention" and layers["plain"][1] >= 1
+    assert layers["behind"] == layers["plain"]  # not twice as many: the front is left out
+    assert layers["cnn"][0] == "gradcam"

@@ -188,8 +188,10 @@ class Explainer:
         self.label_names = dict(spec.label_names)
         self.device = torch.device(cfg.device)
         self.model.to(self.device).eval()
-        has_attn = bool(attention_layers(self.model))
-        has_windows = any(isinstance(m, SwinBlock3D) for m in self.model.modules())
+        # the task model's encoder: not the attention of a harmonising front in front of it
+        self.encoder = getattr(self.model, "encoder", self.model)
+        has_attn = bool(attention_layers(self.encoder))
+        has_windows = any(isinstance(m, SwinBlock3D) for m in self.encoder.modules())
         method = cfg.method
         if method == "auto":
             method = "attention" if has_attn or has_windows else "gradcam"
@@ -200,7 +202,6 @@ class Explainer:
             )
         self.method = method
         self.windows = method == "attention" and not has_attn  # Swin: window attention
-        self.encoder = getattr(self.model, "encoder", self.model)
         if method == "attention" and not self.windows:
             self.patch: Int3 = tuple(int(p) for p in self.encoder.patch_size)  # type: ignore[assignment]
             self.prefix = int(getattr(self.encoder, "num_prefix_tokens", 0))
@@ -294,7 +295,7 @@ class Explainer:
         self, x: torch.Tensor, q_win: np.ndarray | None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         grid: Int3 = tuple(int(n) for n in self.encoder.grid_size(x.shape[2:]))  # type: ignore[assignment]
-        with torch.no_grad(), record_attention(self.model) as attn:
+        with torch.no_grad(), record_attention(self.encoder) as attn:
             self.model(x)
         n_tokens = self.prefix + int(np.prod(grid))
         attn = [a for a in attn if a.shape[-1] == n_tokens]  # the encoder's layers only
@@ -337,7 +338,7 @@ class Explainer:
         query = None
         if q_win is not None:
             query = tuple((float(v) + 0.5) / n for v, n in zip(q_win, self.roi, strict=True))
-        with torch.no_grad(), record_window_attention(self.model, query) as maps:
+        with torch.no_grad(), record_window_attention(self.encoder, query) as maps:
             self.model(x)
         layer = self.cfg.layer
         if not -len(maps) <= layer < len(maps):
