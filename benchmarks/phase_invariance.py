@@ -20,6 +20,12 @@ labeled collection that neither pretraining nor any study reads:
     scratch runs/phseg/cross_phase_unetr/seed0/network.pt ... [--out F.json]
 
 ``scratch`` is the network at its seeded random initialisation (seed 0).
+
+- **Phase difference left (``--harmonise``).** The same crops through a cross-phase network used
+  as a front (``finetune.harmonise``): per structure, the mean absolute difference between two
+  phases of one exam, of the input and of the front's output (every predicted phase), over every
+  voxel of the structure and every pair of phases. A front that predicts every phase exactly
+  leaves none; copying the input leaves all of it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from sklearn.preprocessing import StandardScaler
 
 from umit.data.dataset import StoreCropDataset
 from umit.data.store import Store
+from umit.finetune.run import harmonising_front
 from umit.models import create_model
 from umit.models.heads import feature_map
 from umit.ssl.cross_phase import phase_groups
@@ -113,8 +120,41 @@ def organ_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> 
     }
 
 
+def phase_difference(
+    images: dict[str, torch.Tensor], maps: dict[str, np.ndarray], outputs: dict[str, torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """Per structure: mean |a - b| between every two phases of each exam, of the inputs
+    (``images``: phase -> (E, 1, ...)) and of ``outputs`` (phase -> (E, P, ...), averaged over
+    the P channels), over the structure's voxels (``maps``: phase -> (E, ...), one anatomy)."""
+    phases = list(images)
+    labels = maps[phases[0]]
+    out: dict[str, dict[str, float]] = {}
+    for k in sorted(int(v) for v in np.unique(labels) if v > 0):
+        mask = torch.from_numpy(labels == k)  # (E, ...)
+        d_in, d_out = [], []
+        for i, p in enumerate(phases):
+            for q in phases[i + 1 :]:
+                d_in.append((images[p] - images[q]).abs()[:, 0][mask].mean())
+                d_out.append((outputs[p] - outputs[q]).abs().mean(1)[mask].mean())
+        a, b = float(torch.stack(d_in).mean()), float(torch.stack(d_out).mean())
+        out[str(k)] = {"input": a, "output": b, "left": b / a if a > 0 else float("nan")}
+    return out
+
+
+def _front(path: Path) -> torch.nn.Module:
+    """A cross-phase ``network.pt`` as :mod:`umit.models.harmonised` puts it in front."""
+    art = harmonising_front(path, in_chans=1)
+    front = create_model(art["model_name"], **art["model_args"])
+    front.load_state_dict(art["state_dict"])
+    return front.eval()
+
+
 def measure(
-    store_dir: Path, networks: list[str], crop: int = 32, block: int | None = None
+    store_dir: Path,
+    networks: list[str],
+    crop: int = 32,
+    block: int | None = None,
+    harmonise: bool = False,
 ) -> dict[str, Any]:
     store = Store(store_dir)
     phases, groups = phase_groups(store, sorted(store.index))
@@ -128,6 +168,17 @@ def measure(
     out: dict[str, Any] = {
         "store": str(store_dir), "exams": len(exams), "phases": phases, "block": block,
     }  # fmt: skip
+    if harmonise:
+        out["label_names"] = store.plan.labels
+        for name in networks:
+            front = _front(Path(name))
+            with torch.no_grad():
+                outputs = {p: images[p] + front(images[p]) for p in phases}
+            out[name] = phase_difference(images, maps, outputs)
+            print(
+                name, json.dumps({k: round(v["left"], 3) for k, v in out[name].items()}), flush=True
+            )
+        return out
     for name in networks:
         torch.manual_seed(0)
         net = create_model(MODEL, img_size=(crop,) * 3, in_chans=1, out_channels=10, **MODEL_ARGS)
@@ -147,9 +198,11 @@ def main() -> None:
     ap.add_argument("store", type=Path, help="a preprocessed store of labeled multiphase exams")
     ap.add_argument("networks", nargs="+", help="network.pt files, or 'scratch'")
     ap.add_argument("--block", type=int, help="an encoder block's output instead of the deepest")
+    ap.add_argument("--harmonise", action="store_true",
+                    help="the phase difference each network leaves as a front, not the probe")  # fmt: skip
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = measure(args.store, args.networks, block=args.block)
+    result = measure(args.store, args.networks, block=args.block, harmonise=args.harmonise)
     if args.out:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2))

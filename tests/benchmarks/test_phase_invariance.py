@@ -56,3 +56,27 @@ def test_patch_majority_against_a_loop():
         for i, (z, y, x) in enumerate(np.ndindex(2, 2, 2)):
             block = labels[e, 4 * z : 4 * z + 4, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4]
             assert got[e, i] == np.bincount(block.ravel()).argmax()
+
+
+def test_phase_difference_against_hand_values():
+    import torch
+    from benchmarks.phase_invariance import phase_difference
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, size=(2, 4, 4, 4))  # one anatomy in every phase
+    base = torch.from_numpy(rng.normal(size=(2, 1, 4, 4, 4)).astype(np.float32))
+    shift = {"none": 0.0, "arterial": 0.6, "portal": 0.3}  # of structure 2 only
+    organ2 = torch.from_numpy(labels == 2)[:, None].float()
+    images = {p: base + s * organ2 for p, s in shift.items()}
+    maps = {p: labels for p in shift}
+    copied = phase_difference(
+        images, maps, {p: x.expand(-1, 3, -1, -1, -1) for p, x in images.items()}
+    )
+    assert copied["1"]["input"] == 0 and np.isnan(copied["1"]["left"])
+    # structure 2: |0 - 0.6|, |0 - 0.3|, |0.6 - 0.3| averaged
+    assert copied["2"]["input"] == pytest.approx(0.4, abs=1e-6)
+    assert copied["2"]["left"] == pytest.approx(1.0)  # a copy leaves all of it
+    same = {p: base.expand(-1, 3, -1, -1, -1) for p in shift}  # every phase predicted alike
+    assert phase_difference(images, maps, same)["2"]["left"] == 0
+    half = {p: base + 0.5 * s * organ2 for p, s in shift.items()}
+    assert phase_difference(images, maps, half)["2"]["left"] == pytest.approx(0.5)
