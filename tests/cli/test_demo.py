@@ -39,13 +39,14 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         summary["pretrain"]["train_cases"] == 6 and summary["pretrain"]["method"] == "cross_phase"
     )
     table = summary["table"]
-    assert set(table) == {"UNETR pretrained", "UNETR scratch", "ResUNet (CNN)"}
+    assert set(table) == {"UNETR + cross-phase front", "UNETR scratch", "ResUNet (CNN)"}
     for cells in table.values():
         assert set(cells) == {"n2", "all"} and cells["n2"]["n_labeled"] == 2
         assert all(0.0 <= c["mean"] <= 1.0 for c in cells.values())
     page = (out / "report.html").read_text()
     assert "Best, median and worst test phantom" in page and "<td>kidney_left</td>" in page
-    assert "Where the model looked: pretrained UNETR" in page and "attention rollout" in page
+    assert "Where the model looked: UNETR behind the cross-phase front" in page
+    assert "attention rollout" in page
     assert "Error bars: one seed: its 95% bootstrap CI over the 2 test cases" in page
     assert not re.search(r"\bdice_\d", page)
     results = sorted((out / "finetune" / "cells").rglob("result.json"))
