@@ -149,3 +149,16 @@ def test_arms_take_one_front_per_seed(tmp_path):
         ArmConfig(model="unetr", harmonise_by_seed=by_seed, seeds=[0, 2])
     with pytest.raises(ValueError, match="not both"):
         ArmConfig(model="unetr", harmonise_by_seed=by_seed, finetune={"harmonise": "x.pt"})
+
+
+def test_layer_ids_are_the_task_models_under_net():
+    from umit.models.heads import layer_id_fn
+
+    unetr = {"encoder": "vit3d_test_p8", "feature_size": 8, "img_size": (16, 16, 16)}
+    model = create_model("phase_harmonised", model="unetr", model_args=unetr, out_channels=2,
+                         front_model="resunet3d", front_args=FRONT_ARGS)  # fmt: skip
+    ids, inner = model.layer_id_fn(), layer_id_fn(model.net)
+    names = [n for n, _ in model.net.named_parameters()]
+    assert [ids(f"net.{n}") for n in names] == [inner(n) for n in names]
+    assert max(inner(n) for n in names) > 0 and ids("front.anything") == 0
+    assert ids.num_layers == inner.num_layers

@@ -140,19 +140,10 @@ class AbsentChannelModel(nn.Module):
         return {f"net.{n}" for n in inner} | {"absent.fill", "absent.embed"}
 
     def layer_id_fn(self) -> Callable[[str], int]:
-        fn = getattr(self.net, "layer_id_fn", None)
-        if callable(fn):
-            inner = fn()
-        else:
-            from umit.models.heads import layer_id_fn  # noqa: PLC0415 (heads imports registry)
+        """The task model's layer ids under ``net.``; the absent embeddings go with the stem."""
+        from umit.models.heads import wrapped_layer_id_fn  # noqa: PLC0415 (heads imports registry)
 
-            inner = layer_id_fn(self.net)
-
-        def layer_id(name: str) -> int:
-            return inner(name[4:]) if name.startswith("net.") else 0  # absent: with the stem
-
-        layer_id.num_layers = getattr(inner, "num_layers", None)  # type: ignore[attr-defined]
-        return layer_id
+        return wrapped_layer_id_fn(self.net)
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.training and self.drop_prob > 0:

@@ -71,19 +71,9 @@ class PhaseHarmonisedModel(nn.Module):
 
     def layer_id_fn(self) -> Callable[[str], int]:
         """The task model's layer ids under ``net.`` (the front is frozen: no optimizer group)."""
-        fn = getattr(self.net, "layer_id_fn", None)
-        if callable(fn):
-            inner = fn()
-        else:
-            from umit.models.heads import layer_id_fn  # noqa: PLC0415 (heads imports registry)
+        from umit.models.heads import wrapped_layer_id_fn  # noqa: PLC0415 (heads imports registry)
 
-            inner = layer_id_fn(self.net)
-
-        def layer_id(name: str) -> int:
-            return inner(name[4:]) if name.startswith("net.") else 0
-
-        layer_id.num_layers = getattr(inner, "num_layers", None)  # type: ignore[attr-defined]
-        return layer_id
+        return wrapped_layer_id_fn(self.net)
 
 
 @register_model

@@ -210,6 +210,20 @@ def freeze_encoder(model: nn.Module, trainable_blocks: int = 0) -> list[str]:
     return trainable
 
 
+def wrapped_layer_id_fn(net: nn.Module, prefix: str = "net.") -> Callable[[str], int]:
+    """Layer ids of a wrapper around a task model ``net`` (registered as ``prefix``): the task
+    model's own ids under ``prefix``; the wrapper's other parameters go with the stem (0)."""
+    fn = getattr(net, "layer_id_fn", None)
+    inner = fn() if callable(fn) else layer_id_fn(net)
+    cut = len(prefix)
+
+    def layer_id(name: str) -> int:
+        return inner(name[cut:]) if name.startswith(prefix) else 0
+
+    layer_id.num_layers = getattr(inner, "num_layers", None)  # type: ignore[attr-defined]
+    return layer_id
+
+
 def layer_id_fn(model: nn.Module) -> Callable[[str], int]:
     """Parameter name -> layer id for layer-wise LR decay.
 
