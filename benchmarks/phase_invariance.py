@@ -45,6 +45,7 @@ from umit.data.dataset import StoreCropDataset
 from umit.data.store import Store
 from umit.finetune.run import harmonising_front
 from umit.models import create_model
+from umit.models.harmonised import PhaseHarmonisedModel
 from umit.models.heads import feature_map
 from umit.ssl.cross_phase import phase_groups
 from umit.train.checkpoint import load_network_weights
@@ -141,12 +142,13 @@ def phase_difference(
     return out
 
 
-def _front(path: Path) -> torch.nn.Module:
-    """A cross-phase ``network.pt`` as :mod:`umit.models.harmonised` puts it in front."""
+def _front(path: Path) -> PhaseHarmonisedModel:
+    """A cross-phase ``network.pt`` in front of nothing: ``harmonise`` is what a segmenter
+    behind it would see."""
     art = harmonising_front(path, in_chans=1)
     front = create_model(art["model_name"], **art["model_args"])
     front.load_state_dict(art["state_dict"])
-    return front.eval()
+    return PhaseHarmonisedModel(front, torch.nn.Identity())
 
 
 def measure(
@@ -172,8 +174,7 @@ def measure(
         out["label_names"] = store.plan.labels
         for name in networks:
             front = _front(Path(name))
-            with torch.no_grad():
-                outputs = {p: images[p] + front(images[p]) for p in phases}
+            outputs = {p: front.harmonise(images[p]) for p in phases}
             out[name] = phase_difference(images, maps, outputs)
             print(
                 name, json.dumps({k: round(v["left"], 3) for k, v in out[name].items()}), flush=True
